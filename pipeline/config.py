@@ -1,0 +1,50 @@
+"""One frozen dataclass per concern: every length and rate in the pipeline derives from these.
+
+CLIs build their flags from these dataclasses (``pipeline.cli_config``), so a parameter has exactly
+one default, one type and one help text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SignalConfig:
+    """Signal parameters shared by every stage (DESIGN.md section 4, VTA-LDM compatible)."""
+
+    window_s: float = field(default=10.0, metadata={"help": "clip window length in seconds"})
+    feature_sr: int = field(default=16000, metadata={"help": "audio rate for mel/VAE features"})
+    feature_seconds: float = field(default=10.24, metadata={"help": "feature audio length (zero-padded)"})
+    av_align_sr: int = field(default=22050, metadata={"help": "audio rate for AV-Align onsets"})
+    clap_sr: int = field(default=48000, metadata={"help": "audio rate for CLAP"})
+    clip_fps: float = field(default=2.0, metadata={"help": "frame rate of CLIP feature frames"})
+
+    @property
+    def feature_samples(self) -> int:
+        return int(round(self.feature_sr * self.feature_seconds))
+
+    @property
+    def clip_frames(self) -> int:
+        return int(round(self.window_s * self.clip_fps))
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Guards against bad input: how long a clip may take and how short it may be."""
+
+    timeout_s: float = field(default=120.0, metadata={"help": "per-clip decode time limit (s)"})
+    min_duration_s: float = field(default=1.0, metadata={"help": "clips shorter than this are too_short"})
+    trimmed_slack_s: float = field(
+        default=0.5, metadata={"help": "a file at most window+slack long counts as already trimmed"}
+    )
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Keep/drop thresholds, applied to stored scores ("score once, filter many")."""
+
+    av_align_min: float = field(default=0.2, metadata={"help": "keep when AV-Align > this"})
+    clap_min: float = field(default=0.3, metadata={"help": "keep when CLAP cosine > this"})
+
+
+DEFAULT_SIGNAL = SignalConfig()

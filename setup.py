@@ -1,0 +1,37 @@
+"""Installable package for the video-to-audio data pipeline and trainer (see README.md)."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "numpy>=2.0,<3",
+    "av>=14,<20",
+    "soxr>=0.5,<2",
+    "soundfile>=0.12,<1",
+    "librosa>=0.11,<0.12",  # AV-Align reference numbers were produced with librosa 0.11
+    "opencv-python-headless>=4.10,<6",
+    "pyarrow>=18,<26",
+    "pandas>=2.2,<4",
+    "tqdm>=4.66,<5",
+    "matplotlib>=3.8,<4",
+    "torch>=2.4",  # install the CPU build first (see Makefile) so pip does not pull CUDA
+    "transformers>=4.46,<6",
+    "diffusers>=0.31,<1",
+    "safetensors>=0.4,<1",
+    "webdataset>=0.2.100,<2",
+    "fsspec>=2024.6",
+    "tensorboard>=2.16,<3",
+]
+RAY = ["ray[data]==2.60.*"]
+BEAM = ["apache-beam==2.77.*"]
+TEST = ["pytest>=8,<10", "pytest-timeout>=2.3,<3"]
+
+setup(
+    name="v2a-datapipe",
+    version="0.1.0",
+    description="Curation, augmentation and feature sharding of video-to-audio training data, "
+    "plus a distributed VTA-LDM trainer",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipeline*", "filters*", "augment*", "shards*", "train*"]),
+    package_data={"train": ["configs/*.json"]},
+    install_requires=CORE,
+    extras_require={"ray": RAY, "beam": BEAM, "test": TEST, "all": RAY + BEAM + TEST},
+)
