@@ -1,0 +1,33 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Both create or reuse .venv and install what is missing (CPU torch first, so pip never pulls a
+# multi-GB CUDA build), then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO := out/demo
+
+.PHONY: install test demo bench clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): setup.py | $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install torch==2.13.0
+	$(BIN)/python -m pip install -e ".[all]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/python -m pipeline.demo --out $(DEMO)
+
+bench: install
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean-demo:
+	rm -rf $(DEMO) data/sample

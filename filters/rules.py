@@ -1,0 +1,44 @@
+"""Keep/drop decisions from stored scores: "score once, filter many".
+
+Scores are computed once and journaled; these rules turn them into ``status``/``reason`` every
+time the ledger is finalized, so changing a threshold never needs a rescore. A missing score
+(``NaN``: model skipped or row failed) never filters anything.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from pipeline.config import FilterConfig
+from pipeline.stage import FILTERED, OK
+
+
+def threshold_reasons(row: dict, filters: FilterConfig, speech_music=None) -> list[str]:
+    """Why a scored row is dropped (empty list: kept). Thresholds are strict: keep when score > min."""
+    reasons = []
+    clap = row.get("clap_score")
+    if clap is not None and not math.isnan(clap) and clap <= filters.clap_min:
+        reasons.append(f"clap<{filters.clap_min:g}")
+    av = row.get("av_align")
+    if av is not None and not math.isnan(av) and av <= filters.av_align_min:
+        reasons.append(f"av_align<{filters.av_align_min:g}")
+    if speech_music is not None:
+        from filters.speech_music import verdict
+
+        v = verdict(row.get("speech_score"), row.get("music_score"), row.get("event_score"), speech_music)
+        if v:
+            reasons.append(v)
+    return reasons
+
+
+def apply_filters(journal: pd.DataFrame, filters: FilterConfig, speech_music=None) -> pd.DataFrame:
+    """Final status for every journaled row: failures and pre-decided rows stay as they are."""
+    df = journal.copy()
+    scored = df["status"] == OK
+    for idx in df.index[scored]:
+        reasons = threshold_reasons(df.loc[idx].to_dict(), filters, speech_music)
+        if reasons:
+            df.at[idx, "status"] = FILTERED
+            df.at[idx, "reason"] = ",".join(reasons)
+    return df

@@ -1,0 +1,175 @@
+"""``python -m pipeline.clean``: manifest -> decode -> score -> filter -> ``OUT/ledger.parquet``.
+
+Writes ``OUT/ledger.parquet`` (one row per input item), ``OUT/run.json`` (parameters and counts),
+``OUT/report.html`` and the journal ``OUT/ledger.parts/`` that makes reruns resume.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from filters.av_align import AVAlignConfig
+from filters.rules import apply_filters
+from pipeline.clean_stages import CleanStageConfig, build_clean_stages
+from pipeline.cli_config import add_config_args, from_args
+from pipeline.config import DecodeLimits, FilterConfig, SignalConfig
+from pipeline.ledger import Ledger
+from pipeline.manifest import WindowConfig, load_excluded_ids, vggsound_rows, youtube_rows
+from pipeline.runners import RunnerOptions, get_runner
+from pipeline.stage import FAILED, FILTERED, OK, Row, is_pending
+
+DATASETS = ("vggsound", "youtube", "sample")
+CODE_VERSION = "0.1.0"
+
+
+class UsageError(Exception):
+    """A problem with the command line or the input folders, reported before any work starts."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.clean", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", choices=DATASETS, required=True)
+    p.add_argument("--root", type=Path, help="dataset folder (default: data/<dataset>)")
+    p.add_argument("--out", type=Path, help="output folder (default: out/<dataset>)")
+    p.add_argument("--csv", type=Path, help="VGGSound CSV (default: ROOT/vggsound.csv)")
+    p.add_argument("--video-dir", type=Path, help="VGGSound clips folder (default: ROOT/video)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N manifest items (0: all)")
+    p.add_argument("--exclude-ids", type=Path,
+                   help="YouTube ids to drop as test_leak: a VGGSound CSV (its test split) or one id per line")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per batch handed to a worker")
+    add_config_args(p.add_argument_group("engine"), RunnerOptions)
+    add_config_args(p.add_argument_group("thresholds"), FilterConfig)
+    add_config_args(p.add_argument_group("AV-Align"), AVAlignConfig, prefix="av_align_")
+    add_config_args(p.add_argument_group("decoding"), DecodeLimits)
+    add_config_args(p.add_argument_group("YouTube windows"), WindowConfig)
+    p.add_argument("--clap-model", default="none", help="CLAP model id or folder, or 'none' to skip CLAP")
+    return p
+
+
+def resolve_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    root = args.root or Path("data") / args.dataset
+    out = args.out or Path("out") / args.dataset
+    if args.dataset == "sample" and not root.exists():
+        from pipeline.sample import generate
+
+        print(f"sample dataset not found at {root}: generating it", file=sys.stderr)
+        generate(root, kind="vggsound")
+    if not root.is_dir():
+        raise UsageError(f"dataset folder {root} does not exist (looked there for --dataset {args.dataset}; "
+                         f"pass --root DIR)")
+    return root, out
+
+
+def build_manifest(args: argparse.Namespace, root: Path, signal: SignalConfig) -> list[Row]:
+    excluded = load_excluded_ids(args.exclude_ids) if args.exclude_ids else set()
+    if args.dataset in ("vggsound", "sample"):
+        csv_path = args.csv or root / "vggsound.csv"
+        if not csv_path.is_file():
+            raise UsageError(f"VGGSound CSV {csv_path} not found (pass --csv FILE)")
+        rows = vggsound_rows(csv_path, args.video_dir or root / "video", signal, excluded)
+    else:
+        rows = youtube_rows(root, signal, from_args(WindowConfig, args), excluded)
+    return rows[: args.limit] if args.limit else rows
+
+
+def summarize(ledger: pd.DataFrame, processed: int, seconds: float, video_s: float) -> dict:
+    by_status = Counter(ledger["status"])
+    by_reason = Counter(r.split(":")[0] for r in ledger.loc[ledger["status"] != OK, "reason"])
+    return {
+        "total": int(len(ledger)),
+        "ok": int(by_status.get(OK, 0)),
+        "filtered": int(by_status.get(FILTERED, 0)),
+        "failed": int(by_status.get(FAILED, 0)),
+        "reasons": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "processed_this_run": processed,
+        "clips_per_s": round(processed / seconds, 3) if seconds > 0 else 0.0,
+        "video_hours_this_run": round(video_s / 3600.0, 4),
+    }
+
+
+def print_summary(summary: dict, out: Path, clap_skipped: bool) -> None:
+    print(f"\n== clean summary: {summary['total']} items -> ok {summary['ok']}, "
+          f"filtered {summary['filtered']}, failed {summary['failed']}")
+    for reason, n in summary["reasons"].items():
+        print(f"   {n:6d}  {reason}")
+    print(f"   this run: {summary['processed_this_run']} clips, {summary['clips_per_s']} clips/s, "
+          f"{summary['video_hours_this_run']} h of video")
+    if clap_skipped:
+        print("   CLAP was SKIPPED (--clap-model none): clap_score is missing, nothing was filtered on it")
+    print(f"   ledger: {out / 'ledger.parquet'}   run: {out / 'run.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return clean(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def clean(args: argparse.Namespace) -> int:
+    signal = SignalConfig()
+    root, out = resolve_paths(args)
+    filters = from_args(FilterConfig, args)
+    options = from_args(RunnerOptions, args)
+    if args.clap_model != "none":
+        raise UsageError("this build scores without CLAP only: pass --clap-model none")
+    stage_config = CleanStageConfig(signal=signal, limits=from_args(DecodeLimits, args),
+                                    av_align=from_args(AVAlignConfig, args, prefix="av_align_"),
+                                    clap=None, batch_size=args.batch_size)
+    rows = build_manifest(args, root, signal)
+    ledger = Ledger(out)
+    done = ledger.done_keys()
+    todo = [r for r in rows if r["key"] not in done]
+    decided = [r for r in todo if not is_pending(r)]
+    pending = [r for r in todo if is_pending(r)]
+    if done:
+        print(f"resuming: {len(rows) - len(todo)} of {len(rows)} items already in {ledger.parts_dir}")
+    ledger.append(decided)
+
+    video_s = 0.0
+    bar = tqdm(total=len(pending), desc="clean", unit="clip", dynamic_ncols=True)
+
+    def on_batch(batch: list[Row]) -> None:
+        nonlocal video_s
+        video_s += sum(float(r.get("duration_s") or 0.0) for r in batch if r.get("status") == OK)
+        bar.update(len(batch))
+
+    t0 = time.perf_counter()
+    get_runner(options.runner)(pending, build_clean_stages, stage_config, ledger.append,
+                               batch_size=args.batch_size, options=options, on_batch=on_batch)
+    seconds = time.perf_counter() - t0
+    bar.close()
+
+    keys = {r["key"] for r in rows}
+    journal = ledger.read_journal()
+    journal = journal[journal["key"].isin(keys)]
+    final = apply_filters(journal, filters)
+    missing = keys - set(final["key"])
+    if missing:  # every input item must be accounted for; a gap means a runner lost rows
+        raise RuntimeError(f"{len(missing)} items have no ledger row (e.g. {sorted(missing)[:3]}); rerun to resume")
+    summary = summarize(final, len(pending), seconds, video_s)
+    meta = {
+        "dataset": args.dataset, "root": str(root), "runner": options.runner,
+        "filters": asdict(filters), "av_align": asdict(stage_config.av_align),
+        "signal": asdict(signal), "clap": None, "clap_skipped": True,
+        "code_version": CODE_VERSION, "counts": {k: summary[k] for k in ("total", "ok", "filtered", "failed")},
+        "reasons": summary["reasons"],
+    }
+    ledger.write_final(final, meta)
+    print_summary(summary, out, clap_skipped=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

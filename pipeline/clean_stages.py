@@ -1,0 +1,137 @@
+"""The stages of ``pipeline.clean``: decode + AV-Align (CPU), then CLAP (model), engine-neutral.
+
+``DecodeScoreStage`` decodes each clip once and computes AV-Align from it; when CLAP is on it
+also hands the 48 kHz audio to ``ClapStage`` in the private ``_audio_clap`` field (dropped before
+the ledger). Both stages only record scores: keep/drop decisions are made later from the stored
+scores (``filters.rules``), so thresholds can change without rescoring.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from filters.av_align import AVAlignConfig, decode_request_for, score_decoded
+from pipeline.config import DecodeLimits, SignalConfig
+from pipeline.decode import DecodeError, DecodeRequest, decode, probe
+from pipeline.stage import OK, Resources, Row, Stage, is_pending, mark_failed
+
+AUDIO_FOR_CLAP = "_audio_clap"
+
+
+@dataclass(frozen=True)
+class CleanStageConfig:
+    """Everything the clean stages need, picklable so every engine can ship it to workers."""
+
+    signal: SignalConfig = field(default_factory=SignalConfig)
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    av_align: AVAlignConfig = field(default_factory=AVAlignConfig)
+    clap: object | None = None  # filters.clap.ClapConfig, or None when CLAP is skipped
+    speech_music: object | None = None  # filters.speech_music.SpeechMusicConfig when enabled
+    batch_size: int = 8
+
+
+def resolve_window(row: Row, signal: SignalConfig, limits: DecodeLimits) -> tuple[float, float | None]:
+    """The part of the file to use: a trimmed clip whole, an untrimmed one cut to its window."""
+    start = float(row.get("start_s") or 0.0)
+    duration = row.get("duration_s")
+    if row.get("source") != "vggsound":
+        return start, duration
+    facts = probe(row["video_path"])
+    if facts.duration_s <= signal.window_s + limits.trimmed_slack_s:
+        return 0.0, None
+    if start >= facts.duration_s:
+        raise DecodeError("too_short", f"window starts at {start:.0f}s but the file is {facts.duration_s:.2f}s long")
+    return start, signal.window_s
+
+
+class DecodeScoreStage(Stage):
+    """One decode pass per clip; AV-Align from the decoded frames and audio."""
+
+    name = "decode_av_align"
+
+    def __init__(self, config: CleanStageConfig):
+        self.config = config
+        self.resources = Resources(cpus=1.0, gpus=0.0, batch_size=config.batch_size)
+
+    def setup(self) -> None:
+        import cv2
+
+        cv2.setNumThreads(1)  # one worker per core: OpenCV's own threads only oversubscribe
+
+    def _request(self, start: float, duration: float | None) -> DecodeRequest:
+        req = decode_request_for(self.config.av_align, self.config.signal)
+        rates = set(req.audio_rates)
+        if self.config.clap is not None:
+            rates.add(self.config.signal.clap_sr)
+        return replace(req, start_s=start, duration_s=duration, audio_rates=tuple(sorted(rates)))
+
+    def process_row(self, row: Row) -> Row:
+        if not is_pending(row):
+            return row
+        t0 = time.perf_counter()
+        try:
+            start, duration = resolve_window(row, self.config.signal, self.config.limits)
+            clip = decode(row["video_path"], self._request(start, duration), self.config.limits)
+            result = score_decoded(clip, self.config.av_align)
+        except DecodeError as e:
+            return mark_failed(row, e.ledger_reason)
+        row.update(start_s=clip.start_s, duration_s=clip.duration_s, video_fps=clip.video_fps,
+                   av_align=float(result.score), audio_peaks=int(result.audio_peaks),
+                   video_peaks=int(result.video_peaks), status=OK, reason="")
+        if self.config.clap is not None:
+            row[AUDIO_FOR_CLAP] = clip.audio[self.config.signal.clap_sr]
+        row["_seconds"] = time.perf_counter() - t0
+        return row
+
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        return [self.process_row(row) for row in rows]
+
+
+class ClapStage(Stage):
+    """CLAP audio-text score (and speech/music/event scores) for rows decoded upstream."""
+
+    name = "clap"
+
+    def __init__(self, config: CleanStageConfig, device: str | None = None):
+        from filters.clap import ClapScorer
+
+        self.config = config
+        self.scorer = ClapScorer(config.clap)
+        gpus = 1.0 if (device or getattr(config.clap, "device", "")) .startswith("cuda") else 0.0
+        self.resources = Resources(cpus=1.0, gpus=gpus, batch_size=config.batch_size)
+        self.setup_calls = 0
+
+    def setup(self) -> None:
+        self.setup_calls += 1
+        self.scorer.load()
+
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        todo = [r for r in rows if r.get(AUDIO_FOR_CLAP) is not None]
+        if todo:
+            audio = [np.asarray(r.pop(AUDIO_FOR_CLAP), dtype=np.float32) for r in todo]
+            emb = self.scorer.audio_embeddings(audio)
+            scores = self.scorer.score(emb, [self._caption(r) for r in todo])
+            for row, score in zip(todo, scores):
+                row["clap_score"] = float(score)
+            if self.config.speech_music is not None:
+                from filters.speech_music import score_speech_music
+
+                for row, s in zip(todo, score_speech_music(self.scorer, emb, self.config.speech_music)):
+                    row.update(speech_score=s.speech, music_score=s.music, event_score=s.event)
+        for row in rows:
+            row.pop(AUDIO_FOR_CLAP, None)
+        return rows
+
+    @staticmethod
+    def _caption(row: Row) -> str:
+        return row.get("caption") or row.get("label") or ""
+
+
+def build_clean_stages(config: CleanStageConfig) -> list[Stage]:
+    """The stage chain every runner drives, in order."""
+    stages: list[Stage] = [DecodeScoreStage(config)]
+    if config.clap is not None:
+        stages.append(ClapStage(config))
+    return stages

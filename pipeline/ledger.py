@@ -1,0 +1,120 @@
+"""The ledger: one row per input item, written so that nothing is ever lost.
+
+Scored rows are appended to a journal (``OUT/ledger.parts/part-*.parquet``), each part written
+under a temporary name and renamed, so a run killed at any moment loses at most the batch in
+flight. ``finalize`` merges the journal, re-applies the thresholds to the stored scores ("score
+once, filter many") and writes ``OUT/ledger.parquet`` atomically. A rerun with the same output
+folder skips every key already in the journal.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.stage import Row
+
+SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("source", pa.string()),
+    ("youtube_id", pa.string()),
+    ("video_path", pa.string()),
+    ("label", pa.string()),
+    ("caption", pa.string()),
+    ("split", pa.string()),
+    ("start_s", pa.float64()),
+    ("duration_s", pa.float64()),
+    ("video_fps", pa.float64()),
+    ("status", pa.string()),
+    ("reason", pa.string()),
+    ("clap_score", pa.float64()),
+    ("av_align", pa.float64()),
+    ("audio_peaks", pa.int32()),
+    ("video_peaks", pa.int32()),
+    ("speech_score", pa.float64()),
+    ("music_score", pa.float64()),
+    ("event_score", pa.float64()),
+    ("line", pa.int64()),
+])
+COLUMNS = SCHEMA.names
+_STRING_COLUMNS = {f.name for f in SCHEMA if pa.types.is_string(f.type)}
+
+
+def to_table(rows: Iterable[Row]) -> pa.Table:
+    """Rows (dicts) to an Arrow table with the ledger schema; extra keys are dropped."""
+    cols: dict[str, list] = {name: [] for name in COLUMNS}
+    for row in rows:
+        for name in COLUMNS:
+            value = row.get(name)
+            if name in _STRING_COLUMNS and value is None:
+                value = ""
+            cols[name].append(value)
+    return pa.Table.from_pydict(cols, schema=SCHEMA)
+
+
+def _atomic_write_table(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Ledger:
+    """Journal of scored rows under ``out_dir`` plus the finalized ``ledger.parquet``."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self.parts_dir = self.out_dir / "ledger.parts"
+        self.path = self.out_dir / "ledger.parquet"
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.parts_dir.glob("part-*.parquet"))
+
+    def read_journal(self) -> pd.DataFrame:
+        parts = self._parts()
+        if not parts:
+            return to_table([]).to_pandas()
+        table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in parts])
+        df = table.to_pandas()
+        # a key journaled twice (two runs racing, or a resumed batch) keeps its last record
+        return df.drop_duplicates("key", keep="last").reset_index(drop=True)
+
+    def done_keys(self) -> set[str]:
+        keys: set[str] = set()
+        for p in self._parts():
+            keys.update(pq.read_table(p, columns=["key"]).column("key").to_pylist())
+        return keys
+
+    def append(self, rows: list[Row]) -> None:
+        if not rows:
+            return
+        name = f"part-{pd.Timestamp.now('UTC').strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.parquet"
+        _atomic_write_table(to_table(rows), self.parts_dir / name)
+
+    def write_final(self, df: pd.DataFrame, meta: dict) -> Path:
+        """Write ``ledger.parquet`` (sorted by key) with the run metadata, plus ``run.json``."""
+        df = df.sort_values("key", kind="stable").reset_index(drop=True)
+        table = pa.Table.from_pandas(df[COLUMNS], schema=SCHEMA, preserve_index=False)
+        table = table.replace_schema_metadata({b"v2a_run": json.dumps(meta, sort_keys=True).encode()})
+        _atomic_write_table(table, self.path)
+        atomic_write_text(self.out_dir / "run.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return self.path
+
+
+def read_ledger(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """Read a finalized ledger and its run metadata."""
+    table = pq.read_table(path)
+    meta_raw = (table.schema.metadata or {}).get(b"v2a_run")
+    return table.to_pandas(), (json.loads(meta_raw) if meta_raw else {})

@@ -1,0 +1,115 @@
+"""Decoding by timestamps: real clips, odd and variable frame rates, non-zero starts, windows."""
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from pipeline.config import DecodeLimits
+from pipeline.decode import DecodeError, DecodeRequest, decode, probe
+
+FIXTURES = Path(__file__).parent / "data" / "vggsound" / "video"
+
+
+def write_counter_video(path: Path, times_s: list[float], size=(64, 48), audio_s: float | None = None, sr=16000):
+    """Frame i is a flat grey level 10*i shown at ``times_s[i]`` (any spacing); optional PCM audio."""
+    with av.open(str(path), "w", format="matroska") as c:
+        vs = c.add_stream("ffv1", rate=1000)
+        vs.width, vs.height, vs.pix_fmt = size[0], size[1], "yuv420p"
+        vs.time_base = Fraction(1, 1000)
+        a = None
+        if audio_s:
+            a = c.add_stream("pcm_s16le", rate=sr, layout="mono")
+        for i, t in enumerate(times_s):
+            img = np.full((size[1], size[0], 3), min(255, 10 * i), np.uint8)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
+            frame.pts = int(round(t * 1000))
+            frame.time_base = Fraction(1, 1000)
+            for p in vs.encode(frame):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        if a is not None:
+            n = int(audio_s * sr)
+            ramp = (np.arange(n) % 1000).astype(np.int16)[None, :]
+            for s0 in range(0, n, 1024):
+                chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(ramp[:, s0:s0 + 1024]), format="s16", layout="mono")
+                chunk.sample_rate = sr
+                chunk.pts = s0
+                for p in a.encode(chunk):
+                    c.mux(p)
+            for p in a.encode():
+                c.mux(p)
+    return path
+
+
+def test_real_clip_facts():
+    clip = decode(FIXTURES / "-yoaSondvkw_000071.mp4",
+                  DecodeRequest(audio_rates=(16000, 22050, 48000), gray=True, rgb_fps=2.0))
+    assert clip.video_fps == 25.0
+    assert clip.gray.shape == (251, 720, 1280)
+    assert clip.rgb.shape[1:] == (720, 1280, 3) and clip.rgb.shape[0] in (20, 21)
+    np.testing.assert_allclose(clip.rgb_times[:3], [0.0, 0.5, 1.0])
+    for rate, audio in clip.audio.items():
+        assert audio.dtype == np.float32 and abs(audio.size / rate - clip.duration_s) < 0.01
+    assert 10.0 <= clip.duration_s <= 10.05
+    assert probe(FIXTURES / "-yoaSondvkw_000071.mp4").video_fps == 25.0
+
+
+def test_fast_gray_is_small_and_scaled():
+    clip = decode(FIXTURES / "0Bp8c3PfAAA_000053.mp4", DecodeRequest(audio_rates=(22050,), gray=True, gray_max_side=160))
+    assert clip.gray.shape == (300, 90, 160)
+    assert clip.gray_scale == pytest.approx(160 / 1280)
+
+
+def test_variable_frame_rate_and_nonzero_start(tmp_path):
+    # irregular spacing (VFR) starting at 0.7 s: an odd 14.96-fps-like cadence with a jitter
+    times = [0.7 + i / 14.96 + (0.01 if i % 3 == 0 else 0.0) for i in range(60)]
+    path = write_counter_video(tmp_path / "vfr.mkv", times, audio_s=5.0)
+    clip = decode(path, DecodeRequest(audio_rates=(16000,), gray=True, rgb_fps=2.0))
+    np.testing.assert_allclose(clip.gray_times, [round(t, 3) for t in times], atol=1e-3)
+    # each 2 fps grid point shows the last frame whose time is <= it (frame i has level 10*i)
+    for t, img in zip(clip.rgb_times, clip.rgb):
+        shown = max([i for i, ft in enumerate(times) if ft <= t + 1e-9], default=0)
+        assert abs(int(img.mean()) - min(255, 10 * shown)) <= 2, (t, shown, img.mean())
+
+
+def test_window_cut_by_timestamps(tmp_path):
+    times = [i / 25 for i in range(25 * 30)]  # 30 s at 25 fps
+    path = write_counter_video(tmp_path / "long.mkv", times, audio_s=30.0)
+    clip = decode(path, DecodeRequest(start_s=12.0, duration_s=10.0, audio_rates=(16000,), gray=True, rgb_fps=2.0))
+    assert clip.gray.shape[0] == 250
+    np.testing.assert_allclose(clip.gray_times[0], 0.0, atol=1e-6)
+    assert clip.rgb.shape[0] == 20
+    audio = clip.audio[16000]
+    assert audio.size == 160000
+    # the PCM ramp restarts every 1000 samples: sample 0 of the window is sample 12*16000 of the file
+    assert abs(audio[0] * 32768 - (12 * 16000) % 1000) < 2
+
+
+def test_errors_are_typed(tmp_path):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.mp4"
+    text.write_text("hello, not a video")
+    silent_video = write_counter_video(tmp_path / "noaudio.mkv", [i / 25 for i in range(50)])
+    short = write_counter_video(tmp_path / "short.mkv", [i / 25 for i in range(10)], audio_s=0.4)
+    cases = {
+        tmp_path / "missing.mp4": "missing_file",
+        empty: "decode_error",
+        text: "decode_error",
+        silent_video: "no_audio_stream",
+        short: "too_short",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(DecodeError) as err:
+            decode(path, DecodeRequest(audio_rates=(16000,), gray=True), DecodeLimits(min_duration_s=1.0))
+        assert err.value.reason == reason, (path, err.value)
+
+
+def test_timeout_stops_a_slow_decode():
+    with pytest.raises(DecodeError) as err:
+        decode(FIXTURES / "0Bp8c3PfAAA_000053.mp4", DecodeRequest(audio_rates=(16000,), gray=True),
+               DecodeLimits(timeout_s=0.05))
+    assert err.value.reason == "decode_timeout"

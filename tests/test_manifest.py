@@ -1,0 +1,94 @@
+"""Manifests: every input line becomes exactly one row, problems become decided rows."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import SignalConfig
+from pipeline.keys import is_safe
+from pipeline.manifest import WindowConfig, load_excluded_ids, vggsound_rows, windows_for, youtube_rows
+
+FIXTURES = Path(__file__).parent / "data" / "vggsound"
+
+
+def _write_csv(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_real_fixture_csv_gives_one_pending_row_per_line():
+    rows = vggsound_rows(FIXTURES / "vggsound.csv", FIXTURES / "video")
+    assert len(rows) == 5
+    assert all(r["status"] == "" for r in rows)
+    assert rows[0]["key"] == "vggsound--26aVYRtEAc-000030"
+    assert rows[0]["label"] == "playing acoustic guitar" and rows[0]["split"] == "test"
+    assert Path(rows[0]["video_path"]).name == "-26aVYRtEAc_000030.mp4"
+
+
+def test_csv_edge_cases_each_line_accounted_for(tmp_path):
+    video = tmp_path / "video"
+    video.mkdir()
+    for stem, ext in [("aaaaaaaaaaa_000010", ".mp4"), ("bbbbbbbbbbb_000000", ".mkv"), ("ccccccccccc_000005", ".webm")]:
+        shutil.copy(FIXTURES / "video" / "-26aVYRtEAc_000030.mp4", video / (stem + ext))
+    csv_path = _write_csv(tmp_path / "vggsound.csv", "\n".join([
+        'aaaaaaaaaaa,10,"hammering, nailing",train',   # quoted label with a comma
+        "bbbbbbbbbbb,0,dog barking,test",              # .mkv clip
+        "ccccccccccc,5,people clapping,train",         # .webm clip
+        "ddddddddddd,7,cat meowing,train",             # missing file
+        "aaaaaaaaaaa,10,hammering,train",              # duplicate id
+        "eeeeeeeeeee,abc,car engine,train",            # non-numeric start
+        "only,two",                                    # too few fields
+        "fffffffffff,3,wind,validation",               # unknown split
+        "",                                            # blank line: not an item
+        "ggg/../x,1,label,train",                      # unsafe id
+        "hhhhhhhhhhh,4,engine, idling,train",          # unquoted comma label: recoverable
+    ]) + "\n")
+    rows = vggsound_rows(csv_path, video)
+    assert len(rows) == 10
+    by_line = {r["line"]: r for r in rows}
+    assert by_line[1]["label"] == "hammering, nailing" and by_line[1]["status"] == ""
+    assert by_line[2]["video_path"].endswith(".mkv") and by_line[3]["video_path"].endswith(".webm")
+    assert by_line[4]["status"] == "failed" and by_line[4]["reason"].startswith("missing_file")
+    assert by_line[5]["status"] == "failed" and by_line[5]["reason"].startswith("duplicate_id")
+    for line in (6, 7, 8, 10):
+        assert by_line[line]["status"] == "failed" and by_line[line]["reason"].startswith("bad_csv_row"), line
+    assert by_line[11]["label"] == "engine, idling" and by_line[11]["reason"].startswith("missing_file")
+    keys = [r["key"] for r in rows]
+    assert len(set(keys)) == len(keys)
+    assert all(is_safe(k) and "." not in k and "/" not in k for k in keys)
+
+
+def test_exclude_ids_marks_test_leak(tmp_path):
+    excluded = load_excluded_ids(FIXTURES / "vggsound.csv")
+    assert "-26aVYRtEAc" in excluded and len(excluded) == 5
+    rows = vggsound_rows(FIXTURES / "vggsound.csv", FIXTURES / "video", excluded=excluded)
+    assert {(r["status"], r["reason"]) for r in rows} == {("filtered", "test_leak")}
+    plain = _write_csv(tmp_path / "ids.txt", "# evaluation ids\n0Bp8c3PfAAA\n")
+    assert load_excluded_ids(plain) == {"0Bp8c3PfAAA"}
+
+
+def test_windows_cover_long_videos():
+    signal = SignalConfig()
+    assert windows_for(7.0, signal, WindowConfig()) == [(0.0, 7.0)]
+    assert windows_for(10.0, signal, WindowConfig()) == [(0.0, 10.0)]
+    assert windows_for(27.0, signal, WindowConfig()) == [(0.0, 10.0), (10.0, 10.0), (20.0, 7.0)]
+    assert windows_for(23.0, signal, WindowConfig()) == [(0.0, 10.0), (10.0, 10.0)]
+    assert windows_for(25.0, signal, WindowConfig(stride_s=5)) == [(0.0, 10.0), (5.0, 10.0), (10.0, 10.0), (15.0, 10.0)]
+    with pytest.raises(ValueError):
+        WindowConfig(stride_s=0)
+
+
+def test_youtube_rows_windows_sidecars_and_broken_files(tmp_path):
+    (tmp_path / "a").mkdir()
+    shutil.copy(FIXTURES / "video" / "-yoaSondvkw_000071.mp4", tmp_path / "a" / "Squash rally [abcdefghijk].mp4")
+    shutil.copy(FIXTURES / "video" / "0DCit2EBtjs_000030.mp4", tmp_path / "b.mp4")
+    (tmp_path / "b.info.json").write_text(json.dumps({"id": "BBBBBBBBBBB", "title": "Guitar", "tags": ["music", "live"]}))
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    rows = youtube_rows(tmp_path, excluded={"BBBBBBBBBBB"})
+    by_id = {r["youtube_id"]: r for r in rows}
+    assert len(rows) == 3
+    assert by_id["abcdefghijk"]["status"] == "" and by_id["abcdefghijk"]["duration_s"] == pytest.approx(10.04, abs=0.05)
+    assert by_id["BBBBBBBBBBB"]["caption"] == "Guitar (music, live)"
+    assert by_id["BBBBBBBBBBB"]["status"] == "filtered" and by_id["BBBBBBBBBBB"]["reason"] == "test_leak"
+    assert by_id["broken"]["status"] == "failed" and by_id["broken"]["reason"].startswith("decode_error")
