@@ -15,10 +15,14 @@ from pipeline.stage import FILTERED, OK
 
 
 def threshold_reasons(row: dict, filters: FilterConfig, speech_music=None) -> list[str]:
-    """Why a scored row is dropped (empty list: kept). Thresholds are strict: keep when score > min."""
+    """Why a scored row is dropped (empty list: kept). Thresholds are strict: keep when score > min.
+
+    The CLAP threshold applies to labelled rows only: an unlabelled web video's score against its
+    title is recorded, but a title rarely describes the sound, so it does not decide.
+    """
     reasons = []
     clap = row.get("clap_score")
-    if clap is not None and not math.isnan(clap) and clap <= filters.clap_min:
+    if row.get("label") and clap is not None and not math.isnan(clap) and clap <= filters.clap_min:
         reasons.append(f"clap<{filters.clap_min:g}")
     av = row.get("av_align")
     if av is not None and not math.isnan(av) and av <= filters.av_align_min:

@@ -17,11 +17,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from filters.av_align import AVAlignConfig
+from filters.clap import ClapConfig, ClapModelUnavailable, check_available, run_metadata
+from filters.speech_music import SpeechMusicConfig
 from filters.rules import apply_filters
 from pipeline.clean_stages import CleanStageConfig, build_clean_stages
 from pipeline.cli_config import add_config_args, from_args
 from pipeline.config import DecodeLimits, FilterConfig, SignalConfig
 from pipeline.ledger import Ledger
+from pipeline.report import write_report
 from pipeline.manifest import WindowConfig, load_excluded_ids, vggsound_rows, youtube_rows
 from pipeline.runners import RunnerOptions, get_runner
 from pipeline.stage import FAILED, FILTERED, OK, Row, is_pending
@@ -51,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p.add_argument_group("AV-Align"), AVAlignConfig, prefix="av_align_")
     add_config_args(p.add_argument_group("decoding"), DecodeLimits)
     add_config_args(p.add_argument_group("YouTube windows"), WindowConfig)
-    p.add_argument("--clap-model", default="none", help="CLAP model id or folder, or 'none' to skip CLAP")
+    add_config_args(p.add_argument_group("CLAP"), ClapConfig, prefix="clap_")
+    add_config_args(p.add_argument_group("speech/music"), SpeechMusicConfig)
     return p
 
 
@@ -112,21 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return clean(args)
-    except UsageError as e:
+    except (UsageError, ClapModelUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def clean(args: argparse.Namespace) -> int:
     signal = SignalConfig()
+    clap = from_args(ClapConfig, args, prefix="clap_")
+    speech_music = from_args(SpeechMusicConfig, args)
     root, out = resolve_paths(args)
+    check_available(clap)  # a missing model stops the run here, before anything is decoded
     filters = from_args(FilterConfig, args)
     options = from_args(RunnerOptions, args)
-    if args.clap_model != "none":
-        raise UsageError("this build scores without CLAP only: pass --clap-model none")
     stage_config = CleanStageConfig(signal=signal, limits=from_args(DecodeLimits, args),
                                     av_align=from_args(AVAlignConfig, args, prefix="av_align_"),
-                                    clap=None, batch_size=args.batch_size)
+                                    clap=clap if clap.enabled else None,
+                                    speech_music=speech_music if clap.enabled else None,
+                                    batch_size=args.batch_size)
+    rule = speech_music if speech_music.enabled_for(args.dataset) else None
     rows = build_manifest(args, root, signal)
     ledger = Ledger(out)
     done = ledger.done_keys()
@@ -137,12 +145,9 @@ def clean(args: argparse.Namespace) -> int:
         print(f"resuming: {len(rows) - len(todo)} of {len(rows)} items already in {ledger.parts_dir}")
     ledger.append(decided)
 
-    video_s = 0.0
     bar = tqdm(total=len(pending), desc="clean", unit="clip", dynamic_ncols=True)
 
     def on_batch(batch: list[Row]) -> None:
-        nonlocal video_s
-        video_s += sum(float(r.get("duration_s") or 0.0) for r in batch if r.get("status") == OK)
         bar.update(len(batch))
 
     t0 = time.perf_counter()
@@ -154,7 +159,10 @@ def clean(args: argparse.Namespace) -> int:
     keys = {r["key"] for r in rows}
     journal = ledger.read_journal()
     journal = journal[journal["key"].isin(keys)]
-    final = apply_filters(journal, filters)
+    # hours from the journal, not from on_batch: remote Beam workers journal batches the driver never sees
+    ran = journal[journal["key"].isin({r["key"] for r in pending}) & (journal["status"] == OK)]
+    video_s = float(ran["duration_s"].fillna(0.0).sum())
+    final = apply_filters(journal, filters, rule)
     missing = keys - set(final["key"])
     if missing:  # every input item must be accounted for; a gap means a runner lost rows
         raise RuntimeError(f"{len(missing)} items have no ledger row (e.g. {sorted(missing)[:3]}); rerun to resume")
@@ -162,12 +170,17 @@ def clean(args: argparse.Namespace) -> int:
     meta = {
         "dataset": args.dataset, "root": str(root), "runner": options.runner,
         "filters": asdict(filters), "av_align": asdict(stage_config.av_align),
-        "signal": asdict(signal), "clap": None, "clap_skipped": True,
+        "signal": asdict(signal), "clap": run_metadata(clap), "clap_skipped": not clap.enabled,
+        "speech_music": {**asdict(speech_music), "enabled": rule is not None},
         "code_version": CODE_VERSION, "counts": {k: summary[k] for k in ("total", "ok", "filtered", "failed")},
         "reasons": summary["reasons"],
     }
     ledger.write_final(final, meta)
-    print_summary(summary, out, clap_skipped=True)
+    report = write_report(final, meta, out / "report.html")
+    print_summary(summary, out, clap_skipped=not clap.enabled)
+    if not clap.enabled and args.dataset == "youtube":
+        print("   speech/music filter did NOT run: it needs CLAP embeddings")
+    print(f"   report: {report}")
     return 0
 
 

@@ -90,43 +90,62 @@ class DecodeScoreStage(Stage):
 
 
 class ClapStage(Stage):
-    """CLAP audio-text score (and speech/music/event scores) for rows decoded upstream."""
+    """CLAP audio-text score (and speech/music/event scores) for rows decoded upstream.
+
+    Labelled rows are compared with the template applied to their label; unlabelled web videos
+    with their caption (yt-dlp title/tags). A row with neither keeps ``clap_score`` missing.
+    """
 
     name = "clap"
+    uses_model = True
 
-    def __init__(self, config: CleanStageConfig, device: str | None = None):
-        from filters.clap import ClapScorer
+    def __init__(self, config: CleanStageConfig):
+        from filters.clap import ClapScorer, resolve_device
 
         self.config = config
         self.scorer = ClapScorer(config.clap)
-        gpus = 1.0 if (device or getattr(config.clap, "device", "")) .startswith("cuda") else 0.0
-        self.resources = Resources(cpus=1.0, gpus=gpus, batch_size=config.batch_size)
-        self.setup_calls = 0
+        device = config.clap.device
+        on_gpu = device.startswith("cuda") or (device == "auto" and resolve_device("auto") == "cuda")
+        self.resources = Resources(cpus=1.0, gpus=1.0 if on_gpu else 0.0, batch_size=config.batch_size)
 
     def setup(self) -> None:
-        self.setup_calls += 1
         self.scorer.load()
 
+    def teardown(self) -> None:
+        self.scorer.unload()
+
+    def _text(self, row: Row) -> str:
+        return self.scorer.caption(row["label"]) if row.get("label") else (row.get("caption") or "")
+
     def process_batch(self, rows: list[Row]) -> list[Row]:
-        todo = [r for r in rows if r.get(AUDIO_FOR_CLAP) is not None]
-        if todo:
-            audio = [np.asarray(r.pop(AUDIO_FOR_CLAP), dtype=np.float32) for r in todo]
-            emb = self.scorer.audio_embeddings(audio)
-            scores = self.scorer.score(emb, [self._caption(r) for r in todo])
-            for row, score in zip(todo, scores):
-                row["clap_score"] = float(score)
-            if self.config.speech_music is not None:
-                from filters.speech_music import score_speech_music
+        from filters.clap import audio_problem
 
-                for row, s in zip(todo, score_speech_music(self.scorer, emb, self.config.speech_music)):
-                    row.update(speech_score=s.speech, music_score=s.music, event_score=s.event)
+        todo = []
         for row in rows:
-            row.pop(AUDIO_FOR_CLAP, None)
-        return rows
+            audio = row.pop(AUDIO_FOR_CLAP, None)
+            if audio is None:
+                continue
+            problem = audio_problem(audio)
+            if problem:
+                mark_failed(row, f"clap_error: {problem}")
+            else:
+                todo.append((row, np.asarray(audio, dtype=np.float32)))
+        if not todo:
+            return rows
+        emb = self.scorer.audio_embeddings([a for _, a in todo])
+        texts = [self._text(r) for r, _ in todo]
+        scored = [i for i, t in enumerate(texts) if t]
+        if scored:
+            scores = self.scorer.score(emb[scored], [texts[i] for i in scored])
+            for i, score in zip(scored, scores):
+                todo[i][0]["clap_score"] = float(score)
+        if self.config.speech_music is not None:
+            from filters.speech_music import score_speech_music
 
-    @staticmethod
-    def _caption(row: Row) -> str:
-        return row.get("caption") or row.get("label") or ""
+            labels = [self.scorer.caption(r["label"]) if r.get("label") else None for r, _ in todo]
+            for (row, _), d in zip(todo, score_speech_music(self.scorer, emb, self.config.speech_music, labels)):
+                row.update(speech_score=d.speech, music_score=d.music, event_score=d.event)
+        return rows
 
 
 def build_clean_stages(config: CleanStageConfig) -> list[Stage]:

@@ -28,3 +28,11 @@ def youtube_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sample_youtube") / "youtube"
     generate(root, kind="youtube", seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_clap_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight CLAP checkpoint saved with save_pretrained (no download)."""
+    from clap_fixture import build_tiny_clap
+
+    return build_tiny_clap(tmp_path_factory.mktemp("clap"))

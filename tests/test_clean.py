@@ -100,3 +100,40 @@ def test_killed_run_resumes_to_the_same_ledger(clean_out, sample_root, tmp_path)
 def test_missing_root_says_where_it_looked(tmp_path, capsys):
     code = main(["--dataset", "vggsound", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert code == 2 and "nowhere" in capsys.readouterr().err
+
+
+def test_missing_clap_model_stops_before_decoding(sample_root, tmp_path, monkeypatch, capsys):
+    import pipeline.decode
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoding started although the CLAP model is missing")
+
+    monkeypatch.setattr(pipeline.decode, "decode", no_decoding)
+    monkeypatch.setattr(pipeline.decode, "probe", no_decoding)
+    code = main(["--dataset", "sample", "--root", str(sample_root), "--out", str(tmp_path / "o"),
+                 "--clap-model", str(tmp_path / "no-such-clap")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no-such-clap" in err and "--clap-model none" in err and "HF_HOME" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_clap_scores_real_model_folder_and_report(sample_root, tiny_clap_dir, tmp_path):
+    out = tmp_path / "clap"
+    assert main(["--dataset", "sample", "--root", str(sample_root), "--out", str(out), "--workers", "1",
+                 "--limit", "8", "--clap-model", str(tiny_clap_dir), "--clap-template", "a recording of {label}"]) == 0
+    ledger, meta = read_ledger(out / "ledger.parquet")
+    scored = ledger[ledger["clap_score"].notna()]
+    assert len(scored) == (ledger["av_align"].notna()).sum() > 0
+    assert scored["clap_score"].between(-1, 1).all()
+    assert scored[["speech_score", "music_score", "event_score"]].notna().all().all()
+    assert meta["clap_skipped"] is False and meta["clap"]["clap_template"] == "a recording of {label}"
+    html = (out / "report.html").read_text()
+    assert "CLAP" in html and "skipped" not in html.lower().split("<body")[1][:2000]
+
+
+def test_clap_none_is_said_plainly(clean_out, capsys):
+    html = (clean_out / "report.html").read_text()
+    assert "skipped" in html.lower()
+    _, meta = read_ledger(clean_out / "ledger.parquet")
+    assert meta["clap_skipped"] is True

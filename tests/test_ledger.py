@@ -34,6 +34,7 @@ def test_thresholds_reapplied_from_stored_scores(tmp_path):
         _row("no_clap", clap=math.nan, av=0.9),  # missing score never filters
         _row("leak", status="filtered", reason="test_leak", av=0.9),
         _row("broken", status="failed", reason="no_audio_stream"),
+        {**_row("web", clap=0.05, av=0.5), "label": "", "source": "youtube"},  # title score never decides
     ])
     out = apply_filters(journal, FilterConfig()).set_index("key")
     assert out.loc["keep", "status"] == "ok" and out.loc["keep", "reason"] == ""
@@ -42,6 +43,7 @@ def test_thresholds_reapplied_from_stored_scores(tmp_path):
     assert out.loc["no_clap", "status"] == "ok"
     assert (out.loc["leak", "status"], out.loc["leak", "reason"]) == ("filtered", "test_leak")
     assert (out.loc["broken", "status"], out.loc["broken", "reason"]) == ("failed", "no_audio_stream")
+    assert out.loc["web", "status"] == "ok"
     looser = apply_filters(journal, FilterConfig(av_align_min=0.1, clap_min=0.0)).set_index("key")
     assert looser.loc["low_av", "status"] == "ok" and looser.loc["low_both", "reason"] == "av_align<0.1"
 
