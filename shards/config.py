@@ -1,0 +1,83 @@
+"""Frozen configs of the encode stage: the single source of truth for shard contents.
+
+``MelConfig`` is AudioLDM's mel front end (DESIGN.md section 4), ``EncoderConfig`` says which
+CLIP and VAE weights make the features, ``ShardConfig`` how samples are grouped into tars. Rates
+and lengths derive from ``pipeline.config.SignalConfig``; the encode CLI builds its flags from
+these classes (``pipeline.cli_config``) and the dataset card records them verbatim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.config import DEFAULT_SIGNAL, SignalConfig
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_VAE = "cvssp/audioldm-s-full-v2"  # a pipeline repo: its vae/ subfolder is used
+
+# One sample's members. Everything is plain bytes a stock WebDataset reader decodes; never pickles.
+MEMBER_CLIP = "clip.npy"
+MEMBER_TEXT = "text.npy"
+MEMBER_LATENT = "latent.npy"
+MEMBER_MEL = "mel.npy"
+MEMBER_AUDIO = "audio.flac"
+MEMBER_JSON = "json"
+MEMBER_ORDER = (MEMBER_JSON, MEMBER_CLIP, MEMBER_TEXT, MEMBER_LATENT, MEMBER_MEL, MEMBER_AUDIO)
+FORBIDDEN_EXTENSIONS = (".pyd", ".pickle", ".pkl", ".pth", ".pt", ".ten", ".mp")  # all decode via pickle
+
+
+@dataclass(frozen=True)
+class MelConfig:
+    """AudioLDM's log-mel: STFT magnitude -> Slaney mel -> log(clamp(x, 1e-5)), [n_mels, frames]."""
+
+    sample_rate: int = DEFAULT_SIGNAL.feature_sr
+    seconds: float = DEFAULT_SIGNAL.feature_seconds
+    n_fft: int = 1024
+    hop_length: int = 160
+    win_length: int = 1024
+    n_mels: int = 64
+    fmin: float = 0.0
+    fmax: float = 8000.0
+    log_clamp: float = 1e-5
+    frames: int = 1024
+    # AudioLDM's read_wav_file: remove the mean, scale the peak to 0.5 (the VAE was trained on such
+    # mels); 0 keeps the waveform as decoded. Silence stays silence.
+    peak: float = 0.5
+
+    @property
+    def num_samples(self) -> int:
+        return int(round(self.sample_rate * self.seconds))
+
+    @classmethod
+    def from_signal(cls, signal: SignalConfig = DEFAULT_SIGNAL) -> "MelConfig":
+        return cls(sample_rate=signal.feature_sr, seconds=signal.feature_seconds)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Which weights make the features, and how they run. Real runs default to the real models."""
+
+    clip_model: str = field(default=DEFAULT_CLIP_MODEL, metadata={
+        "help": "CLIP ViT-L/14: Hugging Face id or a save_pretrained folder (vision and text towers)"})
+    vae: str = field(default=DEFAULT_VAE, metadata={
+        "help": "AudioLDM VAE: Hugging Face id or folder; an AudioLDM pipeline id/folder uses its vae/ subfolder, "
+                "'owner/name/sub' picks a subfolder"})
+    clip_normalize: bool = field(default=True, metadata={
+        "help": "CLIP mean/std pixel normalisation; --no-clip-normalize feeds [0, 1] pixels as the released "
+                "VTA-LDM checkpoint saw them"})
+    with_mel: bool = field(default=False, metadata={"help": "also store mel.npy (float16 [64, 1024]) per sample"})
+    device: str = field(default="auto", metadata={"help": "torch device for the encoders (auto: cuda when available)"})
+    clip_batch_frames: int = field(default=64, metadata={"help": "CLIP frames per forward pass (within one clip)"})
+    allow_random_weights: bool = field(default=False, metadata={
+        "help": "DEMO ONLY: when weights cannot be loaded, build tiny random-weight models (recorded in card.json)"})
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """How encoded samples are grouped: sorted by key within a split, ``shard_size`` per tar."""
+
+    shard_size: int = field(default=1000, metadata={"help": "samples per shard (about 0.4 MB each)"})
+
+
+def latent_shape(vae_latent_channels: int, mel: MelConfig, downsample: int) -> tuple[int, int, int, int]:
+    """[mean|std, channels, frames/down, mels/down]: [2, 8, 256, 16] for AudioLDM."""
+    return (2, vae_latent_channels, mel.frames // downsample, mel.n_mels // downsample)

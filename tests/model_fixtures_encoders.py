@@ -1,0 +1,48 @@
+"""Tiny random CLIP and AudioLDM-VAE folders, and small ledgers, for the encode tests.
+
+The folders come from ``shards.random_models`` (the same builder the demo and benchmark use),
+saved with ``save_pretrained`` in a temporary folder, so tests load them exactly as a user loads
+real weights. Projections are 16-d to keep the tests fast; the VAE keeps AudioLDM's contract
+(1 mel channel in, 8 latent channels, x4 downsampling).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.ledger import Ledger
+from shards.random_models import build_random_clip, build_random_vae
+
+TINY_CLIP_DIM = 16
+DATA = Path(__file__).parent / "data" / "vggsound"
+REAL_CLIP = DATA / "video" / "0DCit2EBtjs_000030.mp4"  # 480x360, 30 fps, 9.98 s of audio
+THRESHOLDS = {"av_align_min": 0.2, "clap_min": 0.3}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    return build_random_clip(tmp_path_factory.mktemp("tiny_clip"), size="tiny", projection_dim=TINY_CLIP_DIM)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory) -> Path:
+    return build_random_vae(tmp_path_factory.mktemp("tiny_vae"), size="tiny")
+
+
+def ledger_row(key: str, video_path: str | Path, *, label: str = "dog barking", split: str = "train",
+               status: str = "ok", reason: str = "", start_s: float = 0.0, duration_s: float = 10.0,
+               clap: float | None = 0.5, av_align: float | None = 0.4) -> dict:
+    """One row of ``OUT/ledger.parquet`` as ``pipeline.clean`` writes it."""
+    return {"key": key, "source": "vggsound", "youtube_id": key.split("-")[1] if "-" in key else key,
+            "video_path": str(video_path), "label": label, "caption": f"the sound of {label}", "split": split,
+            "start_s": start_s, "duration_s": duration_s, "video_fps": 25.0, "status": status, "reason": reason,
+            "clap_score": clap, "av_align": av_align, "audio_peaks": 3, "video_peaks": 3, "speech_score": None,
+            "music_score": None, "event_score": None, "line": None}
+
+
+def write_ledger(out: Path, rows: list[dict]) -> Path:
+    """Write ``out/ledger.parquet`` and ``out/run.json`` with the clean CLI's writer."""
+    meta = {"dataset": "vggsound", "filters": THRESHOLDS, "code_version": "test"}
+    return Ledger(out).write_final(pd.DataFrame(rows), meta)

@@ -1,0 +1,279 @@
+"""``python -m pipeline.encode`` end to end: shards a stock WebDataset reads, honest index and card,
+byte-identical reruns (also with another worker count), kill-and-resume, failures as records."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+sys.path.insert(0, str(Path(__file__).parent))
+from model_fixtures_encoders import (REAL_CLIP, THRESHOLDS, TINY_CLIP_DIM, ledger_row, tiny_clip_dir,  # noqa: E402,F401
+                                     tiny_vae_dir, write_ledger)
+
+from pipeline.encode import main  # noqa: E402
+from pipeline.sample import truncate_file, write_event_clip  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ALLOWED_MEMBERS = {"json", "clip.npy", "text.npy", "latent.npy", "mel.npy", "audio.flac"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A ledger of generated and real clips (ok, filtered, failed, missing, corrupt) and a small plan."""
+    from augment.config import AugmentConfig
+    from augment.plan import build_plan, plan_meta
+    from augment.recipe import write_plan
+
+    root = tmp_path_factory.mktemp("encode_data")
+    video = root / "video"
+    video.mkdir()
+    rows = []
+    labels = ["dog barking", "glass breaking"]
+    for i in range(5):
+        path = write_event_clip(video / f"gen{i}_000000.mp4", duration_s=10.0, seed=i).path
+        split = "test" if i == 4 else "train"
+        rows.append(ledger_row(f"vggsound-gen{i}-000000", path, label=labels[i % 2], split=split))
+    rows.append(ledger_row("vggsound-0DCit2EBtjs-000030", REAL_CLIP, label="playing acoustic guitar"))
+    rows.append(ledger_row("vggsound-filt-000000", video / "gen0_000000.mp4", status="filtered", reason="clap<0.3"))
+    rows.append(ledger_row("vggsound-fail-000000", video / "nothing.mp4", status="failed", reason="missing_file"))
+    rows.append(ledger_row("vggsound-gone-000000", video / "gone_000000.mp4"))  # ok in the ledger, file since lost
+    broken = write_event_clip(video / "broken_000000.mp4", duration_s=10.0, seed=9).path
+    truncate_file(broken, 0.02)
+    rows.append(ledger_row("vggsound-broken-000000", broken))
+    out = root / "out"
+    ledger_path = write_ledger(out, rows)
+
+    cfg = AugmentConfig(concat_per_clip=1, stretch_rates=(1.25,))
+    ok = pd.DataFrame(rows[:6])
+    recipes, summary = build_plan(ok, cfg)
+    concat = [r for r in recipes if r.kind == "concat"][:1]
+    stretch = [r for r in recipes if r.kind == "stretch"][:1]
+    write_plan(out / "plan.parquet", concat + stretch, plan_meta(cfg, str(ledger_path), summary, "test"))
+    return {"ledger": ledger_path, "plan": out / "plan.parquet", "root": root,
+            "encoded": sorted([r["key"] for r in rows[:6]] + [r.key for r in concat + stretch]),
+            "failed": ["vggsound-broken-000000", "vggsound-gone-000000"],
+            "recipes": {r.key: r for r in concat + stretch}}
+
+
+def _args(dataset, out: Path, clip: Path, vae: Path, *extra: str) -> list[str]:
+    return ["--ledger", str(dataset["ledger"]), "--plan", str(dataset["plan"]), "--out", str(out),
+            "--clip-model", str(clip), "--vae", str(vae), "--shard-size", "3", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def encoded(dataset, tiny_clip_dir, tiny_vae_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run_a") / "shards"
+    assert main(_args(dataset, out, tiny_clip_dir, tiny_vae_dir, "--workers", "1", "--with-mel")) == 0
+    return out
+
+
+def _shard_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+
+
+def test_index_is_honest_and_counts_add_up(dataset, encoded):
+    index = json.loads((encoded / "index.json").read_text())
+    files = _shard_files(encoded)
+    assert [s["name"] for s in index["shards"]] == sorted(files)  # every shard listed, nothing else
+    assert [s["name"] for s in index["shards"]] == ["test-000000.tar", "train-000000.tar", "train-000001.tar",
+                                                    "train-000002.tar"]
+    for s in index["shards"]:
+        data = files[s["name"]]
+        assert s["bytes"] == len(data) and s["sha256"] == hashlib.sha256(data).hexdigest()
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            keys = sorted({m.name.split(".", 1)[0] for m in tar.getmembers()})
+        assert s["count"] == len(keys) and s["split"] == s["name"].split("-")[0]
+    failed = json.loads((encoded / "failed.json").read_text())
+    assert [f["key"] for f in failed] == dataset["failed"]
+    reasons = {f["key"]: f["reason"] for f in failed}
+    assert reasons["vggsound-gone-000000"].startswith("missing_file")
+    assert reasons["vggsound-broken-000000"].startswith("decode_error")
+    card = json.loads((encoded / "card.json").read_text())
+    assert card["counts"] == {"test": 1, "train": len(dataset["encoded"]) - 1}
+    assert card["samples"] == sum(s["count"] for s in index["shards"]) == len(dataset["encoded"])
+    assert (card["failed"], card["from_ledger"], card["from_plan"]) == (2, 8, 2)
+    assert card["failed_reasons"] == {"decode_error": 1, "missing_file": 1}
+
+
+def test_card_records_encoders_and_parameters(encoded, tiny_clip_dir, tiny_vae_dir):
+    from shards.encoders import file_sha256
+
+    card = json.loads((encoded / "card.json").read_text())
+    assert card["random_weights"] is True  # the fixtures are random-weight folders, and the card says so
+    assert card["clip_weights_sha256"] == {"model.safetensors": file_sha256(tiny_clip_dir / "model.safetensors")}
+    assert card["vae_weights_sha256"] == {
+        "diffusion_pytorch_model.safetensors": file_sha256(tiny_vae_dir / "diffusion_pytorch_model.safetensors")}
+    assert card["vae_scaling_factor"] == 1.0 and card["latent_shape"] == [2, 8, 256, 16]
+    assert (card["clip_normalize"], card["clip_fps"], card["clip_dim"], card["sample_rate"]) == (True, 2.0, 16, 16000)
+    assert card["mel"]["n_fft"] == 1024 and card["mel"]["hop_length"] == 160 and card["mel"]["n_mels"] == 64
+    assert card["thresholds"] == THRESHOLDS
+    assert card["code_version"] and card["with_mel"] is True
+    assert card["augmentation_plan"]["config"]["stretch_rates"] == [1.25]
+
+
+def test_stock_webdataset_reads_every_sample(dataset, encoded):
+    import webdataset as wds
+
+    urls = [str(encoded / s["name"]) for s in json.loads((encoded / "index.json").read_text())["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    keys = [s["__key__"] for s in samples]
+    assert sorted(keys) == dataset["encoded"]
+    assert keys == sorted(keys[:1]) + sorted(keys[1:])  # test split first, each split sorted by key
+    for s in samples:
+        assert set(s) - {"__key__", "__url__", "__local_path__"} == ALLOWED_MEMBERS
+        clip, text, latent, mel = s["clip.npy"], s["text.npy"], s["latent.npy"], s["mel.npy"]
+        assert clip.dtype == text.dtype == latent.dtype == mel.dtype == np.float16
+        recipe = dataset["recipes"].get(s["__key__"])
+        seconds = recipe.duration_s if recipe else 10.0  # a 1.25x stretch of a 10 s clip lasts 8 s
+        assert clip.ndim == 2 and clip.shape[1] == TINY_CLIP_DIM
+        assert clip.shape[0] == int(np.ceil(seconds * 2 - 1e-9)) or (not recipe and clip.shape[0] == 19)
+        assert text.shape == (TINY_CLIP_DIM,) and latent.shape == (2, 8, 256, 16) and mel.shape == (64, 1024)
+        assert (latent[1] > 0).all() and np.isfinite(latent).all()
+        audio, sr = sf.read(io.BytesIO(s["audio.flac"]))
+        assert sr == 16000 and audio.ndim == 1 and seconds - 0.05 <= audio.size / sr <= seconds
+        meta = s["json"]
+        assert meta["key"] == s["__key__"] and meta["caption"]
+        if recipe:
+            assert meta["augmentation"]["kind"] == recipe.kind and meta["kind"] == recipe.kind
+            segments = meta["augmentation"]["segments"]
+            assert [g["source_key"] for g in segments] == [g.source_key for g in recipe.segments]
+            assert "/" not in meta["augmentation"]["segments"][0]["video_path"]  # no machine paths in shards
+        else:
+            assert meta["augmentation"] is None and meta["scores"]["clap_score"] == 0.5
+
+
+def test_no_pickles_in_shards(encoded):
+    for path in encoded.glob("*.tar"):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                key, member = m.name.split(".", 1)
+                assert member in ALLOWED_MEMBERS and "/" not in m.name
+                data = tar.extractfile(m).read()
+                if member.endswith(".npy"):
+                    np.load(io.BytesIO(data), allow_pickle=False)  # raises on object (pickled) arrays
+                assert b"\x80\x04\x95" not in data[:16]  # no pickle protocol-4 stream anywhere
+
+
+def test_rerun_is_byte_identical_whatever_the_batching(dataset, encoded, tiny_clip_dir, tiny_vae_dir, tmp_path):
+    out = tmp_path / "shards"
+    assert main(_args(dataset, out, tiny_clip_dir, tiny_vae_dir, "--workers", "1", "--batch-size", "1",
+                      "--with-mel")) == 0
+    assert _shard_files(out) == _shard_files(encoded)
+    assert (out / "index.json").read_bytes() == (encoded / "index.json").read_bytes()
+    assert (out / "failed.json").read_bytes() == (encoded / "failed.json").read_bytes()
+
+
+def test_process_pool_gives_the_same_samples(dataset, encoded, tiny_clip_dir, tiny_vae_dir, tmp_path):
+    """Two worker processes (one CPU thread each): same shards and members; float kernels with another
+    thread count may move a latent by one float16 step, nothing else may differ."""
+    from shards.shard_writer import read_tar_samples
+
+    out = tmp_path / "shards"
+    assert main(_args(dataset, out, tiny_clip_dir, tiny_vae_dir, "--workers", "2", "--with-mel")) == 0
+    assert sorted(_shard_files(out)) == sorted(_shard_files(encoded))
+    for name in _shard_files(encoded):
+        ours, ref = list(read_tar_samples(out / name)), list(read_tar_samples(encoded / name))
+        assert [k for k, _ in ours] == [k for k, _ in ref]
+        for (key, a), (_, b) in zip(ours, ref):
+            assert a.keys() == b.keys()
+            for member in a:
+                if member.endswith(".npy"):
+                    x, y = (np.load(io.BytesIO(m[member])).astype(np.float32) for m in (a, b))
+                    np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-3, err_msg=f"{key}.{member}")
+                else:
+                    assert a[member] == b[member], f"{key}.{member}"
+
+
+def test_killed_run_resumes_and_skips_finished_shards(dataset, encoded, tiny_clip_dir, tiny_vae_dir, tmp_path,
+                                                      capsys):
+    out = tmp_path / "shards"
+    cmd = [sys.executable, "-m", "pipeline.encode", *_args(dataset, out, tiny_clip_dir, tiny_vae_dir,
+                                                          "--workers", "1", "--batch-size", "1", "--with-mel")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "test-000000.tar"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), "the run never finished its first shard"
+    assert not (out / "index.json").exists(), "the run finished before it could be killed"
+    before = first.stat().st_mtime_ns
+
+    assert main(_args(dataset, out, tiny_clip_dir, tiny_vae_dir, "--workers", "1", "--with-mel")) == 0
+    printed = capsys.readouterr().out
+    assert "resuming:" in printed and "1 skipped" in printed
+    assert first.stat().st_mtime_ns == before  # the finished shard was not rewritten
+    assert _shard_files(out) == _shard_files(encoded)
+    assert (out / "index.json").read_bytes() == (encoded / "index.json").read_bytes()
+    assert not [p for p in out.rglob(".*") if p.is_file() and p.name.endswith((".partial", ".tmp"))]
+
+    assert main(_args(dataset, out, tiny_clip_dir, tiny_vae_dir, "--workers", "1", "--with-mel")) == 0
+    assert "4 skipped" in capsys.readouterr().out  # a finished folder is a no-op
+
+
+def test_real_runs_refuse_missing_weights_and_demo_falls_back_loudly(dataset, tmp_path, capsys):
+    import huggingface_hub.constants
+
+    ledger = write_ledger(tmp_path / "one", [ledger_row("vggsound-gen0-000000", dataset["root"] / "video" /
+                                                        "gen0_000000.mp4")])
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        args = ["--ledger", str(ledger), "--clip-model", "nobody-v2a/no-clip", "--vae", "nobody-v2a/no-vae",
+                "--device", "cpu", "--workers", "1"]
+        assert main(args) == 2
+        assert "nobody-v2a/no-clip" in capsys.readouterr().err
+        assert not (tmp_path / "one" / "shards" / "index.json").exists()
+        assert main(args + ["--allow-random-weights"]) == 0
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = False
+    printed = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in printed
+    card = json.loads((tmp_path / "one" / "shards" / "card.json").read_text())
+    assert card["random_weights"] is True and "nobody-v2a/no-clip" in card["random_weights_reason"]
+    assert card["clip_dim"] == 768 and card["latent_shape"] == [2, 8, 256, 16] and card["samples"] == 1
+
+
+def test_ray_read_webdataset_reads_the_shards(dataset, encoded):
+    ray = pytest.importorskip("ray")
+
+    urls = [str(encoded / s["name"]) for s in json.loads((encoded / "index.json").read_text())["shards"]]
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        rows = ray.data.read_webdataset(urls).take_all()
+    finally:
+        ray.shutdown()
+    assert sorted(r["__key__"] for r in rows) == dataset["encoded"]
+    for r in rows:
+        assert r["latent.npy"].shape == (2, 8, 256, 16) and r["latent.npy"].dtype == np.float16
+        assert r["clip.npy"].shape[1] == TINY_CLIP_DIM and r["json"]["key"] == r["__key__"]
+
+
+def test_resume_with_other_settings_is_refused(dataset, encoded, tiny_clip_dir, tiny_vae_dir, capsys):
+    before = _shard_files(encoded)
+    assert main(_args(dataset, encoded, tiny_clip_dir, tiny_vae_dir, "--workers", "1", "--with-mel",
+                      "--no-clip-normalize")) == 2
+    assert "clip_normalize" in capsys.readouterr().err
+    assert _shard_files(encoded) == before
+
+
+def test_keys_are_sanitised_and_collisions_fail():
+    from pipeline.encode import assign_keys
+
+    rows = [{"key": "yt.abc/1", "split": "train"}, {"key": "yt_abc_1", "split": "train"}, {"key": "ok-1", "split": "x"}]
+    kept, dup = assign_keys(rows)
+    assert [r["key"] for r in kept] == ["ok-1", "yt_abc_1"]
+    assert [d["key"] for d in dup] == ["yt_abc_1"] and dup[0]["reason"].startswith("duplicate_key")
+    assert "yt.abc/1" in dup[0]["reason"]
