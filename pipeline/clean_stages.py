@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from filters.av_align import AVAlignConfig, decode_request_for, score_decoded
+from filters.av_align import AVAlignConfig, decode_request_for, score_decoded, warm_up
 from pipeline.config import DecodeLimits, SignalConfig
 from pipeline.decode import DecodeError, DecodeRequest, decode, probe
 from pipeline.stage import OK, Resources, Row, Stage, is_pending, mark_failed
@@ -59,6 +59,7 @@ class DecodeScoreStage(Stage):
         import cv2
 
         cv2.setNumThreads(1)  # one worker per core: OpenCV's own threads only oversubscribe
+        warm_up()  # librosa's one-off start-up, so it is not charged to the first clip
 
     def _request(self, start: float, duration: float | None) -> DecodeRequest:
         req = decode_request_for(self.config.av_align, self.config.signal)

@@ -49,6 +49,7 @@ class DecodeRequest:
     gray: bool = False  # every native frame, greyscale
     gray_max_side: int | None = None  # None: native resolution via BGR->GRAY (OpenCV's path)
     rgb_fps: float | None = None  # frames sampled on a fixed grid, RGB
+    audio_native: bool = False  # also keep the window's audio at its native rate, channels unmixed, unpadded
     need_audio: bool = True
     need_video: bool = True
 
@@ -66,6 +67,11 @@ class DecodedClip:
     rgb: np.ndarray | None = None  # [T, H, W, 3] uint8
     rgb_times: np.ndarray | None = None
     native_sr: int = 0
+    # With ``audio_native``: [C, n] float32 at ``native_sr``, for metrics that must reproduce another
+    # tool's own downmix (AV-Align's reference WAVs). Never padded: it starts at the first audio sample.
+    audio_native: np.ndarray | None = None
+    audio_layout: str = ""  # channel layout name of ``audio_native`` (e.g. "stereo")
+    audio_lead_s: float = 0.0  # silence prepended to ``audio`` because the audio starts after the window start
 
 
 @dataclass(frozen=True)
@@ -148,7 +154,8 @@ def probe(path: str | Path) -> ProbeInfo:
                          has_audio=a is not None, has_video=v is not None)
 
 
-def _mono(frame: av.AudioFrame) -> np.ndarray:
+def _channels(frame: av.AudioFrame) -> np.ndarray:
+    """[C, n] float32, full scale 1.0, whatever the sample format."""
     arr = frame.to_ndarray()
     if arr.dtype.kind in "iu":
         scale = float(np.iinfo(arr.dtype).max) + 1.0
@@ -156,9 +163,12 @@ def _mono(frame: av.AudioFrame) -> np.ndarray:
     else:
         arr = arr.astype(np.float32, copy=False)
     if frame.format.is_planar:
-        return arr.mean(axis=0) if arr.shape[0] > 1 else arr[0]
-    channels = len(frame.layout.channels)
-    return arr.reshape(-1, channels).mean(axis=1) if channels > 1 else arr.reshape(-1)
+        return arr
+    return arr.reshape(-1, len(frame.layout.channels)).T
+
+
+def _mono(channels: np.ndarray) -> np.ndarray:
+    return channels.mean(axis=0) if channels.shape[0] > 1 else channels[0]
 
 
 def _luma(frame: av.VideoFrame, max_side: int) -> tuple[np.ndarray, float]:
@@ -172,6 +182,9 @@ def _luma(frame: av.VideoFrame, max_side: int) -> tuple[np.ndarray, float]:
     scale = min(1.0, max_side / max(h, w))
     if scale < 1.0:
         size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+        # halve with a Gaussian first while 4x too big: INTER_AREA alone is slow at odd ratios
+        while y.shape[1] >= 4 * size[0] and y.shape[0] >= 4 * size[1]:
+            y = cv2.pyrDown(y)
         y = cv2.resize(y, size, interpolation=cv2.INTER_AREA)
         scale = size[0] / w
     return np.ascontiguousarray(y), scale
@@ -212,7 +225,8 @@ def _decode_open(container, path: str, req: DecodeRequest, limits: DecodeLimits,
     if want_video:
         vstream.thread_type = "AUTO"
         streams.append(vstream)
-    if req.need_audio and req.audio_rates:
+    want_audio = req.need_audio and (bool(req.audio_rates) or req.audio_native)
+    if want_audio:
         streams.append(astream)
     if not streams:
         raise DecodeError("decode_error", "nothing requested")
@@ -228,9 +242,10 @@ def _decode_open(container, path: str, req: DecodeRequest, limits: DecodeLimits,
     prev_frame = None
     prev_time = None
     audio_chunks: list[np.ndarray] = []
+    native_chunks: list[np.ndarray] = []
     audio_t0: float | None = None
     native_sr = astream.sample_rate if astream is not None else 0
-    audio_done = not (req.need_audio and req.audio_rates)
+    audio_done = not want_audio
     video_done = not want_video
     last_video_t = -math.inf
 
@@ -248,12 +263,14 @@ def _decode_open(container, path: str, req: DecodeRequest, limits: DecodeLimits,
                 if t >= end:
                     audio_done = True
                     break
-                samples = _mono(frame)
-                if t + samples.size / frame.sample_rate <= start:
+                channels = _channels(frame)
+                if t + channels.shape[1] / frame.sample_rate <= start:
                     continue
                 if audio_t0 is None:
                     audio_t0 = t
-                audio_chunks.append(samples)
+                audio_chunks.append(_mono(channels))
+                if req.audio_native:
+                    native_chunks.append(channels)
             else:
                 if t >= end:
                     video_done = True
@@ -301,13 +318,20 @@ def _decode_open(container, path: str, req: DecodeRequest, limits: DecodeLimits,
         if req.rgb_fps:
             clip.rgb = np.stack(rgb) if rgb else np.zeros((0, 1, 1, 3), np.uint8)
             clip.rgb_times = np.asarray(rgb_t, np.float64)
-    if req.need_audio and req.audio_rates:
+    if want_audio:
         if not audio_chunks:
             raise DecodeError("decode_error", "no decodable audio in window")
         native = np.concatenate(audio_chunks)
         lead = int(round((audio_t0 - start) * native_sr))
+        if req.audio_native:
+            unpadded = np.concatenate(native_chunks, axis=1)[:, max(0, -lead):]
+            if math.isfinite(end):
+                unpadded = unpadded[:, : max(0, int(round((end - start) * native_sr)) - max(0, lead))]
+            clip.audio_native = unpadded
+            clip.audio_layout = astream.layout.name
         if lead > 0:  # audio starts after the window start: keep it on the clock with silence
             native = np.concatenate([np.zeros(lead, np.float32), native])
+            clip.audio_lead_s = lead / native_sr
         elif lead < 0:
             native = native[-lead:]
         if math.isfinite(end):

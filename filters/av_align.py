@@ -1,0 +1,223 @@
+"""AV-Align (Yariv et al. 2023): how well audio onsets line up with peaks of visual motion.
+
+The published metric (``av_align.py`` in the authors' TempoTokens repository) scores one file:
+audio onsets from librosa's defaults at 22050 Hz, video motion as the mean Farneback optical-flow
+magnitude between consecutive native-resolution greyscale frames, motion peaks as strict local
+maxima of at least 0.1 at ``i / fps``, and an intersection over union where each video peak
+matches at most one audio peak lying within one frame of it.
+
+``reference`` mode reproduces the published numbers: the audio is the file's own audio track
+downmixed the way FFmpeg does by default and clipped like a 16-bit WAV (what the reference WAVs
+hold), the frames are decoded through OpenCV's colour path. ``fast`` mode (the default for
+cleaning) changes only the video: luma decoded straight to a small size, Farneback there, the
+magnitudes divided by the scale so the 0.1 floor keeps its meaning. ``bench/av_align.py``
+measures how closely the two agree and how much faster ``fast`` is.
+
+``python -m filters.av_align [--mode reference|fast] FILE...`` prints one JSON line per file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import av
+import cv2
+import librosa
+import numpy as np
+import soxr
+
+from pipeline.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
+from pipeline.decode import DecodedClip, DecodeError, DecodeRequest, decode
+
+Mode = Literal["reference", "fast"]
+
+
+@dataclass(frozen=True)
+class AVAlignConfig:
+    """How AV-Align is computed. Fields without ``init`` are the published definition, not knobs."""
+
+    mode: Mode = field(default="fast", metadata={
+        "help": "reference: native-resolution flow, reproduces the published numbers; "
+                "fast: flow on small luma frames, same keep/drop decisions, far cheaper"})
+    fast_max_side: int = field(default=64, metadata={
+        "help": "fast mode: long side (px) of the frames the optical flow runs on"})
+    # Farneback (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags) as published.
+    farneback: tuple[float, int, int, int, int, float, int] = field(
+        default=(0.5, 3, 15, 3, 5, 1.2, 0), init=False)
+    peak_floor: float = field(default=0.1, init=False)  # motion peaks below this (px/frame) are ignored
+    sample_rate: int = field(default=DEFAULT_SIGNAL.av_align_sr, init=False)  # librosa's default rate
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("reference", "fast"):
+            raise ValueError(f"AV-Align mode must be 'reference' or 'fast', not {self.mode!r}")
+        if self.fast_max_side < 16:
+            raise ValueError(f"fast_max_side must be at least 16 px, not {self.fast_max_side}")
+
+
+@dataclass
+class AVAlignResult:
+    score: float
+    audio_peaks: int
+    video_peaks: int
+    fps: float
+    frames: int
+    seconds: float  # wall time: decode + compute for score_clip, compute only for score_decoded
+    audio_peak_times: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    video_peak_times: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+
+def decode_request_for(config: AVAlignConfig, signal: SignalConfig | None = None) -> DecodeRequest:
+    """What the metric needs from a clip in this mode; callers merge it with their own needs."""
+    if signal is not None and signal.av_align_sr != config.sample_rate:
+        raise ValueError(f"AV-Align is defined at {config.sample_rate} Hz, SignalConfig says {signal.av_align_sr}")
+    return DecodeRequest(audio_native=True, gray=True,
+                         gray_max_side=None if config.mode == "reference" else config.fast_max_side)
+
+
+def reference_audio(channels: np.ndarray, layout: str, native_sr: int, sample_rate: int) -> np.ndarray:
+    """The audio the reference scores: FFmpeg's default downmix to mono (libswresample's matrix,
+    unnormalised for float output, e.g. (L + R) / sqrt(2)), clipped to [-1, 1] as a 16-bit WAV
+    clips it, then resampled as ``librosa.load`` does (soxr HQ)."""
+    if channels.ndim != 2 or channels.shape[1] == 0:
+        return np.zeros(0, np.float32)
+    if channels.shape[0] == 1:
+        mono = channels[0]
+    elif layout == "stereo":  # libswresample's stereo -> mono matrix, without building a resampler
+        mono = (channels[0] + channels[1]) * np.float32(np.sqrt(0.5))
+    else:
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(channels, np.float32), format="fltp", layout=layout)
+        frame.sample_rate = native_sr
+        mixer = av.AudioResampler(format="flt", layout="mono", rate=native_sr)
+        mono = np.concatenate([f.to_ndarray().reshape(-1) for f in mixer.resample(frame) + mixer.resample(None)])
+    mono = np.clip(mono, -1.0, 1.0)
+    if native_sr != sample_rate:
+        mono = soxr.resample(mono, native_sr, sample_rate, quality="HQ")
+    return mono.astype(np.float32, copy=False)
+
+
+def audio_onsets(y: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Onset times (s): librosa's onset strength and onset detection with their defaults."""
+    if y.size == 0:
+        return np.zeros(0)
+    envelope = librosa.onset.onset_strength(y=y, sr=sample_rate)
+    frames = librosa.onset.onset_detect(onset_envelope=envelope, sr=sample_rate)
+    return librosa.frames_to_time(frames, sr=sample_rate)
+
+
+def video_motion(gray: np.ndarray, config: AVAlignConfig, scale: float = 1.0) -> np.ndarray:
+    """Mean Farneback flow magnitude between consecutive frames, in native pixels per frame
+    (``scale`` is decoded/native size); the first value is duplicated so there is one per frame."""
+    if len(gray) < 2:
+        return np.zeros(len(gray))
+    values = np.empty(len(gray))
+    for i in range(1, len(gray)):
+        flow = cv2.calcOpticalFlowFarneback(gray[i - 1], gray[i], None, *config.farneback)
+        values[i] = cv2.mean(cv2.magnitude(flow[..., 0], flow[..., 1]))[0] / scale
+    values[0] = values[1]
+    return values
+
+
+def video_peaks(motion: np.ndarray, fps: float, floor: float) -> np.ndarray:
+    """Times ``i / fps`` of strict local maxima >= floor; the first and last frame never count."""
+    m = np.asarray(motion, dtype=np.float64)
+    if m.size < 3:
+        return np.zeros(0)
+    mid = m[1:-1]
+    idx = np.nonzero((m[:-2] < mid) & (mid > m[2:]) & (mid >= floor))[0] + 1
+    return idx / fps
+
+
+def match_peaks(audio_peaks, video_peaks, fps: float) -> int:
+    """Greedy one-to-one matching: each audio peak, in order, takes the first unused video peak
+    strictly within one frame of it. Returns the number of matched pairs."""
+    window = 1.0 / fps
+    used = np.zeros(len(video_peaks), bool)
+    matched = 0
+    for a in audio_peaks:
+        for j, v in enumerate(video_peaks):
+            if not used[j] and v - window < a < v + window:
+                used[j] = True
+                matched += 1
+                break
+    return matched
+
+
+def av_align_score(audio_peaks, video_peaks, fps: float) -> float:
+    """Intersection over union of the two peak sets; 0 when both are empty."""
+    if not fps > 0:
+        raise ValueError(f"frame rate must be positive, got {fps}")
+    matched = match_peaks(audio_peaks, video_peaks, fps)
+    union = len(audio_peaks) + len(video_peaks) - matched
+    return matched / union if union else 0.0
+
+
+def warm_up(config: AVAlignConfig = AVAlignConfig()) -> None:
+    """Pay librosa's one-off start-up (lazy imports, numba compilation: seconds) before timing
+    anything; a worker's ``setup`` can call it so its first clip is not charged for it."""
+    noise = np.random.default_rng(0).standard_normal(config.sample_rate).astype(np.float32)
+    audio_onsets(noise, config.sample_rate)
+    video_motion(np.zeros((2, 32, 32), np.uint8), config)
+
+
+def score_decoded(clip: DecodedClip, config: AVAlignConfig = AVAlignConfig()) -> AVAlignResult:
+    """AV-Align of a clip decoded with (at least) ``decode_request_for(config)``."""
+    t0 = time.perf_counter()
+    if clip.gray is None or clip.audio_native is None:
+        raise ValueError("clip lacks greyscale frames or native audio: decode it with decode_request_for(config)")
+    if config.mode == "reference" and clip.gray_scale != 1.0:
+        raise ValueError(f"reference mode needs native-resolution frames, got scale {clip.gray_scale:.3f}")
+    if not clip.video_fps > 0:
+        raise DecodeError("decode_error", "video stream has no frame rate")
+    y = reference_audio(clip.audio_native, clip.audio_layout, clip.native_sr, config.sample_rate)
+    a_peaks = audio_onsets(y, config.sample_rate)
+    v_peaks = video_peaks(video_motion(clip.gray, config, clip.gray_scale), clip.video_fps, config.peak_floor)
+    score = av_align_score(a_peaks, v_peaks, clip.video_fps)
+    return AVAlignResult(score=float(score), audio_peaks=len(a_peaks), video_peaks=len(v_peaks),
+                         fps=float(clip.video_fps), frames=int(len(clip.gray)),
+                         seconds=time.perf_counter() - t0, audio_peak_times=a_peaks, video_peak_times=v_peaks)
+
+
+def score_clip(path: str | Path, config: AVAlignConfig = AVAlignConfig(), start_s: float = 0.0,
+               duration_s: float | None = None, limits: DecodeLimits = DecodeLimits()) -> AVAlignResult:
+    """Decode ``[start_s, start_s + duration_s)`` of a file (all of it by default) and score it."""
+    t0 = time.perf_counter()
+    req = replace(decode_request_for(config), start_s=start_s, duration_s=duration_s)
+    clip = decode(path, req, limits)
+    result = score_decoded(clip, config)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.cli_config import add_config_args, from_args
+
+    parser = argparse.ArgumentParser(prog="python -m filters.av_align", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, AVAlignConfig)
+    parser.add_argument("files", nargs="+", metavar="FILE", help="video files with sound")
+    args = parser.parse_args(argv)
+    config = from_args(AVAlignConfig, args)
+    warm_up(config)
+    failed = 0
+    for path in args.files:
+        try:
+            r = score_clip(path, config)
+            line = {"path": path, "score": round(r.score, 6), "audio_peaks": r.audio_peaks,
+                    "video_peaks": r.video_peaks, "fps": r.fps, "seconds": round(r.seconds, 3)}
+        except (DecodeError, ValueError) as e:
+            failed += 1
+            reason = e.ledger_reason if isinstance(e, DecodeError) else f"{type(e).__name__}: {e}"
+            line = {"path": path, "error": reason}
+        print(json.dumps(line), flush=True)
+    if failed:
+        print(f"{failed} of {len(args.files)} files could not be scored", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

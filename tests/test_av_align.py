@@ -1,0 +1,218 @@
+"""AV-Align: the published numbers on real clips, fast-mode agreement, the metric's own rules, the CLI.
+
+Reference mode runs Farneback at native resolution on the five real clips: the costly part of
+this file (tens of seconds per 720p clip here). Each clip is scored once per session and shared by
+the tests that need it.
+"""
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from filters.av_align import (AVAlignConfig, av_align_score, decode_request_for, match_peaks, reference_audio,
+                              score_clip, score_decoded, video_motion, video_peaks)
+from pipeline.config import FilterConfig
+from pipeline.decode import DecodeError, DecodeRequest, decode
+from pipeline.sample import write_event_clip
+
+DATA = Path(__file__).parent / "data" / "vggsound"
+PUBLISHED = json.loads((DATA / "av_align_reference.json").read_text())
+CLIPS = sorted(PUBLISHED)
+THRESHOLD = FilterConfig().av_align_min
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def scored(name: str, mode: str):
+    return score_clip(DATA / "video" / name, AVAlignConfig(mode=mode))
+
+
+# ---------------------------------------------------------------------------- real clips
+
+
+@pytest.mark.parametrize("name", CLIPS)
+def test_reference_mode_reproduces_published_numbers(name):
+    result, published = scored(name, "reference"), PUBLISHED[name]
+    assert abs(result.score - published["score"]) < 0.01
+    assert result.fps == published["fps"] and result.frames == published["frames"]
+    # the peak sets themselves, not just a lucky ratio
+    assert abs(result.audio_peaks - published["audio_peaks"]) <= 1
+    assert abs(result.video_peaks - published["video_peaks"]) <= 1
+
+
+def test_fast_mode_makes_the_reference_decisions():
+    ref = np.array([scored(n, "reference").score for n in CLIPS])
+    fast = np.array([scored(n, "fast").score for n in CLIPS])
+    assert list(fast > THRESHOLD) == list(ref > THRESHOLD)
+    assert np.corrcoef(ref, fast)[0, 1] >= 0.95
+    assert np.all(np.abs(fast - ref) < 0.1)
+
+
+def test_fast_mode_scores_small_frames_in_native_pixels():
+    clip = decode(DATA / "video" / CLIPS[0], decode_request_for(AVAlignConfig(mode="fast")))
+    assert max(clip.gray.shape[1:]) <= AVAlignConfig().fast_max_side and clip.gray_scale < 1.0
+    with pytest.raises(ValueError, match="native-resolution"):
+        score_decoded(clip, AVAlignConfig(mode="reference"))
+
+
+# ---------------------------------------------------------------------------- synthetic clips
+
+
+@pytest.fixture(scope="module")
+def event_clips(tmp_path_factory):
+    """A square jumps on five frames; clicks sound on the same frames, or 0.5 s later."""
+    folder = tmp_path_factory.mktemp("av_align")
+    aligned = write_event_clip(folder / "aligned.mp4", duration_s=6.0, fps=25.0, event_times=(1.0, 2.2, 3.0, 4.4, 5.2))
+    shifted = write_event_clip(folder / "shifted.mp4", duration_s=6.0, fps=25.0, event_times=(1.0, 2.2, 3.0, 4.4, 5.2),
+                               audio_shift_s=0.5)
+    return aligned, shifted
+
+
+@pytest.mark.parametrize("mode", ["reference", "fast"])
+def test_aligned_clip_scores_high_and_shifted_clip_low(event_clips, mode):
+    aligned, shifted = event_clips
+    good = score_clip(aligned.path, AVAlignConfig(mode=mode))
+    bad = score_clip(shifted.path, AVAlignConfig(mode=mode))
+    assert good.score > 0.5 > THRESHOLD > bad.score
+    # every jump is a motion peak at the jump's frame, every click an onset within a frame of it
+    frame = 1.0 / good.fps
+    for t in aligned.event_times:
+        assert np.min(np.abs(good.video_peak_times - t)) < frame / 2
+        assert np.min(np.abs(good.audio_peak_times - t)) < frame
+
+
+def test_window_is_scored_from_its_start(event_clips):
+    aligned, _ = event_clips
+    result = score_clip(aligned.path, AVAlignConfig(mode="fast"), start_s=2.0, duration_s=3.0)
+    assert result.frames == 75
+    inside = [t - 2.0 for t in aligned.event_times if 2.0 <= t < 5.0]
+    assert len(result.video_peak_times) == len(inside)
+    np.testing.assert_allclose(result.video_peak_times, inside, atol=0.02)
+
+
+@pytest.mark.parametrize("mode", ["reference", "fast"])
+def test_still_and_silent_clip_has_no_peaks_and_scores_zero(tmp_path, mode):
+    clip = write_event_clip(tmp_path / "still.mp4", duration_s=3.0, fps=25.0, event_times=(1.0,),
+                            motion=False, sound=False)
+    result = score_clip(clip.path, AVAlignConfig(mode=mode))
+    assert (result.score, result.audio_peaks, result.video_peaks) == (0.0, 0, 0)
+
+
+def test_decode_without_native_audio_is_refused(event_clips):
+    clip = decode(event_clips[0].path, DecodeRequest(audio_rates=(22050,), gray=True, gray_max_side=96))
+    with pytest.raises(ValueError, match="decode_request_for"):
+        score_decoded(clip, AVAlignConfig(mode="fast"))
+
+
+# ---------------------------------------------------------------------------- the metric's rules
+
+
+def test_empty_peak_sets_score_zero():
+    assert av_align_score([], [], 30.0) == 0.0
+    assert av_align_score([1.0, 2.0], [], 30.0) == 0.0
+    assert av_align_score([], [1.0], 30.0) == 0.0
+
+
+def test_matching_is_one_to_one_and_greedy():
+    # two onsets near one motion peak: only one may match it
+    assert match_peaks([1.0, 1.01], [1.0], 30.0) == 1
+    assert av_align_score([1.0, 1.01], [1.0], 30.0) == pytest.approx(1 / 2)
+    # one onset near two motion peaks: it takes one, the other stays unmatched
+    assert match_peaks([1.0], [0.99, 1.01], 30.0) == 1
+    # greedy in order: the first onset takes the first free peak in its window
+    assert match_peaks([0.98, 1.0], [0.96, 1.01], 30.0) == 2
+    assert av_align_score([0.98, 1.0], [0.96, 1.01], 30.0) == 1.0
+
+
+def test_match_window_is_open_one_frame():
+    # fps 4: one frame is exactly 0.25 s (exact in binary)
+    assert match_peaks([1.0], [1.25], 4.0) == 0
+    assert match_peaks([1.0], [1.2499], 4.0) == 1
+    assert match_peaks([1.0], [0.75], 4.0) == 0
+
+
+def test_video_peaks_are_strict_interior_maxima_above_the_floor():
+    motion = np.array([0.9, 0.5, 0.05, 0.3, 0.3, 0.0, 0.1, 0.0999, 0.2, 0.0999, 0.4, 0.1, 0.8])
+    # 0.9 and 0.8 are endpoints; 0.3, 0.3 is a plateau; 0.1 counts (floor inclusive), 0.0999 would not
+    np.testing.assert_allclose(video_peaks(motion, 10.0, 0.1), [0.6, 0.8, 1.0])
+    assert video_peaks(np.array([0.0, 0.0999, 0.0]), 10.0, 0.1).size == 0
+    assert video_peaks(np.array([1.0, 2.0]), 10.0, 0.1).size == 0
+
+
+def test_motion_is_in_native_pixels_whatever_the_frame_size():
+    rng = np.random.default_rng(0)
+    import cv2
+
+    texture = cv2.GaussianBlur(rng.uniform(0, 255, (240, 400)).astype(np.float32), (0, 0), 3)
+    texture = cv2.normalize(texture, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    frames = np.stack([texture[40:200, 40 + 2 * i: 360 + 2 * i] for i in range(4)])  # 2 px per frame
+    small = np.stack([cv2.resize(f, (160, 80), interpolation=cv2.INTER_AREA) for f in frames])
+    cfg = AVAlignConfig()
+    native = video_motion(frames, cfg)
+    scaled = video_motion(small, cfg, scale=0.5)
+    assert native[0] == native[1]  # the first value is the first pair's, duplicated
+    np.testing.assert_allclose(native, 2.0, rtol=0.15)
+    np.testing.assert_allclose(scaled, 2.0, rtol=0.15)
+
+
+def test_reference_audio_mixes_like_ffmpeg_and_clips_like_a_wav():
+    left = np.full(4410, 0.9, np.float32)
+    right = np.full(4410, 0.8, np.float32)
+    stereo = reference_audio(np.stack([left, right]), "stereo", 44100, 44100)
+    np.testing.assert_allclose(stereo, 1.0)  # (0.9 + 0.8) / sqrt(2) = 1.2: clipped
+    quiet = reference_audio(np.stack([left, right]) / 4, "stereo", 44100, 44100)
+    np.testing.assert_allclose(quiet, 1.7 / 4 / np.sqrt(2), rtol=1e-6)  # louder than the mean, as FFmpeg mixes
+    mono = reference_audio(left[None] / 2, "mono", 44100, 22050)
+    assert mono.size == 2205 and mono.dtype == np.float32
+    surround = reference_audio(np.eye(6, dtype=np.float32).repeat(100, axis=1), "5.1", 44100, 44100)
+    assert surround[250] == pytest.approx(1.0)  # the centre channel goes straight to mono
+    assert surround[50] == pytest.approx(np.sqrt(0.5), rel=1e-4)  # front left at -3 dB
+
+
+def test_config_is_the_published_definition():
+    cfg = AVAlignConfig()
+    assert cfg.farneback == (0.5, 3, 15, 3, 5, 1.2, 0) and cfg.peak_floor == 0.1 and cfg.sample_rate == 22050
+    assert cfg.mode == "fast"
+    with pytest.raises(ValueError):
+        AVAlignConfig(mode="slow")
+    assert decode_request_for(AVAlignConfig(mode="reference")).gray_max_side is None
+    req = decode_request_for(cfg)
+    assert req.gray and req.audio_native and req.gray_max_side == cfg.fast_max_side
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def test_cli_prints_a_json_line_per_file_and_fails_at_the_end(tmp_path, event_clips):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"this is not a video" * 100)
+    missing = tmp_path / "missing.mp4"
+    aligned, shifted = event_clips
+    proc = subprocess.run([sys.executable, "-m", "filters.av_align", "--mode", "fast", str(aligned.path), str(bad),
+                           str(missing), str(shifted.path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["path"] for line in lines] == [str(aligned.path), str(bad), str(missing), str(shifted.path)]
+    first, broken, absent, last = lines
+    assert set(first) == {"path", "score", "audio_peaks", "video_peaks", "fps", "seconds"}
+    assert first["score"] > THRESHOLD > last["score"] and first["fps"] == 25.0
+    assert broken["error"].startswith("decode_error") and absent["error"].startswith("missing_file")
+    assert "2 of 4" in proc.stderr
+
+
+def test_cli_exit_code_zero_when_all_files_score(event_clips):
+    proc = subprocess.run([sys.executable, "-m", "filters.av_align", str(event_clips[0].path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["score"] > THRESHOLD
+
+
+def test_bad_file_raises_decode_error(tmp_path):
+    bad = tmp_path / "x.mp4"
+    bad.write_bytes(b"\x00" * 1000)
+    with pytest.raises(DecodeError):
+        score_clip(bad)
