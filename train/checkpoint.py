@@ -1,0 +1,171 @@
+"""Atomic, exactly-resumable checkpoints and loading a run back for sampling.
+
+Layout: ``RUN/checkpoints/step-00001000/`` holds ``model.safetensors``, ``ema.safetensors``,
+``optimizer.pt``, ``rng.pt`` (every rank's RNG states), ``trainer_state.json`` (step, LR
+scheduler, EMA counters, every rank's data-stream position) and ``run_config.json`` (everything
+needed to rebuild the model for sampling). A checkpoint is written into a hidden temporary folder,
+fsynced, then renamed: a ``step-*`` folder is always complete, whatever kills the run. Loading
+uses safetensors and ``torch.load(weights_only=True)``, never unrestricted pickle.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from train.config import ModelConfig, NoiseConfig, from_dict
+from train.model import VideoToAudioUNet
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+RUN_CONFIG = "run_config.json"
+
+
+def checkpoints_dir(run: str | Path) -> Path:
+    return Path(run) / "checkpoints"
+
+
+def list_checkpoints(run: str | Path) -> list[tuple[int, Path]]:
+    folder = checkpoints_dir(run)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(run: str | Path) -> Path | None:
+    found = list_checkpoints(run)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the latest checkpoint of a run folder."""
+    p = Path(path)
+    if (p / RUN_CONFIG).is_file() and (p / "model.safetensors").is_file():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise FileNotFoundError(f"{p}: neither a checkpoint nor a run folder with checkpoints/step-*")
+    return latest
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def _tensors(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in named.items()}
+
+
+def ema_state(model: torch.nn.Module, ema) -> dict[str, torch.Tensor]:
+    """EMA shadow weights keyed by parameter name (loadable into the model)."""
+    names = [n for n, _ in model.named_parameters()]
+    return dict(zip(names, ema.shadow_params))
+
+
+def save_checkpoint(run: str | Path, step: int, *, model: torch.nn.Module, ema, optimizer, scheduler,
+                    trainer_state: dict, rng_states: list[dict], run_config: dict, keep: int) -> Path:
+    """Write checkpoint ``step`` atomically (call on rank 0 only) and prune old ones."""
+    folder = checkpoints_dir(run)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_tensors(model.state_dict()), str(tmp / "model.safetensors"))
+    if ema is not None:
+        save_file(_tensors(ema_state(model, ema)), str(tmp / "ema.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(rng_states, tmp / "rng.pt")
+    state = dict(trainer_state)
+    state["step"] = step
+    state["lr_scheduler"] = scheduler.state_dict()
+    if ema is not None:
+        meta = ema.state_dict()
+        meta.pop("shadow_params")
+        state["ema"] = meta
+    _write_json(tmp / "trainer_state.json", state)
+    _write_json(tmp / RUN_CONFIG, run_config)
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    _fsync_dir(tmp)
+    if final.exists():  # the same step written again (e.g. a rerun after a crash at this step)
+        old = folder / f".old-step-{step:08d}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync_dir(folder)
+    for _, path in list_checkpoints(run)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def clean_partial(run: str | Path) -> None:
+    """Remove temporary folders a killed run left behind (never a complete checkpoint)."""
+    folder = checkpoints_dir(run)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith((".tmp-step-", ".old-step-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_training_state(path: Path, model: torch.nn.Module, ema, optimizer, scheduler,
+                        device: torch.device) -> tuple[dict, list[dict]]:
+    """Restore model, EMA, optimiser and LR scheduler in place; return trainer state and RNG states."""
+    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+    state = json.loads((path / "trainer_state.json").read_text())
+    if ema is not None:
+        if (path / "ema.safetensors").is_file():
+            shadow = load_file(str(path / "ema.safetensors"), device=str(device))
+            meta = dict(state.get("ema", {}))
+            meta["shadow_params"] = [shadow[n] for n, _ in model.named_parameters()]
+            ema.load_state_dict(meta)
+        else:
+            log.warning("%s has no EMA weights: EMA restarts from the current weights", path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(state["lr_scheduler"])
+    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    return state, rng
+
+
+def load_for_inference(path: str | Path, use_ema: bool = True,
+                       device: str | torch.device = "cpu") -> tuple[VideoToAudioUNet, dict, Path]:
+    """The trained denoiser (EMA weights by default) and its run configuration."""
+    ckpt = resolve_checkpoint(path)
+    run_config = json.loads((ckpt / RUN_CONFIG).read_text())
+    model = VideoToAudioUNet(from_dict(ModelConfig, run_config["model"]), run_config["unet"])
+    state = load_file(str(ckpt / "model.safetensors"))
+    if use_ema:
+        if (ckpt / "ema.safetensors").is_file():
+            state.update(load_file(str(ckpt / "ema.safetensors")))
+        else:
+            log.warning("%s has no EMA weights; using the raw weights", ckpt)
+    model.load_state_dict(state)
+    return model.to(device).eval(), run_config, ckpt
+
+
+def noise_config_of(run_config: dict) -> NoiseConfig:
+    return from_dict(NoiseConfig, run_config["noise"])

@@ -1,0 +1,144 @@
+"""One frozen dataclass per training concern; ``python -m train`` builds its flags from these.
+
+``ModelConfig`` says what network is built, ``NoiseConfig`` the diffusion process it learns, and
+``TrainConfig`` how the optimisation runs. The sampler reads the first two back from a run's
+``model_config.json`` so that training and sampling can never disagree about them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+FULL_UNET_CONFIG = str(CONFIG_DIR / "vta_ldm_unet.json")
+TINY_UNET_CONFIG = str(CONFIG_DIR / "tiny_unet.json")
+
+Condition = Literal["video", "video+text", "video+pe", "video+text+pe"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The denoiser and its conditioning (DESIGN.md section 5)."""
+
+    unet_config: str = field(default=FULL_UNET_CONFIG, metadata={
+        "help": "diffusers UNet2DConditionModel config JSON (VTA-LDM's full config by default)"})
+    condition: Condition = field(default="video", metadata={
+        "help": "conditioning variant: CLIP frame tokens, plus the CLIP text token and/or a "
+                "sinusoidal positional embedding of the frame index"})
+    clip_dim: int = field(default=768, metadata={"help": "width of the CLIP image/text embeddings"})
+    max_frames: int = field(default=64, metadata={
+        "help": "longest CLIP token sequence (positional-embedding table size); longer ones are an error"})
+
+    @property
+    def use_text(self) -> bool:
+        return "text" in self.condition
+
+    @property
+    def use_pe(self) -> bool:
+        return "pe" in self.condition
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """The diffusion process: 1000-step scaled-linear betas, v-prediction, min-SNR weighting."""
+
+    num_train_timesteps: int = field(default=1000, metadata={"help": "diffusion steps"})
+    beta_start: float = field(default=0.00085, metadata={"help": "first beta"})
+    beta_end: float = field(default=0.012, metadata={"help": "last beta"})
+    beta_schedule: Literal["scaled_linear", "linear"] = field(default="scaled_linear", metadata={
+        "help": "beta schedule"})
+    prediction_type: Literal["v_prediction", "epsilon"] = field(default="v_prediction", metadata={
+        "help": "what the network predicts"})
+    snr_gamma: float = field(default=5.0, metadata={"help": "min-SNR weighting gamma (0 disables)"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one run optimises: data, steps, optimiser, checkpoints, logging."""
+
+    shards: str = field(default="", metadata={
+        "help": "shard folder (with index.json), URL of one, or brace/'::' list of shard URLs"})
+    out: str = field(default="", metadata={"help": "run folder: checkpoints, logs, TensorBoard"})
+    batch_size: int = field(default=8, metadata={"help": "samples per rank per micro-step"})
+    max_steps: int = field(default=10000, metadata={"help": "optimiser steps to train to"})
+    ckpt_every: int = field(default=1000, metadata={"help": "write a checkpoint every K steps"})
+    keep_ckpts: int = field(default=3, metadata={"help": "checkpoints kept (older ones deleted)"})
+    lr: float = field(default=6e-5, metadata={"help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    warmup_steps: int = field(default=300, metadata={"help": "linear learning-rate warm-up steps"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
+    cond_dropout: float = field(default=0.1, metadata={
+        "help": "share of samples trained with the null condition (classifier-free guidance)"})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (0 disables EMA)"})
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
+        "help": "auto: bf16 autocast on GPU, fp32 on CPU"})
+    val_every: int = field(default=500, metadata={"help": "validation loss every N steps (0: never)"})
+    val_batches: int = field(default=8, metadata={"help": "validation batches per rank"})
+    log_every: int = field(default=10, metadata={"help": "console/TensorBoard logging interval"})
+    seed: int = field(default=0, metadata={"help": "run seed (data order, noise, dropout, init)"})
+    workers: int = field(default=2, metadata={"help": "data-loader worker processes per rank"})
+    mix_shards: int = field(default=4, metadata={
+        "help": "shards each worker reads at once, samples interleaved between them"})
+    backend: Literal["auto", "nccl", "gloo"] = field(default="auto", metadata={
+        "help": "torch.distributed backend: auto is NCCL on GPU, gloo on CPU"})
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a config, ignoring keys a newer or older version wrote."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def load_unet_config(path: str | Path) -> dict:
+    with open(path) as f:
+        cfg = json.load(f)
+    if not isinstance(cfg, dict) or "block_out_channels" not in cfg:
+        raise ValueError(f"{path}: not a UNet2DConditionModel config (no block_out_channels)")
+    return cfg
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """One soundtrack from one video (``python -m train.sample``)."""
+
+    ckpt: str = field(default="", metadata={"help": "run folder (its latest checkpoint) or a checkpoint folder"})
+    video: str = field(default="", metadata={"help": "input video"})
+    out: str = field(default="", metadata={"help": "output wav (16 kHz, 10.24 s); a .json sidecar is written beside it"})
+    mux: str = field(default="", metadata={"help": "also write this mp4: the video with the generated sound"})
+    clip_model: str = field(default="", metadata={
+        "help": "CLIP id or folder (default: the one named in the run's dataset card)"})
+    vae: str = field(default="", metadata={"help": "AudioLDM VAE id or folder (default: the dataset card's)"})
+    vocoder: str = field(default="cvssp/audioldm-s-full-v2", metadata={
+        "help": "AudioLDM HiFi-GAN (SpeechT5HifiGan) id or folder; a pipeline uses its vocoder/ subfolder"})
+    steps: int = field(default=50, metadata={"help": "denoising steps"})
+    guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale (1: no guidance)"})
+    scheduler: Literal["ddim", "dpm"] = field(default="ddim", metadata={"help": "DDIM or DPM-Solver++"})
+    seed: int = field(default=0, metadata={"help": "initial-noise seed"})
+    start_s: float = field(default=0.0, metadata={"help": "where in the video the 10 s window starts"})
+    caption: str = field(default="", metadata={"help": "caption, for models trained with the text token"})
+    ema: bool = field(default=True, metadata={"help": "use the EMA weights"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, cuda:N"})
+    allow_random_weights: bool = field(default=False, metadata={
+        "help": "DEMO ONLY: when CLIP, VAE or vocoder weights cannot be loaded, build tiny random-weight models "
+                "(said loudly and recorded in the sidecar)"})
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Scores of generated soundtracks (``python -m train.evaluate``)."""
+
+    generated: str = field(default="", metadata={
+        "help": "folder of sampler outputs (NAME.wav + NAME.json, NAME.mp4 when muxed)"})
+    out: str = field(default="", metadata={"help": "report folder (default: GENERATED/eval)"})
+    av_align: bool = field(default=True, metadata={"help": "AV-Align, reference and fast modes"})

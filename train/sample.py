@@ -1,0 +1,286 @@
+"""``python -m train.sample --ckpt RUN --video IN.mp4 --out OUT.wav [--mux OUT.mp4]``: one soundtrack.
+
+The video goes through the encode stage's own code (``pipeline.decode`` at the run's CLIP frame
+rate, ``shards.encoders.ClipImageEncoder`` with the card's pixel normalisation), so the model sees
+features made exactly as in training. Denoising uses a diffusers DDIM or DPM-Solver++ scheduler
+over the training betas, with classifier-free guidance against the learned null condition the
+model was trained with (condition dropout); then AudioLDM's VAE decodes the latent to a log-mel
+and its HiFi-GAN vocoder makes 16 kHz audio, 10.24 s long. ``--mux`` writes the video with the new
+sound: the video stream is copied bit for bit when the clip is the window, and the AAC audio's
+encoder delay is recorded in the mp4 (edit list), so picture and sound stay in sync.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import soundfile as sf
+import torch
+
+from pipeline.cli_config import add_config_args, from_args
+from pipeline.decode import DecodeError, DecodeRequest, decode, probe
+from shards.encoders import ClipImageEncoder, ClipTextEncoder, AudioVAE, ModelLoadError, pick_device, resolve_pretrained
+from shards.random_models import build_random_clip, build_random_vae, is_random
+from train.checkpoint import load_for_inference, noise_config_of
+from train.config import SampleConfig
+from train.model import VideoToAudioUNet, sampling_scheduler
+from train.vocoder import build_random_vocoder, load_vocoder, vocode
+
+log = logging.getLogger("train.sample")
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_VAE = "cvssp/audioldm-s-full-v2"
+
+
+class SampleError(RuntimeError):
+    """The sampler cannot run as asked (bad input video, missing caption, unusable weights)."""
+
+
+def _card_model(card: dict, key: str, default: str, flag: str) -> str:
+    if card.get("random_weights"):
+        raise SampleError(f"the run's shards were encoded with random weights; pass {flag} explicitly")
+    return card.get(key) or default
+
+
+def _check_same_weights(card: dict, key: str, resolved, what: str) -> None:
+    """Warn when the sampler's encoder is not the one that made the training features."""
+    expected = card.get(key)
+    if expected and expected != resolved.weight_hashes():
+        log.warning("%s weights differ from those that encoded the training shards (%s): the model will see "
+                    "features it was not trained on", what, key)
+
+
+def clip_tokens(video: str, start_s: float, card: dict, clip_dir: Path, device) -> np.ndarray:
+    """CLIP image embeddings [T, D] of the window, exactly as the encode stage makes them."""
+    window = float(card.get("window_s", 10.0))
+    fps = float(card.get("clip_fps", 2.0))
+    try:
+        clip = decode(video, DecodeRequest(start_s=start_s, duration_s=window, rgb_fps=fps, need_audio=False))
+    except DecodeError as e:
+        raise SampleError(f"{video}: {e.ledger_reason}") from e
+    if clip.rgb is None or len(clip.rgb) == 0:
+        raise SampleError(f"{video}: no frames in [{start_s}, {start_s + window}) s")
+    encoder = ClipImageEncoder.load(str(clip_dir), device, normalize=bool(card.get("clip_normalize", True)),
+                                    dtype=torch.float32)
+    return encoder.encode_frames(clip.rgb)
+
+
+@torch.inference_mode()
+def denoise(model: VideoToAudioUNet, clip: torch.Tensor, text: torch.Tensor | None, run_config: dict,
+            steps: int, guidance: float, scheduler_kind: str, seed: int) -> torch.Tensor:
+    """Latents [1, C, H, W] (diffusion scale) for one condition, guided against the null condition."""
+    device = next(model.parameters()).device
+    scheduler = sampling_scheduler(noise_config_of(run_config), scheduler_kind)
+    scheduler.set_timesteps(steps, device=device)
+    shape = (1, *run_config["data"]["latent_shape"][1:])
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    latents = (torch.randn(shape, generator=gen) * scheduler.init_noise_sigma).to(device)
+    clip = clip[None].to(device)
+    mask = torch.ones(clip.shape[:2], dtype=torch.bool, device=device)
+    text = text[None].to(device) if text is not None else None
+    guided = guidance != 1.0
+    if guided:  # one batch: row 0 the null condition, row 1 the video
+        clip, mask = clip.repeat(2, 1, 1), mask.repeat(2, 1)
+        text = text.repeat(2, 1) if text is not None else None
+        drop = torch.tensor([True, False], device=device)
+    else:
+        drop = None
+    for t in scheduler.timesteps:
+        x = torch.cat([latents, latents]) if guided else latents
+        x = scheduler.scale_model_input(x, t)
+        pred = model(x, t.expand(x.shape[0]).to(device), clip, mask, text, drop)
+        if guided:
+            uncond, cond = pred.chunk(2)
+            pred = uncond + guidance * (cond - uncond)
+        latents = scheduler.step(pred, t, latents).prev_sample
+    return latents
+
+
+def fit_length(wave: np.ndarray, n: int) -> np.ndarray:
+    """Cut to ``n`` samples (HiFi-GAN's transposed convolutions add a few, as AudioLDM also cuts)."""
+    if len(wave) < n or len(wave) > n * 1.01:
+        log.warning("vocoder gave %d samples, expected %d: %s", len(wave), n,
+                    "zero-padded" if len(wave) < n else "cut")
+    return np.pad(wave, (0, max(0, n - len(wave))))[:n]
+
+
+def write_wav(path: Path, audio: np.ndarray, sr: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    sf.write(str(tmp), np.clip(audio, -1.0, 1.0), sr, subtype="PCM_16", format="WAV")
+    os.replace(tmp, path)
+
+
+def _window_fits(video: str, start_s: float, seconds: float) -> bool:
+    info = probe(video)
+    return start_s == 0.0 and info.duration_s <= seconds + 0.5
+
+
+def mux(video: str, audio: np.ndarray, sr: int, out: str | Path, start_s: float = 0.0) -> Path:
+    """Write ``out`` (mp4): the video window with ``audio`` (AAC) as its only sound.
+
+    The video stream is copied (lossless) when the file is the window itself; otherwise the window
+    is re-encoded with x264. AAC's encoder delay goes into the mp4's edit list, so the first
+    sample of ``audio`` plays with the first frame.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.mp4")
+    seconds = len(audio) / sr
+    with av.open(str(tmp), "w", format="mp4") as dst:
+        if _window_fits(video, start_s, seconds):
+            with av.open(video) as src:
+                vin = src.streams.video[0]
+                vout = dst.add_stream_from_template(vin)
+                aout = dst.add_stream("aac", rate=sr, layout="mono")
+                for packet in src.demux(vin):
+                    if packet.dts is None:  # the demuxer's flush packet
+                        continue
+                    packet.stream = vout
+                    dst.mux(packet)
+        else:
+            aout = _encode_window(video, start_s, seconds, dst, sr)
+        chunk = 1024
+        for i in range(0, len(audio), chunk):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[None, i:i + chunk], np.float32),
+                                               format="fltp", layout="mono")
+            frame.sample_rate = sr
+            frame.pts = i
+            frame.time_base = Fraction(1, sr)
+            dst.mux(aout.encode(frame))
+        dst.mux(aout.encode(None))
+    os.replace(tmp, out)
+    return out
+
+
+def _encode_window(video: str, start_s: float, seconds: float, dst, sr: int):
+    """Re-encode the window's frames (x264); returns the (not yet used) audio stream."""
+    fps = probe(video).video_fps or 25.0
+    clip = decode(video, DecodeRequest(start_s=start_s, duration_s=seconds, rgb_fps=fps, need_audio=False))
+    rate = Fraction(fps).limit_denominator(1001)
+    vout = dst.add_stream("libx264", rate=rate)
+    aout = dst.add_stream("aac", rate=sr, layout="mono")
+    h, w = clip.rgb.shape[1:3]
+    vout.width, vout.height = w - w % 2, h - h % 2
+    vout.pix_fmt = "yuv420p"
+    vout.options = {"crf": "18"}
+    for i, rgb in enumerate(clip.rgb):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: vout.height, : vout.width]), format="rgb24")
+        frame.pts = i
+        frame.time_base = 1 / rate
+        dst.mux(vout.encode(frame))
+    dst.mux(vout.encode(None))
+    return aout
+
+
+def _resolve(cfg: SampleConfig, spec, subfolder: str | None, random_folder: Path, build):
+    """The model folder for a spec; with ``--allow-random-weights`` a tiny random one when it cannot load."""
+    try:
+        return resolve_pretrained(spec(), pipeline_subfolder=subfolder)
+    except (ModelLoadError, SampleError) as e:
+        if not cfg.allow_random_weights:
+            raise
+        log.warning("%s; --allow-random-weights: using tiny RANDOM weights instead", e)
+        if not is_random(random_folder):
+            build(random_folder)
+        return resolve_pretrained(str(random_folder))
+
+
+def random_banner(sources: list[str]) -> str:
+    bar = "!" * 96
+    return (f"{bar}\n!!! RANDOM WEIGHTS in {', '.join(sources)}: this soundtrack comes from models that were never\n"
+            f"!!! trained (or trained for a few demo steps). It shows the data flow and NOTHING about quality.\n{bar}")
+
+
+def generate(cfg: SampleConfig) -> dict:
+    """Write the wav (and the mp4 with ``cfg.mux``) and its JSON sidecar; return the sidecar."""
+    if not (cfg.ckpt and cfg.video and cfg.out):
+        raise SampleError("--ckpt, --video and --out are required")
+    device = pick_device(cfg.device)
+    model, run_config, ckpt_dir = load_for_inference(cfg.ckpt, use_ema=cfg.ema, device=device)
+    card = run_config["data"].get("card") or {}
+    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    random_dir = Path(cfg.out).parent / ".random-models"
+    clip_res = _resolve(cfg, lambda: cfg.clip_model or _card_model(card, "clip_model", DEFAULT_CLIP_MODEL,
+                                                                    "--clip-model"),
+                        None, random_dir / "clip", lambda f: build_random_clip(f, "tiny", model.cfg.clip_dim))
+    vae_res = _resolve(cfg, lambda: cfg.vae or _card_model(card, "vae_model", DEFAULT_VAE, "--vae"), "vae",
+                       random_dir / "vae", lambda f: build_random_vae(
+                           f, "tiny", model.latent_channels, scaling_factor=run_config["data"]["vae_scaling_factor"]))
+    vocoder_res = _resolve(cfg, lambda: cfg.vocoder, "vocoder", random_dir / "vocoder",
+                           lambda f: build_random_vocoder(f, "tiny"))
+    _check_same_weights(card, "clip_weights_sha256", clip_res, "CLIP")
+    _check_same_weights(card, "vae_weights_sha256", vae_res, "VAE")
+
+    tokens = torch.from_numpy(clip_tokens(cfg.video, cfg.start_s, card, clip_res.path, device))
+    text = None
+    if model.cfg.use_text:
+        if not cfg.caption:
+            raise SampleError(f"this model was trained with the CLIP text token ({model.cfg.condition}): pass --caption")
+        text = torch.from_numpy(ClipTextEncoder.load(str(clip_res.path), device, torch.float32).encode([cfg.caption])[0])
+    latents = denoise(model, tokens, text, run_config, cfg.steps, cfg.guidance, cfg.scheduler, cfg.seed)
+
+    scale = float(run_config["data"]["vae_scaling_factor"])
+    vae = AudioVAE.load(str(vae_res.path), device)
+    if abs(vae.scaling_factor - scale) > 1e-6:
+        log.warning("VAE config scaling_factor %.6g differs from the one the latents were trained with (%.6g); "
+                    "using the training value", vae.scaling_factor, scale)
+    log_mel = vae.decode(latents.float() / scale)
+    vocoder, vocoder_dir = load_vocoder(str(vocoder_res.path), device)
+    sr = int(card.get("sample_rate", 16000))
+    if int(vocoder.config.sampling_rate) != sr:
+        raise SampleError(f"vocoder makes {vocoder.config.sampling_rate} Hz audio, the run was trained on {sr} Hz")
+    n = int(round(sr * float(card.get("audio_seconds", 10.24))))
+    wave = fit_length(vocode(vocoder, log_mel)[0].numpy(), n)
+
+    out = Path(cfg.out)
+    write_wav(out, wave, sr)
+    if cfg.mux:  # the mp4 carries exactly the wav's (16-bit) samples
+        mux(cfg.video, sf.read(str(out), dtype="float32")[0], sr, cfg.mux, cfg.start_s)
+    random_sources = [name for name, path in (("CLIP", clip_res.path), ("VAE", vae_res.path),
+                                              ("vocoder", vocoder_dir)) if is_random(path)]
+    if card.get("random_weights"):
+        random_sources.append("the training shards' encoders")
+    sidecar = {"wav": str(out), "mux": cfg.mux or None, "video": str(cfg.video), "start_s": cfg.start_s,
+               "caption": cfg.caption or None, "sample_rate": sr, "samples": int(len(wave)),
+               "clip_frames": int(tokens.shape[0]), "checkpoint": str(ckpt_dir), "trained_steps": int(state["step"]),
+               "condition": model.cfg.condition, "random_weights": random_sources,
+               "models": {"clip": str(clip_res.spec), "vae": str(vae_res.spec), "vocoder": str(vocoder_res.spec)},
+               "settings": {k: v for k, v in asdict(cfg).items() if k in ("steps", "guidance", "scheduler", "seed",
+                                                                          "ema")}}
+    out.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
+    if random_sources:
+        print(random_banner(random_sources), file=sys.stderr)
+    return sidecar
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, SampleConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    cfg = from_args(SampleConfig, parser.parse_args(argv))
+    try:
+        sidecar = generate(cfg)
+    except (SampleError, ModelLoadError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: sidecar[k] for k in ("wav", "mux", "samples", "sample_rate", "trained_steps")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
