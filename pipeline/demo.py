@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (args.data / "sample_manifest.json").exists():
         _run([py, "-m", "pipeline.sample", "--out", str(args.data)])
+    clap_model = _clap_model()
     _run([py, "-m", "pipeline.clean", "--dataset", "sample", "--root", str(args.data), "--out", str(clean_out),
-          "--runner", args.runner, "--workers", "2", "--clap-model", _clap_model()])
+          "--runner", args.runner, "--workers", "2", "--clap-model", clap_model])
 
     plan = clean_out / "plan.parquet"
     _run([py, "-m", "pipeline.augment", "plan", "--ledger", str(clean_out / "ledger.parquet"), "--out", str(plan)])
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
           "--shards", str(shards), "--out", str(run_dir), "--unet-config", str(Path(__file__).parents[1] / "train" / "configs" / "tiny_unet.json"),
           "--batch-size", "2", "--max-steps", str(args.train_steps), "--ckpt-every", str(args.train_steps),
-          "--warmup-steps", "2", "--val-every", str(args.train_steps), "--log-every", "1", "--lr", "1e-3"])
+          "--warmup-steps", "2", "--val-every", str(args.train_steps), "--val-batches", "2", "--workers", "0",
+          "--log-every", "1", "--lr", "1e-3"])
 
     ledger = pd.read_parquet(clean_out / "ledger.parquet")
     video = ledger.loc[ledger["status"] == "ok", "video_path"].iloc[0]
@@ -85,10 +87,8 @@ def main(argv: list[str] | None = None) -> int:
           if card.get("random_weights") else "SAMPLE: a few training steps only: expect noise, not sound")
     sample_cmd = [py, "-m", "train.sample", "--ckpt", str(run_dir), "--video", str(video), "--out", str(wav),
                   "--mux", str(muxed), "--steps", "10"]
-    vocoder = Path(card.get("random_models_dir", "")) / "vocoder" if card.get("random_weights") else None
-    if vocoder is not None and vocoder.exists():
-        sample_cmd += ["--vocoder", str(vocoder)]
-    _run(sample_cmd)
+    _run(sample_cmd + (["--allow-random-weights"] if card.get("random_weights") else []))
+    _run([py, "-m", "train.evaluate", "--generated", str(wav.parent), "--clap-model", clap_model])
 
     print("\n== demo outputs")
     for name, path in [("ledger", clean_out / "ledger.parquet"), ("report", clean_out / "report.html"),

@@ -116,7 +116,7 @@ def pick_device(preference: str | torch.device | None = "auto") -> torch.device:
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers prints a load report listing the unused tower of a full CLIP checkpoint."""
     from transformers.utils import logging as hf_logging
 
@@ -128,7 +128,7 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def _require_complete(name: str, info: dict) -> None:
+def require_complete(name: str, info: dict) -> None:
     missing = list(info.get("missing_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])
     if missing or mismatched:
@@ -180,9 +180,9 @@ class ClipImageEncoder:
         resolved = resolve_pretrained(id_or_path)
         dev = pick_device(device)
         dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = CLIPVisionModelWithProjection.from_pretrained(resolved.path, output_loading_info=True)
-        _require_complete(f"CLIP vision tower of {id_or_path}", info)
+        require_complete(f"CLIP vision tower of {id_or_path}", info)
         model = model.to(dev, dtype).eval()
         mean, std = _image_stats(resolved.path)
         return cls(model, model.config.image_size, mean, std, normalize, dev, dtype, batch_frames)
@@ -255,10 +255,10 @@ class ClipTextEncoder:
         resolved = resolve_pretrained(id_or_path)
         dev = pick_device(device)
         dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = CLIPTextModelWithProjection.from_pretrained(resolved.path, output_loading_info=True)
             tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-        _require_complete(f"CLIP text tower of {id_or_path}", info)
+        require_complete(f"CLIP text tower of {id_or_path}", info)
         return cls(model.to(dev, dtype).eval(), tokenizer, dev, dtype)
 
     @property
@@ -295,7 +295,7 @@ class AudioVAE:
         dev = pick_device(device)
         logging.getLogger("diffusers").setLevel(logging.ERROR)
         model, info = AutoencoderKL.from_pretrained(resolved.path, output_loading_info=True)
-        _require_complete(f"VAE {id_or_path}", info)
+        require_complete(f"VAE {id_or_path}", info)
         if model.config.in_channels != 1:
             raise ModelLoadError(f"VAE {id_or_path} takes {model.config.in_channels} input channels; "
                                  f"AudioLDM's takes a 1-channel mel")

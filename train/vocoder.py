@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from shards.encoders import ModelLoadError, _quiet_transformers, _require_complete, pick_device, resolve_pretrained
+from shards.encoders import ModelLoadError, quiet_transformers, require_complete, pick_device, resolve_pretrained
 from shards.random_models import RANDOM_MARKER
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,9 @@ def load_vocoder(id_or_path: str, device: str | torch.device | None = "auto"):
     from transformers import SpeechT5HifiGan
 
     resolved = resolve_pretrained(id_or_path, pipeline_subfolder="vocoder")
-    with _quiet_transformers():
+    with quiet_transformers():
         model, info = SpeechT5HifiGan.from_pretrained(resolved.path, output_loading_info=True)
-    _require_complete(f"vocoder {id_or_path}", info)
+    require_complete(f"vocoder {id_or_path}", info)
     return model.to(pick_device(device)).eval(), resolved.path
 
 
