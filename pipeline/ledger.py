@@ -58,7 +58,7 @@ def to_table(rows: Iterable[Row]) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=SCHEMA)
 
 
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
+def atomic_write_table(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -101,14 +101,14 @@ class Ledger:
         if not rows:
             return
         name = f"part-{pd.Timestamp.now('UTC').strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.parquet"
-        _atomic_write_table(to_table(rows), self.parts_dir / name)
+        atomic_write_table(to_table(rows), self.parts_dir / name)
 
     def write_final(self, df: pd.DataFrame, meta: dict) -> Path:
         """Write ``ledger.parquet`` (sorted by key) with the run metadata, plus ``run.json``."""
         df = df.sort_values("key", kind="stable").reset_index(drop=True)
         table = pa.Table.from_pandas(df[COLUMNS], schema=SCHEMA, preserve_index=False)
         table = table.replace_schema_metadata({b"v2a_run": json.dumps(meta, sort_keys=True).encode()})
-        _atomic_write_table(table, self.path)
+        atomic_write_table(table, self.path)
         atomic_write_text(self.out_dir / "run.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return self.path
 
