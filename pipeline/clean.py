@@ -38,17 +38,16 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.clean", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pipeline.clean", description=__doc__)
     p.add_argument("--dataset", choices=DATASETS, required=True)
     p.add_argument("--root", type=Path, help="dataset folder (default: data/<dataset>)")
     p.add_argument("--out", type=Path, help="output folder (default: out/<dataset>)")
     p.add_argument("--csv", type=Path, help="VGGSound CSV (default: ROOT/vggsound.csv)")
     p.add_argument("--video-dir", type=Path, help="VGGSound clips folder (default: ROOT/video)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N manifest items (0: all)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N manifest items (default: 0, all)")
     p.add_argument("--exclude-ids", type=Path,
                    help="YouTube ids to drop as test_leak: a VGGSound CSV (its test split) or one id per line")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per batch handed to a worker")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per batch handed to a worker (default: 8)")
     add_config_args(p.add_argument_group("engine"), RunnerOptions)
     add_config_args(p.add_argument_group("thresholds"), FilterConfig)
     add_config_args(p.add_argument_group("AV-Align"), AVAlignConfig, prefix="av_align_")

@@ -32,6 +32,7 @@ class Stage(ABC):
 
     name: str = "stage"
     resources: Resources = Resources()
+    uses_model: bool = False  # True: setup() loads a model, so engines keep long-lived workers (actors)
 
     def setup(self) -> None:
         """Load models or other per-worker state. Called once per worker, never per batch."""

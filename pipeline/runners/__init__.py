@@ -10,12 +10,14 @@ logic; stages import no engine.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pipeline.stage import Row, Stage
+from pipeline.stage import Row, Stage, mark_failed
 
 RUNNERS = ("local", "ray", "beam")
+_log = logging.getLogger(__name__)
 
 StageBuilder = Callable[[object], list[Stage]]
 Sink = Callable[[list[Row]], None]
@@ -39,10 +41,41 @@ def strip_private(row: Row) -> Row:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
+def stage_error_reason(stage: Stage, error: Exception) -> str:
+    """Ledger reason for an exception a stage did not turn into a failed row itself."""
+    detail = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"stage_error: {stage.name}: {type(error).__name__}" + (f": {detail}" if detail else "")
+
+
+def run_stage(stage: Stage, rows: list[Row]) -> list[Row]:
+    """One set-up stage over one batch; a row whose processing raises fails alone.
+
+    Stages record expected per-row failures themselves; this is the backstop for the unexpected
+    (a library error on one odd file). The batch is retried row by row from copies taken before
+    the call, so only the rows that raise become ``failed`` rows and their neighbours are kept,
+    identically under every runner (engine-level error handling would drop or fail whole batches).
+    """
+    before = [dict(r) for r in rows]
+    try:
+        return stage.process_batch(rows)
+    except Exception as batch_error:  # isolation boundary: one bad row must not lose its batch
+        if len(before) == 1:
+            _log.warning("stage %s failed on %s", stage.name, before[0].get("key"), exc_info=True)
+            return [mark_failed(before[0], stage_error_reason(stage, batch_error))]
+    out: list[Row] = []
+    for row in before:
+        try:
+            out.extend(stage.process_batch([dict(row)]))
+        except Exception as e:  # same boundary, now for exactly one row
+            _log.warning("stage %s failed on %s", stage.name, row.get("key"), exc_info=True)
+            out.append(mark_failed(row, stage_error_reason(stage, e)))
+    return out
+
+
 def run_chain(stages: list[Stage], rows: list[Row]) -> list[Row]:
     """Push one batch through a set-up stage chain."""
     for stage in stages:
-        rows = stage.process_batch(rows)
+        rows = run_stage(stage, rows)
     return [strip_private(r) for r in rows]
 
 

@@ -1,0 +1,188 @@
+"""Apache Beam runner: the same stages as ``local``, on Beam's portable runners.
+
+Locally the pipeline runs on the in-process FnApiRunner with ``--workers`` SDK worker processes
+(never Beam's default runner, which downloads the Prism binary). ``--beam-runner`` (FlinkRunner,
+SparkRunner, DataflowRunner, ...) and ``--beam-option key=value`` pass through to Beam unchanged.
+
+Each stage is one ``ParDo`` whose ``DoFn.setup`` builds and sets up the stage once per DoFn
+instance (Beam reuses instances across bundles), so models load once per worker. Per-row
+failures become rows inside the DoFn (``run_stage``): an element here is a whole batch, so
+Beam's own error outputs would fail every row of it. Finished batches go to ``sink`` on the
+workers (the ledger journal is picklable and writes atomic parts on a shared filesystem).
+
+With ``--beam-option temp_location=DIR`` (a shared path: local, ``gs://``, ``hdfs://``) the rows
+are staged there as JSON lines and read by the workers instead of being embedded in the job
+graph, which is what remote runners need for large manifests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_stage, strip_private
+from pipeline.runners.local import batches
+from pipeline.stage import Row
+
+METRICS_NAMESPACE = "v2a"
+
+
+def beam_flags(options: RunnerOptions) -> list[str]:
+    """``--beam-option`` items as Beam command-line flags; local defaults for the FnApiRunner."""
+    flags: list[str] = []
+    given: set[str] = set()
+    for item in options.beam_option:
+        key, sep, value = item.strip().lstrip("-").partition("=")
+        if not key:
+            raise ValueError(f"--beam-option {item!r}: expected key=value")
+        given.add(key)
+        flags.append(f"--{key}={value}" if sep else f"--{key}")
+    if not options.beam_runner:  # the in-process FnApiRunner: real parallel workers, no services
+        if "direct_num_workers" not in given:
+            flags.append(f"--direct_num_workers={options.workers or os.cpu_count() or 1}")
+        if "direct_running_mode" not in given:
+            flags.append("--direct_running_mode=multi_processing")
+    return flags
+
+
+def _stage_dofn(build: StageBuilder, config: object, index: int, last: bool):
+    import apache_beam as beam
+
+    class StageFn(beam.DoFn):
+        def __init__(self):
+            super().__init__()
+            self.build, self.config, self.index, self.last = build, config, index, last
+            self.stage = None
+
+        def setup(self):
+            self.stage = self.build(self.config)[self.index]
+            self.stage.setup()
+
+        def process(self, batch: list[Row]):
+            rows = run_stage(self.stage, list(batch))
+            yield [strip_private(r) for r in rows] if self.last else rows
+
+        def teardown(self):
+            if self.stage is not None:
+                self.stage.teardown()
+
+    return StageFn()
+
+
+def _sink_dofn(sink: Sink, progress_dir: str):
+    import apache_beam as beam
+    from apache_beam.metrics import Metrics
+
+    class SinkFn(beam.DoFn):
+        """Journal a finished batch on the worker; count it; tell a driver on this machine."""
+
+        def __init__(self):
+            super().__init__()
+            self.sink, self.progress_dir = sink, progress_dir
+
+        def process(self, rows: list[Row]):
+            self.sink(rows)
+            for row in rows:
+                Metrics.counter(METRICS_NAMESPACE, f"rows_{row.get('status') or 'pending'}").inc()
+            if self.progress_dir and os.path.isdir(self.progress_dir):
+                _write_progress(Path(self.progress_dir), rows)
+
+    return SinkFn()
+
+
+def _write_progress(folder: Path, rows: list[Row]) -> None:
+    name = uuid.uuid4().hex
+    tmp = folder / f".{name}.tmp"
+    tmp.write_bytes(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
+    os.replace(tmp, folder / f"{name}.done")
+
+
+def _drain_progress(folder: Path, on_batch: Callable[[list[Row]], None]) -> None:
+    for path in sorted(folder.glob("*.done")):
+        rows = pickle.loads(path.read_bytes())  # written by this run's own workers just now
+        path.unlink()
+        on_batch(rows)
+
+
+def _json_scalar(value):
+    """NumPy scalars (rows built from pandas) as plain Python numbers; anything else is an error."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    raise TypeError(f"row value of type {type(value).__name__} cannot be staged as JSON")
+
+
+def _stage_input(rows: list[Row], batch_size: int, temp_location: str) -> str:
+    """Write the batches as JSON lines under ``temp_location`` so workers read them there."""
+    from apache_beam.io.filesystems import FileSystems
+
+    path = FileSystems.join(temp_location, f"v2a-input-{uuid.uuid4().hex}.jsonl")
+    with FileSystems.create(path) as f:
+        for batch in batches(rows, batch_size):
+            f.write(json.dumps(batch, default=_json_scalar).encode() + b"\n")
+    return path
+
+
+def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, batch_size: int,
+        options: RunnerOptions = RunnerOptions(), on_batch: Callable[[list[Row]], None] | None = None) -> None:
+    """Run the stage chain over ``rows`` as a Beam pipeline; ``sink`` runs on the workers.
+
+    ``on_batch`` is called on the driver, in this thread, for batches finished by workers on this
+    machine (the local FnApiRunner); on a remote runner progress shows in that runner's UI.
+    """
+    if not rows:
+        return
+    import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    stages = build(config)  # on the driver only to name the steps; set up in DoFn.setup
+    pipeline_options = PipelineOptions(beam_flags(options))
+    temp_location = pipeline_options.get_all_options().get("temp_location") or ""
+    progress_dir = tempfile.mkdtemp(prefix="v2a-beam-progress-") if on_batch else ""
+    staged = _stage_input(rows, batch_size, temp_location) if temp_location else ""
+    try:
+        pipeline = beam.Pipeline(runner=options.beam_runner or FnApiRunner(), options=pipeline_options)
+        if staged:
+            pcoll = (pipeline | "read rows" >> beam.io.ReadFromText(staged) | "parse" >> beam.Map(json.loads)
+                     | "spread" >> beam.Reshuffle())
+        else:
+            pcoll = pipeline | "rows" >> beam.Create(batches(rows, batch_size))  # Create reshuffles itself
+        for index, stage in enumerate(stages):
+            pcoll = pcoll | f"{index}:{stage.name}" >> beam.ParDo(
+                _stage_dofn(build, config, index, index == len(stages) - 1))
+        pcoll | "sink" >> beam.ParDo(_sink_dofn(sink, progress_dir))
+        _run_with_progress(pipeline, Path(progress_dir) if progress_dir else None, on_batch)
+    finally:
+        if progress_dir:
+            shutil.rmtree(progress_dir, ignore_errors=True)
+        if staged:
+            FileSystems.delete([staged])
+
+
+def _run_with_progress(pipeline, progress_dir: Path | None, on_batch) -> None:
+    """Run the pipeline in a thread while this thread hands finished batches to ``on_batch``."""
+    outcome: dict[str, BaseException] = {}
+
+    def execute() -> None:
+        try:
+            pipeline.run().wait_until_finish()
+        except BaseException as e:  # re-raised in the calling thread below
+            outcome["error"] = e
+
+    worker = threading.Thread(target=execute, name="beam-pipeline", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=0.5)
+        if progress_dir is not None:
+            _drain_progress(progress_dir, on_batch)
+    if progress_dir is not None:
+        _drain_progress(progress_dir, on_batch)
+    if "error" in outcome:
+        raise outcome["error"]
