@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,11 +26,8 @@ from pipeline.cli_config import add_config_args, from_args
 from pipeline.config import DecodeLimits
 from pipeline.decode import DecodeError
 from pipeline.ledger import read_ledger
+from pipeline.version import code_version
 
-try:
-    CODE_VERSION = version("v2a-datapipe")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    CODE_VERSION = "unknown"
 _FIELDS = {f.name: f for f in AugmentConfig.__dataclass_fields__.values()}
 
 
@@ -98,7 +94,7 @@ def plan_command(args: argparse.Namespace) -> int:
         raise LedgerError(f"{args.ledger} is not a readable ledger: {e}") from e
     out = args.out or args.ledger.with_name("plan.parquet")
     recipes, summary = build_plan(ledger, cfg, progress=True)
-    write_plan(out, recipes, plan_meta(cfg, str(args.ledger), summary, CODE_VERSION))
+    write_plan(out, recipes, plan_meta(cfg, str(args.ledger), summary, code_version()))
     print("== augment plan: " + "\n".join(summary.lines()))
     print(f"wrote {out}")
     return 0
@@ -133,7 +129,7 @@ def demo(ledger: Path, out_dir: Path, cfg: AugmentConfig = AugmentConfig()) -> d
     """
     ledger_df, _ = read_ledger(ledger)
     recipes, summary = build_plan(ledger_df, cfg)
-    plan_path = write_plan(out_dir / "plan.parquet", recipes, plan_meta(cfg, str(ledger), summary, CODE_VERSION))
+    plan_path = write_plan(out_dir / "plan.parquet", recipes, plan_meta(cfg, str(ledger), summary, code_version()))
     print("== augment plan: " + "\n".join(summary.lines()))
     print(f"wrote {plan_path}")
     written = {"plan": plan_path}

@@ -27,10 +27,10 @@ from pipeline.ledger import Ledger
 from pipeline.report import write_report
 from pipeline.manifest import WindowConfig, load_excluded_ids, vggsound_rows, youtube_rows
 from pipeline.runners import RunnerOptions, get_runner
+from pipeline.version import code_version
 from pipeline.stage import FAILED, FILTERED, OK, Row, is_pending
 
 DATASETS = ("vggsound", "youtube", "sample")
-CODE_VERSION = "0.1.0"
 
 
 class UsageError(Exception):
@@ -171,7 +171,7 @@ def clean(args: argparse.Namespace) -> int:
         "filters": asdict(filters), "av_align": asdict(stage_config.av_align),
         "signal": asdict(signal), "clap": run_metadata(clap), "clap_skipped": not clap.enabled,
         "speech_music": {**asdict(speech_music), "enabled": rule is not None},
-        "code_version": CODE_VERSION, "counts": {k: summary[k] for k in ("total", "ok", "filtered", "failed")},
+        "code_version": code_version(), "counts": {k: summary[k] for k in ("total", "ok", "filtered", "failed")},
         "reasons": summary["reasons"],
     }
     ledger.write_final(final, meta)

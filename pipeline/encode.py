@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline.version import code_version
 from pipeline.cli_config import add_config_args, from_args
 from pipeline.config import DEFAULT_SIGNAL, DecodeLimits
 from pipeline.keys import is_safe, sanitize
@@ -152,24 +152,6 @@ def random_weights_banner(reason: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # dataset card
-
-def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("v2a-datapipe")
-    except PackageNotFoundError:
-        v = "unknown"
-    root = Path(__file__).resolve().parents[1]
-    if (root / ".git").exists():
-        try:
-            sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                 text=True, timeout=10, check=True).stdout.strip()
-            v = f"{v}+git.{sha}"
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return v
-
 
 def build_card(enc: EncoderConfig, clip: ResolvedModel, vae: ResolvedModel, hashes: dict, mel: MelConfig,
                shards, counts: dict, run_meta: dict, plan_meta: dict | None, random_reason: str,
