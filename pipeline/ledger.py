@@ -43,6 +43,8 @@ SCHEMA = pa.schema([
     ("line", pa.int64()),
 ])
 COLUMNS = SCHEMA.names
+# failures worth retrying on resume: a hung decode or an unexpected error may not repeat
+RETRYABLE = ("decode_timeout", "stage_error")
 _STRING_COLUMNS = {f.name for f in SCHEMA if pa.types.is_string(f.type)}
 
 
@@ -91,11 +93,17 @@ class Ledger:
         # a key journaled twice (two runs racing, or a resumed batch) keeps its last record
         return df.drop_duplicates("key", keep="last").reset_index(drop=True)
 
-    def done_keys(self) -> set[str]:
-        keys: set[str] = set()
+    def done_keys(self, retry_reasons: tuple[str, ...] = RETRYABLE) -> set[str]:
+        """Keys a rerun skips: every journaled key except failures that may pass on a retry."""
+        done: set[str] = set()
         for p in self._parts():
-            keys.update(pq.read_table(p, columns=["key"]).column("key").to_pylist())
-        return keys
+            table = pq.read_table(p, columns=["key", "status", "reason"]).to_pydict()
+            for key, status, reason in zip(table["key"], table["status"], table["reason"]):
+                if status == "failed" and reason.startswith(retry_reasons):
+                    done.discard(key)
+                else:
+                    done.add(key)
+        return done
 
     def append(self, rows: list[Row]) -> None:
         if not rows:

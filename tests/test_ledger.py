@@ -24,6 +24,11 @@ def test_journal_appends_resume_and_dedupes(tmp_path):
     assert not list(tmp_path.glob("ledger.parts/.*tmp"))  # no temporary files left behind
     again = Ledger(tmp_path)  # a new process sees the same journal
     assert again.done_keys() == {"a", "b"}
+    again.append([_row("c", status="failed", reason="decode_timeout: exceeded 120s"),
+                  _row("d", status="failed", reason="stage_error: clap: RuntimeError: CUDA out of memory")])
+    assert again.done_keys() == {"a", "b"}  # transient failures are retried on resume
+    again.append([_row("c", av=0.4)])
+    assert again.done_keys() == {"a", "b", "c"}
 
 
 def test_thresholds_reapplied_from_stored_scores(tmp_path):
