@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.clean_stages import CleanStageConfig, build_clean_stages  # noqa: E402
+from pipeline.config import DecodeLimits  # noqa: E402
 from pipeline.ledger import Ledger  # noqa: E402
 from pipeline.manifest import vggsound_rows  # noqa: E402
 from pipeline.runners import RunnerOptions, get_runner, run_chain  # noqa: E402
@@ -102,9 +103,10 @@ class Timing:
     own_cores: float  # CPU seconds of this process tree per wall second
 
 
-def timed_run(rows: list[dict], options: RunnerOptions, out: Path, batch_size: int) -> Timing:
+def timed_run(rows: list[dict], options: RunnerOptions, out: Path, batch_size: int,
+              limits: DecodeLimits = DecodeLimits()) -> Timing:
     ledger = Ledger(out)
-    config = CleanStageConfig(batch_size=batch_size)
+    config = CleanStageConfig(batch_size=batch_size, limits=limits)
     busy0, total0 = cpu_ticks()
     cpu0 = own_cpu_seconds()
     t0 = time.perf_counter()
@@ -119,8 +121,8 @@ def timed_run(rows: list[dict], options: RunnerOptions, out: Path, batch_size: i
     return Timing(seconds, journal, (busy1 - busy0) / max(1, total1 - total0), cores)
 
 
-def _bare_worker(rows: list[dict], batch_size: int, barrier, results) -> None:
-    stages = build_clean_stages(CleanStageConfig(batch_size=batch_size))
+def _bare_worker(rows: list[dict], batch_size: int, limits: DecodeLimits, barrier, results) -> None:
+    stages = build_clean_stages(CleanStageConfig(batch_size=batch_size, limits=limits))
     for stage in stages:
         stage.setup()
     run_chain(stages, [dict(rows[0])])  # imports and JIT warm-up, not timed
@@ -131,11 +133,11 @@ def _bare_worker(rows: list[dict], batch_size: int, barrier, results) -> None:
     results.put(time.perf_counter() - t0)
 
 
-def bare_seconds(rows: list[dict], workers: int, batch_size: int) -> float:
+def bare_seconds(rows: list[dict], workers: int, batch_size: int, limits: DecodeLimits) -> float:
     """The stages alone in ``workers`` plain processes started together: what the machine allows now."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(workers), ctx.Queue()
-    procs = [ctx.Process(target=_bare_worker, args=(rows[i::workers], batch_size, barrier, results))
+    procs = [ctx.Process(target=_bare_worker, args=(rows[i::workers], batch_size, limits, barrier, results))
              for i in range(workers)]
     for proc in procs:
         proc.start()
@@ -150,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=int, default=32, help="extra decodable clips on top of the sample")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeat", type=int, default=2, help="scaling runs per worker count (best is kept)")
+    p.add_argument("--decode-threads", type=int, default=DecodeLimits().decode_threads,
+                   help="FFmpeg threads per decode (0: FFmpeg chooses; 1: one per worker)")
     args = p.parse_args(argv)
+    limits = DecodeLimits(decode_threads=args.decode_threads)
 
     import ray
 
@@ -159,13 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = build_input(tmp, args.clips)
         n = len(rows)
         print(f"input: {n} clips for the runners (sample incl. broken files + {args.clips} copies), "
-              f"batch {args.batch_size}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+              f"batch {args.batch_size}, decode threads {args.decode_threads or 'auto'}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
         journals: dict[str, pd.DataFrame] = {}
 
         def record(name: str, workers: int, options: RunnerOptions) -> float:
             # a Ray the runner starts is gone, workers and all, before their CPU time can be read
             counted = options.runner != "ray" or ray.is_initialized()
-            t = timed_run(rows, options, tmp / f"out-{len(journals)}", args.batch_size)
+            t = timed_run(rows, options, tmp / f"out-{len(journals)}", args.batch_size, limits)
             seconds, journals[name] = t.seconds, t.journal
             cores = f"{t.own_cores:4.2f}" if counted else " n/a"
             print(f"  {name:<30} workers {workers} {seconds:6.1f} s {n / seconds:6.2f} clips/s   used "
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
         try:
             timed_run(rows[: 2 * WORKERS * args.batch_size], RunnerOptions(runner="ray", workers=WORKERS),
-                      tmp / "warmup-ray", args.batch_size)
+                      tmp / "warmup-ray", args.batch_size, limits)
             times: dict[int, list[float]] = {1: [], WORKERS: []}
             for i in range(args.repeat):
                 for w in ((1, WORKERS) if i % 2 == 0 else (WORKERS, 1)):
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         bare: dict[int, list[float]] = {1: [], WORKERS: []}
         for i in range(args.repeat):
             for w in ((1, WORKERS) if i % 2 == 0 else (WORKERS, 1)):
-                bare[w].append(bare_seconds(rows, w, args.batch_size))
+                bare[w].append(bare_seconds(rows, w, args.batch_size, limits))
                 print(f"  {f'plain processes [{i}]':<30} workers {w} {bare[w][-1]:6.1f} s "
                       f"{n / bare[w][-1]:6.2f} clips/s", flush=True)
         bare_w = {w: min(t) for w, t in bare.items()}

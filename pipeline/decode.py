@@ -224,6 +224,8 @@ def _decode_open(container, path: str, req: DecodeRequest, limits: DecodeLimits,
     streams = []
     if want_video:
         vstream.thread_type = "AUTO"
+        if limits.decode_threads:
+            vstream.thread_count = limits.decode_threads
         streams.append(vstream)
     want_audio = req.need_audio and (bool(req.audio_rates) or req.audio_native)
     if want_audio:
