@@ -225,7 +225,17 @@ def _segment_of(played: list[_Played], t: np.ndarray) -> np.ndarray:
     return np.clip(np.searchsorted(starts, t + 1e-9, side="right") - 1, 0, len(played) - 1)
 
 
-def _rgb_frames(played: list[_Played], fps: float, duration: float) -> tuple[np.ndarray, np.ndarray]:
+def _source_indices(p: _Played, kind: str, times: np.ndarray, ks: np.ndarray, n: int) -> np.ndarray:
+    """Which decoded source frame each output grid point ``times[ks]`` of segment ``p`` shows."""
+    if kind == "rgb":  # decoded on the output grid already: consecutive frames from the segment's first
+        return np.minimum(p.rgb_first + (ks - ks[0]), n - 1)  # past the video's end: last frame held
+    src_times = p.dec_start + p.clip.gray_times
+    wanted = p.seg.to_source(times[ks])
+    return np.clip(np.searchsorted(src_times, wanted + _NUDGE_S, side="right") - 1, 0, n - 1)
+
+
+def _frames_on_grid(played: list[_Played], fps: float, duration: float, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Output frames (``kind``: ``rgb`` or ``gray``) at ``fps``, each chosen by its mapped source time."""
     times = _grid(fps, duration)
     which = _segment_of(played, times)
     frames = []
@@ -234,40 +244,14 @@ def _rgb_frames(played: list[_Played], fps: float, duration: float) -> tuple[np.
         ks = np.flatnonzero(which == j)
         if not len(ks):
             continue
-        rgb = p.clip.rgb
-        if rgb is None or len(rgb) == 0:
+        source = getattr(p.clip, kind)
+        if source is None or len(source) == 0:
             raise DecodeError("decode_error", f"segment {j} ({p.seg.source_key}): no frames decoded")
-        first_k = ks[0]
-        for k in ks:
-            idx = min(p.rgb_first + int(k - first_k), len(rgb) - 1)  # past the video's end: last frame held
-            frame = rgb[idx]
-            shape = shape or frame.shape
-            frames.append(_cover(frame, shape))
+        for i in _source_indices(p, kind, times, ks, len(source)):
+            shape = shape or source[i].shape
+            frames.append(_cover(source[i], shape))
     if not frames:
-        return np.zeros((0, 1, 1, 3), np.uint8), times
-    return np.stack(frames), times
-
-
-def _gray_frames(played: list[_Played], fps: float, duration: float) -> tuple[np.ndarray, np.ndarray]:
-    times = _grid(fps, duration)
-    which = _segment_of(played, times)
-    frames = []
-    shape = None
-    for j, p in enumerate(played):
-        ks = np.flatnonzero(which == j)
-        if not len(ks):
-            continue
-        gray, gtimes = p.clip.gray, p.clip.gray_times
-        if gray is None or len(gray) == 0:
-            raise DecodeError("decode_error", f"segment {j} ({p.seg.source_key}): no frames decoded")
-        src_times = p.dec_start + gtimes
-        wanted = p.seg.to_source(times[ks])
-        idx = np.clip(np.searchsorted(src_times, wanted + _NUDGE_S, side="right") - 1, 0, len(gray) - 1)
-        for i in idx:
-            shape = shape or gray[i].shape
-            frames.append(_cover(gray[i], shape))
-    if not frames:
-        return np.zeros((0, 1, 1), np.uint8), times
+        return np.zeros((0, 1, 1, 3) if kind == "rgb" else (0, 1, 1), np.uint8), times
     return np.stack(frames), times
 
 
@@ -296,9 +280,9 @@ def render(recipe: Recipe | Mapping[str, Any], req: RenderRequest, limits: Decod
         lead = max(0, int(round(first_sample * native_sr)))
         out.audio_native, out.audio_layout, out.audio_lead_s = native[:, lead:], layout, lead / native_sr
     if req.rgb_fps:
-        out.rgb, out.rgb_times = _rgb_frames(played, req.rgb_fps, recipe.duration_s)
+        out.rgb, out.rgb_times = _frames_on_grid(played, req.rgb_fps, recipe.duration_s, "rgb")
     if req.gray:
-        out.gray, out.gray_times = _gray_frames(played, out.video_fps, recipe.duration_s)
+        out.gray, out.gray_times = _frames_on_grid(played, out.video_fps, recipe.duration_s, "gray")
         out.gray_scale = first.clip.gray_scale
     return out
 
