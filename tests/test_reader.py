@@ -171,3 +171,24 @@ def test_ddp_ranks_run_equal_steps_with_uneven_shards(shards, tmp_path):
     assert not alive, "a rank hung"
     assert all(p.exitcode == 0 for p in ctx.processes)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["25 50", "25 50"]
+
+
+def test_npy_members_decode_like_numpy_and_refuse_pickles():
+    """The reader's zero-copy .npy parser agrees with np.load on dtypes, shapes and orders."""
+    from shards.reader import SampleError, _all_finite, load_npy
+
+    for array in (np.arange(24, dtype=np.float16).reshape(2, 3, 4), np.asfortranarray(np.ones((3, 5), np.float32)),
+                  np.zeros((0, 768), np.float16), np.array(7, np.int64)):
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        out = load_npy(buf.getvalue(), "x.npy")
+        assert out.dtype == array.dtype and out.shape == array.shape and np.array_equal(out, array)
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(SampleError, match="Object arrays"):
+        load_npy(pickled.getvalue(), "evil.npy")
+    with pytest.raises(SampleError):
+        load_npy(b"\x93NUMPY", "short.npy")
+    assert _all_finite(np.ones(10, np.float16))
+    assert not _all_finite(np.array([1, np.nan], np.float16))
+    assert not _all_finite(np.array([np.inf, -np.inf], np.float16))
