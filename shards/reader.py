@@ -212,7 +212,8 @@ def load_npy(data: bytes, name: str) -> np.ndarray:
 def _all_finite(array: np.ndarray) -> bool:
     """One reduction instead of a boolean array: a NaN or inf anywhere makes the sum non-finite,
     and float16/float32 values cannot overflow a float64 sum."""
-    return bool(np.isfinite(array.sum(dtype=np.float64)))
+    with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf is the NaN this looks for
+        return bool(np.isfinite(array.sum(dtype=np.float64)))
 
 
 def decode_sample(sample: dict, need_text: bool = False, latent_shape: tuple[int, ...] | None = None) -> dict:
