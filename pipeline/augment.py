@@ -122,30 +122,6 @@ def render_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo(ledger: Path, out_dir: Path, cfg: AugmentConfig = AugmentConfig()) -> dict[str, Path]:
-    """For ``make demo``: plan ``out_dir/plan.parquet`` and render the first concat and stretch recipes.
-
-    Returns ``{"plan": ..., "concat": ..., "stretch": ...}`` (kinds without a recipe are left out).
-    """
-    ledger_df, _ = read_ledger(ledger)
-    recipes, summary = build_plan(ledger_df, cfg)
-    plan_path = write_plan(out_dir / "plan.parquet", recipes, plan_meta(cfg, str(ledger), summary, code_version()))
-    print("== augment plan: " + "\n".join(summary.lines()))
-    print(f"wrote {plan_path}")
-    written = {"plan": plan_path}
-    for kind in ("concat", "stretch"):
-        recipe = next((r for r in recipes if r.kind == kind), None)
-        if recipe is None:
-            print(f"no {kind} recipe to render")
-            continue
-        path = out_dir / f"augment_{kind}.mp4"
-        clip = render_mp4(recipe, path)
-        print(f"wrote {path}: {kind} {recipe.key}, {recipe.duration_s:.2f}s at {clip.video_fps:g} fps "
-              f"({recipe.caption})")
-        written[kind] = path
-    return written
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
