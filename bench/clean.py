@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from filters.av_align import warm_up  # noqa: E402
 from pipeline.clean_stages import CleanStageConfig, DecodeScoreStage  # noqa: E402
 from pipeline.manifest import vggsound_rows  # noqa: E402
+from pipeline.native_threads import limit_native_threads  # noqa: E402
 
 REAL = ROOT / "tests" / "data" / "vggsound"
 
@@ -33,8 +34,9 @@ REAL = ROOT / "tests" / "data" / "vggsound"
 def decode_only(path: str) -> None:
     with av.open(path) as c:
         streams = list(c.streams.video[:1]) + list(c.streams.audio[:1])
-        if c.streams.video:
-            c.streams.video[0].thread_type = "AUTO"  # as pipeline.decode does
+        if c.streams.video:  # as pipeline.decode does in a worker that owns one core
+            c.streams.video[0].thread_type = "AUTO"
+            c.streams.video[0].thread_count = 1
         for packet in c.demux(streams):
             for _ in packet.decode():
                 pass
@@ -51,9 +53,7 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
 
-    import cv2
-
-    cv2.setNumThreads(1)
+    limit_native_threads(1)  # both passes on one core, as one worker of the clean runner has
     warm_up()
     rows = [r for r in vggsound_rows(REAL / "vggsound.csv", REAL / "video") if not r["status"]]
     paths = [r["video_path"] for r in rows]

@@ -1,9 +1,10 @@
 """Benchmark: the clean stage on the local pool, Ray Data and Apache Beam, on the same input, in one run.
 
-Input: the generated sample dataset (broken files included) plus copies of its decodable clips
-under new ids, so there is enough CPU-bound work (decode + AV-Align) to measure. Every engine
-gets the same manifest rows and the same stages (``build_clean_stages``), through the same
-runner entry point the CLI uses, and must journal the same rows (checked at the end).
+Input: the generated sample dataset (its broken files included) plus ``--clips`` rows that point
+at the real VGGSound clips in ``tests/data/vggsound`` (10 s, 360p H.264), so the CPU-bound work
+(decode + AV-Align) is what a real run does per clip. Every engine gets the same manifest rows and
+the same stages (``build_clean_stages``), through the same runner entry point the CLI uses, and
+must journal the same rows (checked at the end).
 
 Printed: wall time and clips/s per engine started cold (pool, Ray or Beam workers started by the
 runner, as ``python -m pipeline.clean`` does), engine overhead as a ratio to local; Ray on an
@@ -12,12 +13,11 @@ and the same stages in 1 and 2 plain processes without any engine (what the mach
 that moment: on a shared machine other users' load caps every ratio), alternated so that a change
 in the machine's load hits both alike, best of ``--repeat`` each.
 
-    .venv/bin/python bench/engines.py [--clips 32] [--batch-size 4] [--repeat 2]
+    .venv/bin/python bench/engines.py [--clips 64] [--batch-size 8] [--repeat 2]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -37,25 +37,26 @@ from pipeline.clean_stages import CleanStageConfig, build_clean_stages  # noqa: 
 from pipeline.config import DecodeLimits  # noqa: E402
 from pipeline.ledger import Ledger  # noqa: E402
 from pipeline.manifest import vggsound_rows  # noqa: E402
-from pipeline.runners import RunnerOptions, get_runner, run_chain  # noqa: E402
+from pipeline.runners import RunnerOptions, get_runner, run_chain, set_up  # noqa: E402
 from pipeline.sample import generate  # noqa: E402
 from pipeline.stage import is_pending  # noqa: E402
 
 WORKERS = 2
+REAL = ROOT / "tests" / "data" / "vggsound"
 
 
 def build_input(folder: Path, clips: int) -> list[dict]:
-    """The sample dataset plus ``clips`` extra rows that point at copies of its decodable clips."""
+    """The sample dataset plus ``clips`` extra rows that point at the real VGGSound clips."""
     root = folder / "vggsound"
     generate(root, kind="vggsound", seed=0)
-    manifest = json.loads((root / "sample_manifest.json").read_text())
-    good = [r for r in manifest["rows"] if r.get("expect") == "ok" and r.get("file")]
+    real = [line.split(",") for line in (REAL / "vggsound.csv").read_text().splitlines()]
     lines = (root / "vggsound.csv").read_text().splitlines()
     for i in range(clips):
-        src = good[i % len(good)]
+        youtube_id, start, label, _ = real[i % len(real)]
         yid = f"bench{i:06d}"
-        os.link(root / src["file"], root / "video" / f"{yid}_{int(src['start_seconds']):06d}.mp4")
-        lines.append(f'{yid},{src["start_seconds"]},"{src["label"]}",train')
+        name = f"{int(start):06d}.mp4"
+        os.symlink(REAL / "video" / f"{youtube_id}_{name}", root / "video" / f"{yid}_{name}")
+        lines.append(f'{yid},{start},"{label}",train')
     (root / "vggsound.csv").write_text("\n".join(lines) + "\n")
     rows = vggsound_rows(root / "vggsound.csv", root / "video")
     return [r for r in rows if is_pending(r)]  # what pipeline.clean hands to a runner
@@ -123,8 +124,7 @@ def timed_run(rows: list[dict], options: RunnerOptions, out: Path, batch_size: i
 
 def _bare_worker(rows: list[dict], batch_size: int, limits: DecodeLimits, barrier, results) -> None:
     stages = build_clean_stages(CleanStageConfig(batch_size=batch_size, limits=limits))
-    for stage in stages:
-        stage.setup()
+    set_up(stages, threads=1)  # one core per worker, as Ray grants each task (num_cpus=1)
     run_chain(stages, [dict(rows[0])])  # imports and JIT warm-up, not timed
     barrier.wait(timeout=600)
     t0 = time.perf_counter()
@@ -149,11 +149,11 @@ def bare_seconds(rows: list[dict], workers: int, batch_size: int, limits: Decode
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, default=32, help="extra decodable clips on top of the sample")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--clips", type=int, default=64, help="rows of real clips on top of the sample")
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeat", type=int, default=2, help="scaling runs per worker count (best is kept)")
     p.add_argument("--decode-threads", type=int, default=DecodeLimits().decode_threads,
-                   help="FFmpeg threads per decode (0: FFmpeg chooses; 1: one per worker)")
+                   help="FFmpeg threads per decode (0: the worker's share of the cores, as in the CLI)")
     args = p.parse_args(argv)
     limits = DecodeLimits(decode_threads=args.decode_threads)
 
@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         rows = build_input(tmp, args.clips)
         n = len(rows)
-        print(f"input: {n} clips for the runners (sample incl. broken files + {args.clips} copies), "
-              f"batch {args.batch_size}, decode threads {args.decode_threads or 'auto'}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"input: {n} clips for the runners (sample incl. broken files + {args.clips} real clips), "
+              f"batch {args.batch_size}, decode threads {args.decode_threads or 'one per worker core'}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
         journals: dict[str, pd.DataFrame] = {}
 
         def record(name: str, workers: int, options: RunnerOptions) -> float:

@@ -56,9 +56,6 @@ class DecodeScoreStage(Stage):
         self.resources = Resources(cpus=1.0, gpus=0.0, batch_size=config.batch_size)
 
     def setup(self) -> None:
-        import cv2
-
-        cv2.setNumThreads(1)  # one worker per core: OpenCV's own threads only oversubscribe
         warm_up()  # librosa's one-off start-up, so it is not charged to the first clip
 
     def _request(self, start: float, duration: float | None) -> DecodeRequest:

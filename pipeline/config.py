@@ -35,7 +35,8 @@ class DecodeLimits:
     timeout_s: float = field(default=120.0, metadata={"help": "per-clip decode time limit (s)"})
     min_duration_s: float = field(default=1.0, metadata={"help": "clips shorter than this are too_short"})
     decode_threads: int = field(
-        default=0, metadata={"help": "FFmpeg threads per video decode (0: FFmpeg chooses; 1 suits one worker per core)"}
+        default=0, metadata={"help": "FFmpeg threads per video decode (0: the worker's share of the cores, "
+                                  "as the runner sets it; FFmpeg's own choice outside a runner)"}
     )
     trimmed_slack_s: float = field(
         default=0.5, metadata={"help": "a file at most window+slack long counts as already trimmed"}

@@ -21,6 +21,7 @@ import numpy as np
 import soxr
 
 from pipeline.config import DecodeLimits
+from pipeline.native_threads import worker_threads
 
 # Planar YUV formats whose first plane is luma: the fast greyscale path reads it directly.
 _LUMA_FORMATS = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12", "yuv420p10le"}
@@ -195,6 +196,11 @@ def _gray_native(frame: av.VideoFrame) -> np.ndarray:
     return cv2.cvtColor(frame.to_ndarray(format="bgr24"), cv2.COLOR_BGR2GRAY)
 
 
+def video_threads(limits: DecodeLimits) -> int:
+    """FFmpeg threads per video decode: the explicit setting, else the worker's cap (0: FFmpeg's choice)."""
+    return limits.decode_threads or worker_threads() or 0
+
+
 def decode(path: str | Path, req: DecodeRequest, limits: DecodeLimits = DecodeLimits()) -> DecodedClip:
     """Decode one clip in a single demux pass. Raises ``DecodeError`` with a ledger reason."""
     deadline = _Deadline(limits.timeout_s)
@@ -224,8 +230,9 @@ def _decode_open(container, path: str, req: DecodeRequest, limits: DecodeLimits,
     streams = []
     if want_video:
         vstream.thread_type = "AUTO"
-        if limits.decode_threads:
-            vstream.thread_count = limits.decode_threads
+        threads = video_threads(limits)
+        if threads:
+            vstream.thread_count = threads
         streams.append(vstream)
     want_audio = req.need_audio and (bool(req.audio_rates) or req.audio_native)
     if want_audio:

@@ -108,11 +108,6 @@ class SignalStage(Stage):
         self.config = config
         self.resources = Resources(cpus=1.0, gpus=0.0, batch_size=config.batch_size)
 
-    def setup(self) -> None:
-        import cv2
-
-        cv2.setNumThreads(1)
-
     def _signals(self, row: Row) -> DecodedClip:
         sig = self.config.signal
         if (row.get("kind") or KIND_CLIP) == KIND_CLIP:

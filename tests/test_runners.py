@@ -83,9 +83,14 @@ class ToyModelStage(Stage):
         self.weight = 0.5
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
+        import cv2
+        from threadpoolctl import threadpool_info
+
         assert self.weight is not None, "process_batch before setup"
+        pools = {"cv2": cv2.getNumThreads(), "blas": max(p["num_threads"] for p in threadpool_info())}
         for row in rows:
             row["caption"] = str(os.getpid())  # which worker process ran this row's batch
+            row["threads"] = pools  # only for the test below: the ledger keeps its own columns
             signal = row.pop("_signal", None)
             if signal is not None:
                 row["av_align"] = float(signal.sum()) * self.weight
@@ -180,6 +185,13 @@ def test_model_stage_is_set_up_once_per_worker_not_per_batch(toy_run):
     assert worked <= set(setup_pids), "a batch ran on a worker whose model was never set up"
     assert len(setup_pids) == len(set(setup_pids)), f"a worker set its model up more than once: {setup_pids}"
     assert 1 <= len(setup_pids) <= WORKERS < batches
+
+
+def test_workers_native_thread_pools_capped_to_their_share_of_cores(toy_run):
+    """OpenBLAS and OpenCV threads beyond a worker's cores only slow its neighbours down."""
+    share = 1 if toy_run["runner"] == "ray" else max(1, (os.cpu_count() or 1) // WORKERS)  # Ray: num_cpus=1
+    for row in toy_run["seen"]:
+        assert row["threads"] == {"cv2": share, "blas": share}, row["key"]
 
 
 def test_driver_sees_every_finished_batch(toy_run):
@@ -296,9 +308,11 @@ def test_clean_killed_and_resumed_matches_uninterrupted_local_run(runner, refere
         assert ray.is_initialized() and ray.cluster_resources().get("CPU") == WORKERS
 
 
-def test_ray_blocks_are_whole_batches_a_few_per_worker():
-    from pipeline.runners.ray import BLOCKS_PER_WORKER, _block_count
+def test_ray_blocks_are_a_few_per_worker_and_never_huge():
+    from pipeline.runners.ray import BLOCKS_PER_WORKER, MAX_BATCHES_PER_BLOCK, _block_count
 
     assert _block_count(14, 3, parallelism=2) == 5  # fewer batches than slots: one block per batch
     assert _block_count(200_000, 8, parallelism=3200) == BLOCKS_PER_WORKER * 3200  # a 100-node cluster
     assert _block_count(1, 8, parallelism=64) == 1
+    # one machine: 25,000 batches in blocks of at most MAX_BATCHES_PER_BLOCK, not 8 blocks of hours
+    assert _block_count(200_000, 8, parallelism=2) == -(-25_000 // MAX_BATCHES_PER_BLOCK)

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pipeline.native_threads import limit_native_threads
 from pipeline.stage import Row, Stage, mark_failed
 
 RUNNERS = ("local", "ray", "beam")
@@ -45,6 +46,13 @@ def stage_error_reason(stage: Stage, error: Exception) -> str:
     """Ledger reason for an exception a stage did not turn into a failed row itself."""
     detail = (str(error).strip().splitlines() or [""])[0][:200]
     return f"stage_error: {stage.name}: {type(error).__name__}" + (f": {detail}" if detail else "")
+
+
+def set_up(stages: list[Stage], threads: int) -> None:
+    """Set up a worker's stages, then cap its native thread pools to the ``threads`` cores it owns."""
+    for stage in stages:
+        stage.setup()
+    limit_native_threads(threads)
 
 
 def run_stage(stage: Stage, rows: list[Row]) -> list[Row]:

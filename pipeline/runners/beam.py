@@ -26,9 +26,10 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_stage, strip_private
+from pipeline.native_threads import threads_per_worker
+from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_stage, set_up, strip_private
 from pipeline.runners.local import batches
-from pipeline.stage import Row
+from pipeline.stage import Row, Stage
 
 METRICS_NAMESPACE = "v2a"
 
@@ -51,18 +52,27 @@ def beam_flags(options: RunnerOptions) -> list[str]:
     return flags
 
 
-def _stage_dofn(build: StageBuilder, config: object, index: int, last: bool):
+def _worker_threads(stage: Stage, options: RunnerOptions, pipeline_options) -> int:
+    """Cores per SDK worker: this machine's share locally, the stage's declared CPUs on a cluster."""
+    if options.beam_runner:
+        return threads_per_worker(stage.resources.cpus)
+    workers = pipeline_options.get_all_options().get("direct_num_workers") or 1
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _stage_dofn(build: StageBuilder, config: object, index: int, last: bool, threads: int):
     import apache_beam as beam
 
     class StageFn(beam.DoFn):
         def __init__(self):
             super().__init__()
             self.build, self.config, self.index, self.last = build, config, index, last
+            self.threads = threads
             self.stage = None
 
         def setup(self):
             self.stage = self.build(self.config)[self.index]
-            self.stage.setup()
+            set_up([self.stage], self.threads)
 
         def process(self, batch: list[Row]):
             rows = run_stage(self.stage, list(batch))
@@ -156,7 +166,8 @@ def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, bat
             pcoll = pipeline | "rows" >> beam.Create(batches(rows, batch_size))  # Create reshuffles itself
         for index, stage in enumerate(stages):
             pcoll = pcoll | f"{index}:{stage.name}" >> beam.ParDo(
-                _stage_dofn(build, config, index, index == len(stages) - 1))
+                _stage_dofn(build, config, index, index == len(stages) - 1,
+                            _worker_threads(stage, options, pipeline_options)))
         pcoll | "sink" >> beam.ParDo(_sink_dofn(sink, progress_dir))
         _run_with_progress(pipeline, Path(progress_dir) if progress_dir else None, on_batch)
     finally:

@@ -5,7 +5,7 @@ import multiprocessing as mp
 import os
 from typing import Callable
 
-from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_chain
+from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_chain, set_up
 from pipeline.stage import Row, Stage
 
 _worker_stages: list[Stage] | None = None
@@ -13,16 +13,8 @@ _worker_stages: list[Stage] | None = None
 
 def _init_worker(build: StageBuilder, config: object, threads: int) -> None:
     global _worker_stages
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:
-        pass
     _worker_stages = build(config)
-    for stage in _worker_stages:
-        stage.setup()
+    set_up(_worker_stages, threads)
 
 
 def _process(batch: list[Row]) -> list[Row]:

@@ -25,13 +25,15 @@ from typing import Callable
 
 import pyarrow as pa
 
-from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_stage, strip_private
+from pipeline.native_threads import threads_per_worker
+from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_stage, set_up, strip_private
 from pipeline.stage import Row, Stage
 
 _ROW = "row"
 _SCHEMA = pa.schema([("key", pa.string()), (_ROW, pa.binary())])
 _SHIPPED_PACKAGES = ("pipeline", "filters", "augment", "shards")
 BLOCKS_PER_WORKER = 4
+MAX_BATCHES_PER_BLOCK = 16
 # (run token, stage index) -> set-up stage, for stages that run as Ray tasks: a task worker
 # process serves many tasks, so the stage is built and set up once per process, not per batch.
 _task_stages: dict[tuple[str, int], Stage] = {}
@@ -59,7 +61,7 @@ def _process(stage: Stage, batch: pa.Table, last: bool) -> pa.Table:
 
 def _built_stage(build: StageBuilder, config: object, index: int) -> Stage:
     stage = build(config)[index]
-    stage.setup()
+    set_up([stage], threads_per_worker(stage.resources.cpus))  # the num_cpus Ray grants it
     return stage
 
 
@@ -126,14 +128,18 @@ def _connect(options: RunnerOptions) -> bool:
 
 
 def _block_count(n_rows: int, batch_size: int, parallelism: int) -> int:
-    """Blocks of whole batches, about BLOCKS_PER_WORKER per worker slot.
+    """At least BLOCKS_PER_WORKER blocks per worker slot, none over MAX_BATCHES_PER_BLOCK batches.
 
     Ray Data runs one task per block: one block would run on one worker whatever the cluster
-    size; one block per batch pays Ray's per-task cost (scheduling, worker lease) for every few
-    clips. A few blocks per worker keeps every worker busy until the end and that cost small.
+    size; one block per batch pays Ray's per-task cost (scheduling, worker lease, about 0.1-0.2 s
+    between tasks) for every few clips. A few blocks per worker keeps every worker busy until the
+    end and that cost small. A block's rows come back to the driver (and into the journal) only
+    when the whole block is done, so the cap bounds what a killed run loses: 200k rows on two
+    workers would otherwise be eight blocks of hours each.
     """
     batches = math.ceil(n_rows / max(1, batch_size))
-    return max(1, min(batches, BLOCKS_PER_WORKER * max(1, parallelism)))
+    spread = min(batches, BLOCKS_PER_WORKER * max(1, parallelism))
+    return max(1, spread, math.ceil(batches / MAX_BATCHES_PER_BLOCK))
 
 
 def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, batch_size: int,
