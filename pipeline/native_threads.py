@@ -1,9 +1,9 @@
 """Cap the native thread pools of a worker process to the cores the runner gave it.
 
-NumPy's OpenBLAS (used by librosa's mel projection), OpenCV and PyTorch each start one thread
-per core by default. With one worker per core those threads fight the other workers: on 2 cores,
-one clean worker kept 1.7 cores busy for no gain in its own speed, and two workers together ran
-only 1.35x as fast as one. Capped to one thread each, two workers run about 2x as fast as one
+NumPy's OpenBLAS (used by librosa's mel projection), OpenCV, FFmpeg's video decoder and PyTorch
+each start one thread per core by default. With one worker per core those threads fight the other
+workers: on 2 cores one clean worker kept 1.5-1.7 cores busy for at most 5 % more speed, and two
+workers ran only 1.35-1.5x as fast as one. Capped, two workers run 1.7-2x as fast as one
 (``bench/engines.py``). Every runner calls :func:`limit_native_threads` in each worker, after the
 stages are set up, so the pools of libraries the set-up loaded (torch, for model stages) are
 capped too.
