@@ -11,6 +11,7 @@ CORE = [
     "pyarrow>=18,<26",
     "pandas>=2.2,<4",
     "tqdm>=4.66,<5",
+    "threadpoolctl>=3.1,<4",  # caps BLAS/OpenMP threads per worker (pipeline/native_threads.py)
     "matplotlib>=3.8,<4",
     "torch>=2.4",  # install the CPU build first (see Makefile) so pip does not pull CUDA
     "transformers>=4.46,<6",
