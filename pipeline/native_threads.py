@@ -30,6 +30,11 @@ def threads_per_worker(cpus: float) -> int:
     return max(1, int(cpus))
 
 
+def machine_share(workers: int) -> int:
+    """Threads for each of ``workers`` workers that split this machine's cores."""
+    return threads_per_worker((os.cpu_count() or 1) / max(1, workers))
+
+
 def limit_native_threads(threads: int) -> None:
     """Cap BLAS/OpenMP (already loaded or not), OpenCV, FFmpeg decoders and, if imported, PyTorch."""
     from threadpoolctl import threadpool_limits

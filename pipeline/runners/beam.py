@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from pipeline.native_threads import threads_per_worker
+from pipeline.native_threads import machine_share, threads_per_worker
 from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_stage, set_up, strip_private
 from pipeline.runners.local import batches
 from pipeline.stage import Row, Stage
@@ -56,8 +56,7 @@ def _worker_threads(stage: Stage, options: RunnerOptions, pipeline_options) -> i
     """Cores per SDK worker: this machine's share locally, the stage's declared CPUs on a cluster."""
     if options.beam_runner:
         return threads_per_worker(stage.resources.cpus)
-    workers = pipeline_options.get_all_options().get("direct_num_workers") or 1
-    return max(1, (os.cpu_count() or 1) // workers)
+    return machine_share(pipeline_options.get_all_options().get("direct_num_workers") or 1)
 
 
 def _stage_dofn(build: StageBuilder, config: object, index: int, last: bool, threads: int):

@@ -5,6 +5,7 @@ import multiprocessing as mp
 import os
 from typing import Callable
 
+from pipeline.native_threads import machine_share
 from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_chain, set_up
 from pipeline.stage import Row, Stage
 
@@ -35,7 +36,7 @@ def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, bat
         return
     workers = min(options.workers or os.cpu_count() or 1, len(work))
     if workers == 1:
-        _init_worker(build, config, threads=os.cpu_count() or 1)
+        _init_worker(build, config, threads=machine_share(1))
         try:
             for batch in work:
                 done = _process(batch)
@@ -46,7 +47,7 @@ def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, bat
             for stage in _worker_stages or []:
                 stage.teardown()
         return
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = machine_share(workers)
     ctx = mp.get_context("spawn")  # fork after torch/OpenMP initialisation can deadlock
     with ctx.Pool(workers, initializer=_init_worker, initargs=(build, config, threads)) as pool:
         for done in pool.imap_unordered(_process, work):
