@@ -28,7 +28,7 @@ from filters.clap import CLAP_SAMPLE_RATE, ClapConfig, ClapModelUnavailable, Cla
 from pipeline.cli_config import add_config_args, from_args
 from pipeline.decode import DecodeError
 from train.config import EvalConfig
-from train.sample import mux, random_banner
+from train.sample import mux, write_record
 
 log = logging.getLogger("train.evaluate")
 
@@ -126,10 +126,7 @@ def evaluate(cfg: EvalConfig, clap_cfg: ClapConfig) -> dict:
                "clap_mean": mean("clap"), "clap_scored": sum(isinstance(r.get("clap"), float) for r in rows),
                "clap": scorer.metadata() if scorer is not None else {"model": clap_cfg.model, "reason": clap_reason},
                "random_weights": random_sources}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    if random_sources:
-        print(random_banner(random_sources), file=sys.stderr)
-    return summary
+    return write_record(out / "summary.json", summary)
 
 
 def build_parser() -> argparse.ArgumentParser:

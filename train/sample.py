@@ -200,6 +200,14 @@ def random_banner(sources: list[str]) -> str:
             f"!!! trained (or trained for a few demo steps). It shows the data flow and NOTHING about quality.\n{bar}")
 
 
+def write_record(path: Path, record: dict) -> dict:
+    """Write a result's JSON record; say loudly on stderr when random-weight models made it."""
+    path.write_text(json.dumps(record, indent=1))
+    if record["random_weights"]:
+        print(random_banner(record["random_weights"]), file=sys.stderr)
+    return record
+
+
 def generate(cfg: SampleConfig) -> dict:
     """Write the wav (and the mp4 with ``cfg.mux``) and its JSON sidecar; return the sidecar."""
     if not (cfg.ckpt and cfg.video and cfg.out):
@@ -256,10 +264,7 @@ def generate(cfg: SampleConfig) -> dict:
                "models": {"clip": str(clip_res.spec), "vae": str(vae_res.spec), "vocoder": str(vocoder_res.spec)},
                "settings": {k: v for k, v in asdict(cfg).items() if k in ("steps", "guidance", "scheduler", "seed",
                                                                           "ema")}}
-    out.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
-    if random_sources:
-        print(random_banner(random_sources), file=sys.stderr)
-    return sidecar
+    return write_record(out.with_suffix(".json"), sidecar)
 
 
 def build_parser() -> argparse.ArgumentParser:
