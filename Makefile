@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO := out/demo
 
-.PHONY: install test demo bench clean-demo
+.PHONY: install lint test test-fast demo bench clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,16 @@ $(STAMP): setup.py | $(BIN)/python
 
 install: $(STAMP)
 
-test: install
+lint: install
+	$(BIN)/lint-imports
+
+# the full suite, as CI runs it
+test: lint
 	$(BIN)/python -m pytest -q tests
+
+# for development: skips the tests marked slow (engines, clusters, browsers, training runs)
+test-fast: lint
+	$(BIN)/python -m pytest -q tests -m "not slow"
 
 demo: install
 	$(BIN)/python -m pipeline.demo --out $(DEMO)

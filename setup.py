@@ -11,7 +11,7 @@ CORE = [
     "pyarrow>=18,<26",
     "pandas>=2.2,<4",
     "tqdm>=4.66,<5",
-    "threadpoolctl>=3.1,<4",  # caps BLAS/OpenMP threads per worker (pipeline/native_threads.py)
+    "threadpoolctl>=3.1,<4",  # caps BLAS/OpenMP threads per worker (core/native_threads.py)
     "matplotlib>=3.8,<4",
     "torch>=2.4",  # install the CPU build first (see Makefile) so pip does not pull CUDA
     "transformers>=4.46,<6",
@@ -23,7 +23,7 @@ CORE = [
 ]
 RAY = ["ray[data]==2.60.*"]
 BEAM = ["apache-beam==2.77.*"]
-TEST = ["pytest>=8,<10", "pytest-timeout>=2.3,<3"]
+TEST = ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "import-linter>=2.1,<3"]
 
 setup(
     name="v2a-datapipe",
@@ -31,7 +31,7 @@ setup(
     description="Curation, augmentation and feature sharding of video-to-audio training data, "
     "plus a distributed VTA-LDM trainer",
     python_requires=">=3.10",
-    packages=find_packages(include=["pipeline*", "filters*", "augment*", "shards*", "train*"]),
+    packages=find_packages(include=["core*", "pipeline*", "filters*", "augment*", "shards*", "train*"]),
     package_data={"train": ["configs/*.json"]},
     install_requires=CORE,
     extras_require={"ray": RAY, "beam": BEAM, "test": TEST, "all": RAY + BEAM + TEST},

@@ -1,7 +1,7 @@
 """The one source of truth for augmentation parameters (``python -m pipeline.augment`` builds its flags here).
 
 Output length and the cut grid are not augmentation parameters: they come from
-``pipeline.config.SignalConfig`` (``window_s``, ``clip_fps``), so augmented samples have the length
+``core.config.SignalConfig`` (``window_s``, ``clip_fps``), so augmented samples have the length
 and feature-frame grid of every other sample.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from pipeline.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
+from core.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
 
 StretchMethod = Literal["resample", "wsola"]
 STRETCH_METHODS: tuple[str, ...] = ("resample", "wsola")

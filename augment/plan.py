@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from augment.config import AugmentConfig, rate_tag
 from augment.recipe import Recipe, Segment
-from pipeline.keys import is_safe, sanitize
+from core.keys import is_safe, sanitize
 
 LEDGER_COLUMNS = ("key", "youtube_id", "video_path", "label", "caption", "split", "start_s", "duration_s",
                   "status")

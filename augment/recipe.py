@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from augment.config import MAX_RATE, MIN_RATE, STRETCH_METHODS
-from pipeline.keys import is_safe
-from pipeline.ledger import atomic_write_table
+from core.keys import is_safe
+from core.atomic import atomic_write_table
 
 KINDS = ("concat", "stretch")
 PLAN_META_KEY = b"v2a_augment_plan"

@@ -1,8 +1,8 @@
 """Play a recipe: decoded frames and audio of the augmented sample, or an mp4 a person can watch.
 
-``render(recipe, RenderRequest(...))`` returns a ``pipeline.decode.DecodedClip`` whose times are
+``render(recipe, RenderRequest(...))`` returns a ``core.decode.DecodedClip`` whose times are
 output times, so the encode stage treats real and augmented clips alike. Each segment is decoded
-once (``pipeline.decode.decode``) and mapped with ``t = dst_start + (s - src_start) / rate``:
+once (``core.decode.decode``) and mapped with ``t = dst_start + (s - src_start) / rate``:
 
 - frames are chosen by mapped time, never interpolated: the frame shown at output time t is the
   source frame shown at ``src_start + (t - dst_start) * rate``. RGB frames come from the
@@ -12,7 +12,7 @@ once (``pipeline.decode.decode``) and mapped with ``t = dst_start + (s - src_sta
   own rate and channels; each segment is played at its rate (``augment.stretch``) and placed
   sample-exactly; where two segments meet, an equal-power crossfade of ``crossfade_s`` centred on
   the cut (moved to one side when a source has no audio beyond the cut). A first source whose
-  audio track starts late keeps that offset (``audio_lead_s``), as ``pipeline.decode`` reports it;
+  audio track starts late keeps that offset (``audio_lead_s``), as ``core.decode`` reports it;
 - frames of later segments with another size are scaled to cover the first segment's size and
   centre-cropped (aspect kept).
 
@@ -37,8 +37,8 @@ import soxr
 from augment.config import STRETCH_METHODS
 from augment.recipe import PlanError, Recipe, Segment
 from augment.stretch import stretch_audio
-from pipeline.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
-from pipeline.decode import DecodedClip, DecodeError, DecodeRequest, decode, probe
+from core.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
+from core.decode import DecodedClip, DecodeError, DecodeRequest, decode, probe
 
 _NUDGE_S = 1e-6  # a frame whose time equals a mapped time is the frame shown then
 _GRAY_MARGIN_S = 0.25  # decode this much before a segment so the frame shown at its start is included
@@ -50,7 +50,7 @@ _COVER_SLACK_S = 0.1  # a source may fall this short of its segment (last frame 
 class RenderRequest:
     """What the caller needs from an augmented sample (mirrors ``DecodeRequest``)."""
 
-    audio_rates: tuple[int, ...] = ()  # mono (channel mean), as pipeline.decode gives it
+    audio_rates: tuple[int, ...] = ()  # mono (channel mean), as core.decode gives it
     audio_native: bool = False  # also the first source's own rate and channels (audio_native, audio_layout)
     rgb_fps: float | None = None  # RGB frames on the grid k / rgb_fps of output time (CLIP: 2 fps)
     gray: bool = False  # greyscale frames on the grid k / gray_fps (AV-Align)
@@ -269,7 +269,7 @@ def render(recipe: Recipe | Mapping[str, Any], req: RenderRequest, limits: Decod
     out = DecodedClip(path=f"augment:{recipe.key}", start_s=0.0, duration_s=recipe.duration_s,
                       video_fps=req.gray_fps or fps, native_sr=first.clip.native_sr)
     native_sr, _, layout = _stretch_segments(played, req, method)
-    # as in pipeline.decode: a source track that starts late is padded with silence in ``audio``
+    # as in core.decode: a source track that starts late is padded with silence in ``audio``
     # (``audio_lead_s`` says how much) and starts at its first real sample in ``audio_native``
     first_sample = float(first.seg.to_output(first.dec_start + first.clip.audio_lead_s))
     out.audio_lead_s = max(0.0, first_sample) if (req.audio_rates or req.audio_native) else 0.0

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from filters.av_align import AVAlignConfig, score_clip, warm_up
-from pipeline.config import FilterConfig
+from filters.rules import FilterConfig
 
 CLIPS = Path(__file__).resolve().parents[1] / "tests" / "data" / "vggsound" / "video"
 

@@ -3,7 +3,7 @@
 The model is the full-size ``laion/clap-htsat-unfused`` architecture (LAION 630k-audioset-best:
 HTSAT-tiny audio tower, RoBERTa-base text tower, 512-d projections) built from its config with
 random weights: the same compute as the real checkpoint, nothing downloaded. Clips are the real
-VGGSound test clips, decoded by ``pipeline.decode`` at 48 kHz; the CLAP stage is timed through
+VGGSound test clips, decoded by ``core.decode`` at 48 kHz; the CLAP stage is timed through
 ``filters.clap.ClapScorer``, the code the clean stage runs.
 
     .venv/bin/python bench/clap.py [--clips 16] [--batch-size 8] [--device auto] [--threads N]
@@ -28,7 +28,7 @@ from transformers import ClapConfig as HFClapConfig  # noqa: E402
 from transformers import ClapFeatureExtractor, ClapModel  # noqa: E402
 
 from filters.clap import CLAP_SAMPLE_RATE, ClapConfig, ClapScorer, resolve_device  # noqa: E402
-from pipeline.decode import DecodeRequest, decode  # noqa: E402
+from core.decode import DecodeRequest, decode  # noqa: E402
 
 CLIPS = ROOT / "tests" / "data" / "vggsound" / "video"
 LABELS = ["playing acoustic guitar", "playing drum kit", "playing squash", "playing badminton", "dog barking"]

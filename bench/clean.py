@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from filters.av_align import warm_up  # noqa: E402
 from pipeline.clean_stages import CleanStageConfig, DecodeScoreStage  # noqa: E402
 from pipeline.manifest import vggsound_rows  # noqa: E402
-from pipeline.native_threads import limit_native_threads  # noqa: E402
+from core.native_threads import limit_native_threads  # noqa: E402
 
 REAL = ROOT / "tests" / "data" / "vggsound"
 
@@ -34,7 +34,7 @@ REAL = ROOT / "tests" / "data" / "vggsound"
 def decode_only(path: str) -> None:
     with av.open(path) as c:
         streams = list(c.streams.video[:1]) + list(c.streams.audio[:1])
-        if c.streams.video:  # as pipeline.decode does in a worker that owns one core
+        if c.streams.video:  # as core.decode does in a worker that owns one core
             c.streams.video[0].thread_type = "AUTO"
             c.streams.video[0].thread_count = 1
         for packet in c.demux(streams):

@@ -34,12 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.clean_stages import CleanStageConfig, build_clean_stages  # noqa: E402
-from pipeline.config import DecodeLimits  # noqa: E402
+from core.config import DecodeLimits  # noqa: E402
 from pipeline.ledger import Ledger  # noqa: E402
 from pipeline.manifest import vggsound_rows  # noqa: E402
 from pipeline.runners import RunnerOptions, get_runner, run_chain, set_up  # noqa: E402
 from pipeline.sample import generate  # noqa: E402
-from pipeline.stage import is_pending  # noqa: E402
+from core.stage import is_pending  # noqa: E402
 
 WORKERS = 2
 REAL = ROOT / "tests" / "data" / "vggsound"

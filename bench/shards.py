@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import DEFAULT_SIGNAL  # noqa: E402
+from core.config import DEFAULT_SIGNAL  # noqa: E402
 from shards.encode_stage import flac_bytes  # noqa: E402
 from shards.shard_writer import ShardInfo, npy_bytes, write_index, write_tar  # noqa: E402
 
@@ -165,7 +165,7 @@ def _sync(device) -> None:
 def bench_encode(n: int, device_name: str) -> None:
     import torch
 
-    from pipeline.decode import DecodeRequest, decode
+    from core.decode import DecodeRequest, decode
     from shards.encoders import pick_device, posterior_member, resize_crop
     from shards.mel import log_mel_torch, prepare_waveform
 

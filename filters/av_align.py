@@ -31,8 +31,8 @@ import librosa
 import numpy as np
 import soxr
 
-from pipeline.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
-from pipeline.decode import DecodedClip, DecodeError, DecodeRequest, decode
+from core.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
+from core.decode import DecodedClip, DecodeError, DecodeRequest, decode
 
 Mode = Literal["reference", "fast"]
 
@@ -194,7 +194,7 @@ def score_clip(path: str | Path, config: AVAlignConfig = AVAlignConfig(), start_
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli_config import add_config_args, from_args
+    from core.cli_config import add_config_args, from_args
 
     parser = argparse.ArgumentParser(prog="python -m filters.av_align", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,11 +7,20 @@ time the ledger is finalized, so changing a threshold never needs a rescore. A m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import pandas as pd
 
-from pipeline.config import FilterConfig
-from pipeline.stage import FILTERED, OK
+from core.stage import FILTERED, OK
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Keep/drop thresholds, applied to stored scores ("score once, filter many")."""
+
+    av_align_min: float = field(default=0.2, metadata={"help": "keep when AV-Align > this"})
+    clap_min: float = field(default=0.3, metadata={"help": "keep when CLAP cosine > this"})
+
 
 
 def threshold_reasons(row: dict, filters: FilterConfig, speech_music=None) -> list[str]:

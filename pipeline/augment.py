@@ -22,11 +22,11 @@ from augment.config import AugmentConfig, AugmentConfigError
 from augment.plan import LedgerError, build_plan, plan_meta
 from augment.recipe import PlanError, Recipe, find_recipe, read_plan, write_plan
 from augment.render import render_mp4
-from pipeline.cli_config import add_config_args, from_args
-from pipeline.config import DecodeLimits
-from pipeline.decode import DecodeError
+from core.cli_config import add_config_args, from_args
+from core.config import DecodeLimits
+from core.decode import DecodeError
 from pipeline.ledger import read_ledger
-from pipeline.version import code_version
+from core.version import code_version
 
 _FIELDS = {f.name: f for f in AugmentConfig.__dataclass_fields__.values()}
 

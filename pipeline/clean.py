@@ -19,16 +19,16 @@ from tqdm import tqdm
 from filters.av_align import AVAlignConfig
 from filters.clap import ClapConfig, ClapModelUnavailable, check_available, run_metadata
 from filters.speech_music import SpeechMusicConfig
-from filters.rules import apply_filters
+from filters.rules import FilterConfig, apply_filters
 from pipeline.clean_stages import CleanStageConfig, build_clean_stages
-from pipeline.cli_config import add_config_args, from_args
-from pipeline.config import DecodeLimits, FilterConfig, SignalConfig
+from core.cli_config import add_config_args, from_args
+from core.config import DecodeLimits, SignalConfig
 from pipeline.ledger import Ledger
 from pipeline.report import write_report
 from pipeline.manifest import WindowConfig, load_excluded_ids, vggsound_rows, youtube_rows
 from pipeline.runners import RunnerOptions, get_runner
-from pipeline.version import code_version
-from pipeline.stage import FAILED, FILTERED, OK, Row, is_pending
+from core.version import code_version
+from core.stage import FAILED, FILTERED, OK, Row, is_pending
 
 DATASETS = ("vggsound", "youtube", "sample")
 

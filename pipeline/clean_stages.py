@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from filters.av_align import AVAlignConfig, decode_request_for, score_decoded, warm_up
-from pipeline.config import DecodeLimits, SignalConfig
-from pipeline.decode import DecodeError, DecodeRequest, decode, probe
-from pipeline.stage import OK, Resources, Row, Stage, is_pending, mark_failed
+from core.config import DecodeLimits, SignalConfig
+from core.decode import DecodeError, DecodeRequest, decode, probe
+from core.stage import OK, Resources, Row, Stage, is_pending, mark_failed
 
 AUDIO_FOR_CLAP = "_audio_clap"
 

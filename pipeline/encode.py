@@ -22,13 +22,15 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.version import code_version
-from pipeline.cli_config import add_config_args, from_args
-from pipeline.config import DEFAULT_SIGNAL, DecodeLimits
-from pipeline.keys import is_safe, sanitize
-from pipeline.ledger import atomic_write_text, read_ledger
+from core.version import code_version
+from core.cli_config import add_config_args, from_args
+from core.config import DEFAULT_SIGNAL, DecodeLimits
+from core.keys import is_safe, sanitize
+from core.atomic import atomic_write_text
+from augment.render import render_row
+from pipeline.ledger import read_ledger
 from pipeline.runners import RunnerOptions, get_runner
-from pipeline.stage import OK, PENDING, Row
+from core.stage import OK, PENDING, Row
 from shards.config import MEMBER_ORDER, EncoderConfig, MelConfig, ShardConfig, latent_shape
 from shards.encode_stage import KIND_CLIP, EncodeStageConfig, build_encode_stages
 from shards.encoders import ModelLoadError, ResolvedModel, resolve_pretrained
@@ -279,7 +281,7 @@ def encode(args: argparse.Namespace) -> int:
                                 "shard_size": shard_cfg.shard_size})
     image_size = int(clip_model.config().get("vision_config", clip_model.config()).get("image_size", 224))
     stage_config = EncodeStageConfig(encoders=enc, mel=mel, signal=DEFAULT_SIGNAL, limits=DecodeLimits(),
-                                     clip_image_size=image_size, batch_size=args.batch_size)
+                                     clip_image_size=image_size, batch_size=args.batch_size, render=render_row)
 
     assembler.advance()  # a resumed run first finishes what the cache already holds
     pending = assembler.pending_keys()

@@ -9,7 +9,6 @@ folder skips every key already in the journal.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Iterable
@@ -18,7 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.stage import Row
+from core.atomic import atomic_write_table, atomic_write_text
+from core.stage import Row
 
 SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -58,18 +58,6 @@ def to_table(rows: Iterable[Row]) -> pa.Table:
                 value = ""
             cols[name].append(value)
     return pa.Table.from_pydict(cols, schema=SCHEMA)
-
-
-def atomic_write_table(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Ledger:

@@ -13,10 +13,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import SignalConfig
-from pipeline.decode import DecodeError, probe
-from pipeline.keys import make_key, sanitize
-from pipeline.stage import FAILED, FILTERED, PENDING, Row
+from core.config import SignalConfig
+from core.decode import DecodeError, probe
+from core.keys import make_key, sanitize
+from core.stage import FAILED, FILTERED, PENDING, Row
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov")
 _YTDLP_ID_SUFFIX = re.compile(r"\[([A-Za-z0-9_-]{11})\]$")

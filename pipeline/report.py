@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline.ledger import atomic_write_text
+from core.atomic import atomic_write_text
 
 TOP_LABELS = 15  # classes shown at each end of the keep-rate ranking
 

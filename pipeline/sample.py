@@ -33,8 +33,8 @@ import av
 import cv2
 import numpy as np
 
-from pipeline.cli_config import add_config_args, from_args
-from pipeline.config import DEFAULT_SIGNAL, DecodeLimits
+from core.cli_config import add_config_args, from_args
+from core.config import DEFAULT_SIGNAL, DecodeLimits
 
 MANIFEST_NAME = "sample_manifest.json"
 DEFAULT_EVENT_TIMES = (1.0, 2.6, 4.8, 6.2, 8.4)  # irregular: no shift maps the train onto itself

@@ -2,14 +2,14 @@
 
 ``MelConfig`` is AudioLDM's mel front end (DESIGN.md section 4), ``EncoderConfig`` says which
 CLIP and VAE weights make the features, ``ShardConfig`` how samples are grouped into tars. Rates
-and lengths derive from ``pipeline.config.SignalConfig``; the encode CLI builds its flags from
-these classes (``pipeline.cli_config``) and the dataset card records them verbatim.
+and lengths derive from ``core.config.SignalConfig``; the encode CLI builds its flags from
+these classes (``core.cli_config``) and the dataset card records them verbatim.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.config import DEFAULT_SIGNAL, SignalConfig
+from core.config import DEFAULT_SIGNAL, SignalConfig
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_VAE = "cvssp/audioldm-s-full-v2"  # a pipeline repo: its vae/ subfolder is used

@@ -17,15 +17,15 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import soundfile as sf
 import torch
 
-from pipeline.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
-from pipeline.decode import DecodedClip, DecodeError, DecodeRequest, decode
-from pipeline.stage import FAILED, OK, Resources, Row, Stage, is_pending, mark_failed
+from core.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
+from core.decode import DecodedClip, DecodeError, DecodeRequest, decode
+from core.stage import FAILED, OK, Resources, Row, Stage, is_pending, mark_failed
 from shards.config import (MEMBER_AUDIO, MEMBER_CLIP, MEMBER_JSON, MEMBER_LATENT, MEMBER_MEL, MEMBER_TEXT,
                            EncoderConfig, MelConfig)
 from shards.shard_writer import npy_bytes
@@ -47,6 +47,9 @@ class EncodeStageConfig:
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     clip_image_size: int = 224  # from the CLIP config; frames are cropped to it on CPU workers
     batch_size: int = 8
+    # plays a plan row (an augmentation recipe) into a DecodedClip; the orchestrator passes
+    # augment.render.render_row, so this library never imports another stage library
+    render: Callable[..., DecodedClip] | None = None
 
 
 def flac_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
@@ -116,9 +119,9 @@ class SignalStage(Stage):
             req = DecodeRequest(start_s=float(row.get("start_s") or 0.0), duration_s=duration,
                                 audio_rates=(sig.feature_sr,), rgb_fps=sig.clip_fps)
             return decode(row["video_path"], req, self.config.limits)
-        from augment.render import render_row  # plan rows: the augmentation code plays the recipe
-
-        return render_row(row, audio_rates=(sig.feature_sr,), rgb_fps=sig.clip_fps, signal=sig,
+        if self.config.render is None:
+            raise ValueError(f"plan row of kind {row.get('kind')!r} but no recipe renderer was configured")
+        return self.config.render(row, audio_rates=(sig.feature_sr,), rgb_fps=sig.clip_fps, signal=sig,
                           limits=self.config.limits)
 
     def process_row(self, row: Row) -> Row:

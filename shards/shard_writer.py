@@ -26,9 +26,9 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from pipeline.keys import is_safe
-from pipeline.ledger import atomic_write_text
-from pipeline.stage import OK
+from core.keys import is_safe
+from core.atomic import atomic_write_text
+from core.stage import OK
 from shards.config import FORBIDDEN_EXTENSIONS, MEMBER_ORDER
 
 WORK_DIR = ".work"

@@ -13,7 +13,7 @@ from augment.config import AugmentConfig, AugmentConfigError
 from augment.plan import LedgerError, build_plan
 from augment.recipe import PLAN_META_KEY, PlanError, Recipe, find_recipe, read_plan, write_plan
 from pipeline.augment import main
-from pipeline.keys import is_safe
+from core.keys import is_safe
 
 GRID = 0.5  # 2 fps feature grid
 

@@ -20,8 +20,8 @@ from augment.render import RenderRequest, render, render_mp4, render_row
 from augment.stretch import stretch_audio
 from filters.av_align import AVAlignConfig, score_clip
 from pipeline.augment import main
-from pipeline.config import DecodeLimits
-from pipeline.decode import DecodeError, DecodeRequest, decode
+from core.config import DecodeLimits
+from core.decode import DecodeError, DecodeRequest, decode
 from pipeline.sample import write_event_clip
 
 SR = 16000

@@ -15,8 +15,8 @@ import pytest
 
 from filters.av_align import (AVAlignConfig, av_align_score, decode_request_for, match_peaks, reference_audio,
                               score_clip, score_decoded, video_motion, video_peaks)
-from pipeline.config import FilterConfig
-from pipeline.decode import DecodeError, DecodeRequest, decode
+from filters.rules import FilterConfig
+from core.decode import DecodeError, DecodeRequest, decode
 from pipeline.sample import write_event_clip
 
 DATA = Path(__file__).parent / "data" / "vggsound"

@@ -23,7 +23,7 @@ from filters.clap import (  # noqa: E402
     clap_window,
     run_metadata,
 )
-from pipeline.decode import DecodeRequest, decode  # noqa: E402
+from core.decode import DecodeRequest, decode  # noqa: E402
 
 CLIPS = Path(__file__).parent / "data" / "vggsound" / "video"
 SR = 48000
@@ -220,7 +220,7 @@ def test_wrong_sample_rate_is_refused(scorer):
 
 
 def test_cli_flags_come_from_the_config():
-    from pipeline.cli_config import add_config_args, from_args
+    from core.cli_config import add_config_args, from_args
 
     parser = argparse.ArgumentParser()
     add_config_args(parser, ClapConfig, prefix="clap_")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipeline.clean import main
-from pipeline.keys import is_safe
+from core.keys import is_safe
 from pipeline.ledger import read_ledger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,13 +103,13 @@ def test_missing_root_says_where_it_looked(tmp_path, capsys):
 
 
 def test_missing_clap_model_stops_before_decoding(sample_root, tmp_path, monkeypatch, capsys):
-    import pipeline.decode
+    import core.decode
 
     def no_decoding(*a, **k):
         raise AssertionError("decoding started although the CLAP model is missing")
 
-    monkeypatch.setattr(pipeline.decode, "decode", no_decoding)
-    monkeypatch.setattr(pipeline.decode, "probe", no_decoding)
+    monkeypatch.setattr(core.decode, "decode", no_decoding)
+    monkeypatch.setattr(core.decode, "probe", no_decoding)
     code = main(["--dataset", "sample", "--root", str(sample_root), "--out", str(tmp_path / "o"),
                  "--clap-model", str(tmp_path / "no-such-clap")])
     err = capsys.readouterr().err

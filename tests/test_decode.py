@@ -6,8 +6,8 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.config import DecodeLimits
-from pipeline.decode import DecodeError, DecodeRequest, decode, probe
+from core.config import DecodeLimits
+from core.decode import DecodeError, DecodeRequest, decode, probe
 
 FIXTURES = Path(__file__).parent / "data" / "vggsound" / "video"
 

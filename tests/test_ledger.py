@@ -3,8 +3,7 @@ import math
 
 import pandas as pd
 
-from filters.rules import apply_filters
-from pipeline.config import FilterConfig
+from filters.rules import FilterConfig, apply_filters
 from pipeline.ledger import COLUMNS, Ledger, read_ledger
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import SignalConfig
-from pipeline.keys import is_safe
+from core.config import SignalConfig
+from core.keys import is_safe
 from pipeline.manifest import WindowConfig, load_excluded_ids, vggsound_rows, windows_for, youtube_rows
 
 FIXTURES = Path(__file__).parent / "data" / "vggsound"

@@ -21,9 +21,9 @@ def run_python(code: str) -> dict:
 def test_cap_reaches_blas_opencv_and_ffmpeg_decoders():
     got = run_python(
         "import json, cv2, numpy; from threadpoolctl import threadpool_info\n"
-        "from pipeline.config import DecodeLimits\n"
-        "from pipeline.decode import video_threads\n"
-        "from pipeline.native_threads import limit_native_threads\n"
+        "from core.config import DecodeLimits\n"
+        "from core.decode import video_threads\n"
+        "from core.native_threads import limit_native_threads\n"
         "before = video_threads(DecodeLimits())\n"
         "limit_native_threads(1)\n"
         "print(json.dumps({'before': before, 'ffmpeg': video_threads(DecodeLimits()),\n"
@@ -36,7 +36,7 @@ def test_cap_reaches_blas_opencv_and_ffmpeg_decoders():
 
 def test_cap_reaches_torch_once_loaded_and_never_imports_it():
     got = run_python(
-        "import json, sys; from pipeline.native_threads import limit_native_threads\n"
+        "import json, sys; from core.native_threads import limit_native_threads\n"
         "limit_native_threads(1)\n"
         "imported = 'torch' in sys.modules\n"
         "import torch\n"

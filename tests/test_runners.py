@@ -27,7 +27,7 @@ from pandas.testing import assert_frame_equal
 from pipeline.ledger import Ledger, read_ledger
 from pipeline.runners import RunnerOptions, get_runner
 from pipeline.runners.beam import beam_flags
-from pipeline.stage import OK, Resources, Row, Stage, mark_failed
+from core.stage import OK, Resources, Row, Stage, mark_failed
 
 pytestmark = pytest.mark.timeout(300)
 

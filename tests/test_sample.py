@@ -10,7 +10,7 @@ import librosa
 import numpy as np
 import pytest
 
-from pipeline.decode import DecodeError, DecodeRequest, decode
+from core.decode import DecodeError, DecodeRequest, decode
 from pipeline.sample import (MANIFEST_NAME, EventClip, generate, main, write_audio_only, write_event_clip,
                              write_video_only, youtube_ids)
 

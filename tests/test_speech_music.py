@@ -124,7 +124,7 @@ def test_bad_config_is_rejected(kwargs):
 
 
 def test_cli_flags_come_from_the_config():
-    from pipeline.cli_config import add_config_args, from_args
+    from core.cli_config import add_config_args, from_args
 
     parser = argparse.ArgumentParser()
     add_config_args(parser, SpeechMusicConfig)

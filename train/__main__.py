@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from pipeline.cli_config import add_config_args, from_args
+from core.cli_config import add_config_args, from_args
 from train.config import ModelConfig, NoiseConfig, TrainConfig
 
 

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from filters.av_align import AVAlignConfig, score_clip
 from filters.clap import CLAP_SAMPLE_RATE, ClapConfig, ClapModelUnavailable, ClapScorer
-from pipeline.cli_config import add_config_args, from_args
-from pipeline.decode import DecodeError
+from core.cli_config import add_config_args, from_args
+from core.decode import DecodeError
 from train.config import EvalConfig
 from train.sample import mux, write_record
 

@@ -1,6 +1,6 @@
 """``python -m train.sample --ckpt RUN --video IN.mp4 --out OUT.wav [--mux OUT.mp4]``: one soundtrack.
 
-The video goes through the encode stage's own code (``pipeline.decode`` at the run's CLIP frame
+The video goes through the encode stage's own code (``core.decode`` at the run's CLIP frame
 rate, ``shards.encoders.ClipImageEncoder`` with the card's pixel normalisation), so the model sees
 features made exactly as in training. Denoising uses a diffusers DDIM or DPM-Solver++ scheduler
 over the training betas, with classifier-free guidance against the learned null condition the
@@ -25,8 +25,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from pipeline.cli_config import add_config_args, from_args
-from pipeline.decode import DecodeError, DecodeRequest, decode, probe
+from core.cli_config import add_config_args, from_args
+from core.decode import DecodeError, DecodeRequest, decode, probe
 from shards.encoders import ClipImageEncoder, ClipTextEncoder, AudioVAE, ModelLoadError, pick_device, resolve_pretrained
 from shards.random_models import build_random_clip, build_random_vae, is_random
 from train.checkpoint import load_for_inference, noise_config_of

@@ -14,8 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pipeline.native_threads import limit_native_threads
-from pipeline.stage import Row, Stage, mark_failed
+from core.native_threads import limit_native_threads
+from core.stage import Row, Stage, mark_failed
 
 RUNNERS = ("local", "ray", "beam")
 _log = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from pipeline.native_threads import machine_share, threads_per_worker
+from core.native_threads import machine_share, threads_per_worker
 from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_stage, set_up, strip_private
 from pipeline.runners.local import batches
-from pipeline.stage import Row, Stage
+from core.stage import Row, Stage
 
 METRICS_NAMESPACE = "v2a"
 

@@ -5,9 +5,9 @@ import multiprocessing as mp
 import os
 from typing import Callable
 
-from pipeline.native_threads import machine_share
+from core.native_threads import machine_share
 from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_chain, set_up
-from pipeline.stage import Row, Stage
+from core.stage import Row, Stage
 
 _worker_stages: list[Stage] | None = None
 

@@ -25,9 +25,9 @@ from typing import Callable
 
 import pyarrow as pa
 
-from pipeline.native_threads import threads_per_worker
+from core.native_threads import threads_per_worker
 from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_stage, set_up, strip_private
-from pipeline.stage import Row, Stage
+from core.stage import Row, Stage
 
 _ROW = "row"
 _SCHEMA = pa.schema([("key", pa.string()), (_ROW, pa.binary())])

@@ -1,6 +1,6 @@
 """One frozen dataclass per concern: every length and rate in the pipeline derives from these.
 
-CLIs build their flags from these dataclasses (``pipeline.cli_config``), so a parameter has exactly
+CLIs build their flags from these dataclasses (``core.cli_config``), so a parameter has exactly
 one default, one type and one help text.
 """
 from __future__ import annotations
@@ -41,14 +41,6 @@ class DecodeLimits:
     trimmed_slack_s: float = field(
         default=0.5, metadata={"help": "a file at most window+slack long counts as already trimmed"}
     )
-
-
-@dataclass(frozen=True)
-class FilterConfig:
-    """Keep/drop thresholds, applied to stored scores ("score once, filter many")."""
-
-    av_align_min: float = field(default=0.2, metadata={"help": "keep when AV-Align > this"})
-    clap_min: float = field(default=0.3, metadata={"help": "keep when CLAP cosine > this"})
 
 
 DEFAULT_SIGNAL = SignalConfig()

@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 import soxr
 
-from pipeline.config import DecodeLimits
-from pipeline.native_threads import worker_threads
+from core.config import DecodeLimits
+from core.native_threads import worker_threads
 
 # Planar YUV formats whose first plane is luma: the fast greyscale path reads it directly.
 _LUMA_FORMATS = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12", "yuv420p10le"}
