@@ -29,7 +29,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping
 
-import av
 import cv2
 import numpy as np
 import soxr
@@ -39,6 +38,7 @@ from augment.recipe import PlanError, Recipe, Segment
 from augment.stretch import stretch_audio
 from core.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
 from core.decode import DecodedClip, DecodeError, DecodeRequest, decode, probe
+from core.mux import AudioTrack, VideoTrack, mux
 
 _NUDGE_S = 1e-6  # a frame whose time equals a mapped time is the frame shown then
 _GRAY_MARGIN_S = 0.25  # decode this much before a segment so the frame shown at its start is included
@@ -321,50 +321,14 @@ def write_mp4(clip: DecodedClip, path: str | Path, fps: float, sample_rate: int 
         audio, layout, first_pts = clip.audio[sample_rate][None, :], "mono", 0
     else:
         raise ValueError(f"write_mp4 needs audio at {sample_rate} Hz: render with audio_rates=({sample_rate},)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rate = Fraction(fps).limit_denominator(1001)
     h, w = clip.rgb.shape[1] // 2 * 2, clip.rgb.shape[2] // 2 * 2
-    # interleaved 16-bit samples, clipped at full scale as any 16-bit file clips them
-    pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16).T.reshape(1, -1)
-    channels = audio.shape[0]
-    n = audio.shape[1]
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    frames = ((img[:h, :w], Fraction(k) / rate) for k, img in enumerate(clip.rgb))
+    video = VideoTrack(frames=frames, size=(w, h), rate=rate, options={"crf": str(crf), "preset": "veryfast"})
+    track = AudioTrack(pcm=audio, sample_rate=sample_rate, codec="flac", sample_format="s16", start_pts=first_pts,
+                       chunk=4096, channel_layout=layout)
     # movie_timescale: the audio track's start offset is stored in this unit (default 1 ms would round it)
-    with av.open(str(tmp), "w", options={"movie_timescale": str(sample_rate)}) as container:
-        vstream = container.add_stream("libx264", rate=rate)
-        vstream.width, vstream.height, vstream.pix_fmt = w, h, "yuv420p"
-        vstream.options = {"crf": str(crf), "preset": "veryfast"}
-        vstream.codec_context.time_base = 1 / rate
-        astream = container.add_stream("flac", rate=sample_rate, layout=layout)
-        astream.format = "s16"
-        a_next = 0
-
-        def feed_audio(until: int) -> None:
-            nonlocal a_next
-            while a_next < min(until, n):
-                end = min(a_next + 4096, n)
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, a_next * channels: end * channels]),
-                                                   format="s16", layout=layout)
-                frame.sample_rate, frame.time_base = sample_rate, Fraction(1, sample_rate)
-                frame.pts = first_pts + a_next
-                for packet in astream.encode(frame):
-                    container.mux(packet)
-                a_next = end
-
-        for k, img in enumerate(clip.rgb):
-            feed_audio(int(k / fps * sample_rate) - first_pts)
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[:h, :w]), format="rgb24")
-            frame.pts, frame.time_base = k, 1 / rate
-            for packet in vstream.encode(frame):
-                container.mux(packet)
-        for packet in vstream.encode():
-            container.mux(packet)
-        feed_audio(n)
-        for packet in astream.encode():
-            container.mux(packet)
-    tmp.replace(path)
-    return path
+    return mux(path, video, track, options={"movie_timescale": str(sample_rate)})
 
 
 def render_mp4(recipe: Recipe | Mapping[str, Any], path: str | Path, sample_rate: int | None = None,

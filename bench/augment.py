@@ -40,7 +40,7 @@ from augment.stretch import stretch_audio  # noqa: E402
 from filters.av_align import AVAlignConfig, score_clip  # noqa: E402
 from core.config import DEFAULT_SIGNAL  # noqa: E402
 from core.decode import DecodeRequest, decode, probe  # noqa: E402
-from pipeline.sample import write_event_clip  # noqa: E402
+from core.synth import write_event_clip  # noqa: E402
 
 REAL = ROOT / "tests" / "data" / "vggsound"
 SR = 16000

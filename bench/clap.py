@@ -27,7 +27,8 @@ from clap_fixture import write_byte_bpe_tokenizer  # noqa: E402
 from transformers import ClapConfig as HFClapConfig  # noqa: E402
 from transformers import ClapFeatureExtractor, ClapModel  # noqa: E402
 
-from filters.clap import CLAP_SAMPLE_RATE, ClapConfig, ClapScorer, resolve_device  # noqa: E402
+from core.device import resolve_device  # noqa: E402
+from filters.clap import CLAP_SAMPLE_RATE, ClapConfig, ClapScorer  # noqa: E402
 from core.decode import DecodeRequest, decode  # noqa: E402
 
 CLIPS = ROOT / "tests" / "data" / "vggsound" / "video"

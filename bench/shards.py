@@ -166,10 +166,11 @@ def bench_encode(n: int, device_name: str) -> None:
     import torch
 
     from core.decode import DecodeRequest, decode
-    from shards.encoders import pick_device, posterior_member, resize_crop
+    from core.device import torch_device
+    from shards.encoders import posterior_member, resize_crop
     from shards.mel import log_mel_torch, prepare_waveform
 
-    device = pick_device(device_name)
+    device = torch_device(device_name)
     sig = DEFAULT_SIGNAL
     req = DecodeRequest(start_s=0.0, duration_s=sig.window_s, audio_rates=(sig.feature_sr,), rgb_fps=sig.clip_fps)
     clips = [CLIPS[i % len(CLIPS)] for i in range(n)]
@@ -231,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_reader:
         bench_reader(args.reader_samples, args.per_shard)
     if not args.skip_encode:
-        from shards.encoders import pick_device
+        from core.device import torch_device
 
-        n = args.encode_samples or (64 if pick_device(args.device).type == "cuda" else 1)
+        n = args.encode_samples or (64 if torch_device(args.device).type == "cuda" else 1)
         bench_encode(n, args.device)
     return 0
 

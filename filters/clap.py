@@ -25,6 +25,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from core.device import DeviceUnavailable, resolve_device
+
 CLAP_NONE = "none"
 DEFAULT_CLAP_MODEL = "laion/clap-htsat-unfused"
 CLAP_SAMPLE_RATE = 48000
@@ -95,16 +97,6 @@ def clap_window(audio: np.ndarray, n_samples: int, rule: str = "start") -> np.nd
     return audio[offset: offset + n_samples]
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ClapModelUnavailable(f"--clap-device {device} was asked for, but CUDA is not available here")
-    return device
-
-
 def _pooled(output: Any):
     """``get_*_features`` returns a tensor in transformers 4.x and a model output (pooler_output) in 5.x."""
     return output if hasattr(output, "dim") else output.pooler_output
@@ -168,7 +160,7 @@ class ClapScorer:
         if self.loaded:
             return self
         name = self.config.model
-        target = resolve_device(device or self.config.device)
+        target = _device(device or self.config.device)
         folder = local_folder(name)
         source = str(folder) if folder else name
         try:
@@ -317,9 +309,17 @@ def check_available(config: ClapConfig) -> None:
     if not config.enabled:
         return
     if config.device != "auto":
-        resolve_device(config.device)
+        _device(config.device)
     scorer = ClapScorer(config).load(device="cpu")
     scorer.unload()
+
+
+def _device(preference: str) -> str:
+    """``core.device.resolve_device``, its error reported as the CLAP model being unavailable."""
+    try:
+        return resolve_device(preference, "--clap-device")
+    except DeviceUnavailable as e:
+        raise ClapModelUnavailable(str(e)) from e
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:

@@ -15,6 +15,7 @@ import numpy as np
 from filters.av_align import AVAlignConfig, decode_request_for, score_decoded, warm_up
 from core.config import DecodeLimits, SignalConfig
 from core.decode import DecodeError, DecodeRequest, decode, probe
+from core.device import wants_gpu
 from core.stage import OK, Resources, Row, Stage, is_pending, mark_failed
 
 AUDIO_FOR_CLAP = "_audio_clap"
@@ -98,13 +99,11 @@ class ClapStage(Stage):
     uses_model = True
 
     def __init__(self, config: CleanStageConfig):
-        from filters.clap import ClapScorer, resolve_device
+        from filters.clap import ClapScorer
 
         self.config = config
         self.scorer = ClapScorer(config.clap)
-        device = config.clap.device
-        on_gpu = device.startswith("cuda") or (device == "auto" and resolve_device("auto") == "cuda")
-        self.resources = Resources(cpus=1.0, gpus=1.0 if on_gpu else 0.0, batch_size=config.batch_size)
+        self.resources = Resources(cpus=1.0, gpus=1.0 if wants_gpu(config.clap.device) else 0.0, batch_size=config.batch_size)
 
     def setup(self) -> None:
         self.scorer.load()

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from core.version import code_version
 from core.cli_config import add_config_args, from_args
 from core.config import DEFAULT_SIGNAL, DecodeLimits
+from core.jsonsafe import json_safe
 from core.keys import is_safe, sanitize
 from core.atomic import atomic_write_text
 from augment.render import render_row
@@ -60,22 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # work items
 
-def _value(v):
-    """pandas NA/NaN -> None, numpy scalars -> Python."""
-    if v is None:
-        return None
-    try:
-        if pd.isna(v):
-            return None
-    except (TypeError, ValueError):  # lists, arrays
-        return v
-    return v.item() if hasattr(v, "item") else v
-
-
 def ledger_rows(ledger: pd.DataFrame) -> list[Row]:
     rows = []
     for rec in ledger[ledger["status"] == OK].to_dict("records"):
-        row = {k: _value(v) for k, v in rec.items()}
+        row = json_safe(rec)
         row.update(kind=KIND_CLIP, status=PENDING, reason="", ledger_status=OK)
         rows.append(row)
     return rows

@@ -25,6 +25,8 @@ import torch
 
 from core.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
 from core.decode import DecodedClip, DecodeError, DecodeRequest, decode
+from core.device import wants_gpu
+from core.jsonsafe import json_safe
 from core.stage import FAILED, OK, Resources, Row, Stage, is_pending, mark_failed
 from shards.config import (MEMBER_AUDIO, MEMBER_CLIP, MEMBER_JSON, MEMBER_LATENT, MEMBER_MEL, MEMBER_TEXT,
                            EncoderConfig, MelConfig)
@@ -59,20 +61,6 @@ def flac_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe scalars: numpy numbers to Python, NaN/inf to null."""
-    if isinstance(value, (np.floating, float)):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_clean(v) for v in value]
-    return value
-
-
 def _file_name(path: Any) -> str:
     """Only the file name goes into shards: absolute paths would make shards depend on the machine."""
     return os.path.basename(str(path or ""))
@@ -99,7 +87,7 @@ def sample_json(row: Row, clip_frames: int, audio_samples: int, sample_rate: int
             "segments": [{**dict(s), "video_path": _file_name(dict(s).get("video_path"))}
                          for s in (row.get("segments") or [])],
         }
-    return json.dumps(_clean(meta), sort_keys=True, allow_nan=False).encode()
+    return json.dumps(json_safe(meta), sort_keys=True, allow_nan=False).encode()
 
 
 class SignalStage(Stage):
@@ -164,8 +152,7 @@ class FeatureStage(Stage):
     def __init__(self, config: EncodeStageConfig):
         self.config = config
         enc = config.encoders
-        wants_gpu = enc.device.startswith("cuda") or (enc.device == "auto" and torch.cuda.is_available())
-        self.resources = Resources(cpus=1.0, gpus=1.0 if wants_gpu else 0.0, batch_size=config.batch_size)
+        self.resources = Resources(cpus=1.0, gpus=1.0 if wants_gpu(enc.device) else 0.0, batch_size=config.batch_size)
         self.image = self.text = self.vae = None
         self._text_cache: dict[str, np.ndarray] = {}
 

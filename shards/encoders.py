@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.device import torch_device
 from shards.config import MelConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -109,12 +110,6 @@ def _checked(model: ResolvedModel) -> ResolvedModel:
     return model
 
 
-def pick_device(preference: str | torch.device | None = "auto") -> torch.device:
-    if preference is None or str(preference) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(preference)
-
-
 @contextmanager
 def quiet_transformers():
     """transformers prints a load report listing the unused tower of a full CLIP checkpoint."""
@@ -178,7 +173,7 @@ class ClipImageEncoder:
         from transformers import CLIPVisionModelWithProjection
 
         resolved = resolve_pretrained(id_or_path)
-        dev = pick_device(device)
+        dev = torch_device(device)
         dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
         with quiet_transformers():
             model, info = CLIPVisionModelWithProjection.from_pretrained(resolved.path, output_loading_info=True)
@@ -253,7 +248,7 @@ class ClipTextEncoder:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
         resolved = resolve_pretrained(id_or_path)
-        dev = pick_device(device)
+        dev = torch_device(device)
         dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
         with quiet_transformers():
             model, info = CLIPTextModelWithProjection.from_pretrained(resolved.path, output_loading_info=True)
@@ -292,7 +287,7 @@ class AudioVAE:
         from diffusers import AutoencoderKL
 
         resolved = resolve_pretrained(id_or_path, pipeline_subfolder="vae")
-        dev = pick_device(device)
+        dev = torch_device(device)
         logging.getLogger("diffusers").setLevel(logging.ERROR)
         model, info = AutoencoderKL.from_pretrained(resolved.path, output_loading_info=True)
         require_complete(f"VAE {id_or_path}", info)

@@ -22,7 +22,7 @@ from filters.av_align import AVAlignConfig, score_clip
 from pipeline.augment import main
 from core.config import DecodeLimits
 from core.decode import DecodeError, DecodeRequest, decode
-from pipeline.sample import write_event_clip
+from core.synth import write_event_clip
 
 SR = 16000
 JUMP_DIFF = 2.0  # mean |frame difference| of a jump is ~8; compression flicker stays below 0.5

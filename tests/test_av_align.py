@@ -17,7 +17,7 @@ from filters.av_align import (AVAlignConfig, av_align_score, decode_request_for,
                               score_clip, score_decoded, video_motion, video_peaks)
 from filters.rules import FilterConfig
 from core.decode import DecodeError, DecodeRequest, decode
-from pipeline.sample import write_event_clip
+from core.synth import write_event_clip
 
 DATA = Path(__file__).parent / "data" / "vggsound"
 PUBLISHED = json.loads((DATA / "av_align_reference.json").read_text())

@@ -2,46 +2,27 @@
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
 from core.config import DecodeLimits
 from core.decode import DecodeError, DecodeRequest, decode, probe
+from core.mux import AudioTrack, VideoTrack, mux
 
 FIXTURES = Path(__file__).parent / "data" / "vggsound" / "video"
 
 
 def write_counter_video(path: Path, times_s: list[float], size=(64, 48), audio_s: float | None = None, sr=16000):
     """Frame i is a flat grey level 10*i shown at ``times_s[i]`` (any spacing); optional PCM audio."""
-    with av.open(str(path), "w", format="matroska") as c:
-        vs = c.add_stream("ffv1", rate=1000)
-        vs.width, vs.height, vs.pix_fmt = size[0], size[1], "yuv420p"
-        vs.time_base = Fraction(1, 1000)
-        a = None
-        if audio_s:
-            a = c.add_stream("pcm_s16le", rate=sr, layout="mono")
-        for i, t in enumerate(times_s):
-            img = np.full((size[1], size[0], 3), min(255, 10 * i), np.uint8)
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
-            frame.pts = int(round(t * 1000))
-            frame.time_base = Fraction(1, 1000)
-            for p in vs.encode(frame):
-                c.mux(p)
-        for p in vs.encode():
-            c.mux(p)
-        if a is not None:
-            n = int(audio_s * sr)
-            ramp = (np.arange(n) % 1000).astype(np.int16)[None, :]
-            for s0 in range(0, n, 1024):
-                chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(ramp[:, s0:s0 + 1024]), format="s16", layout="mono")
-                chunk.sample_rate = sr
-                chunk.pts = s0
-                for p in a.encode(chunk):
-                    c.mux(p)
-            for p in a.encode():
-                c.mux(p)
-    return path
+    w, h = size
+    frames = ((np.full((h, w, 3), min(255, 10 * i), np.uint8), Fraction(round(t * 1000), 1000))
+              for i, t in enumerate(times_s))
+    video = VideoTrack(frames=frames, size=size, rate=Fraction(1000), codec="ffv1")
+    audio = None
+    if audio_s:
+        ramp = (np.arange(int(audio_s * sr)) % 1000).astype(np.int16)[None, :]
+        audio = AudioTrack(pcm=ramp, sample_rate=sr, codec="pcm_s16le", sample_format="s16")
+    return mux(path, video, audio, container_format="matroska")
 
 
 def test_real_clip_facts():

@@ -23,7 +23,7 @@ from model_fixtures_encoders import (REAL_CLIP, THRESHOLDS, TINY_CLIP_DIM, ledge
                                      tiny_vae_dir, write_ledger)
 
 from pipeline.encode import main  # noqa: E402
-from pipeline.sample import truncate_file, write_event_clip  # noqa: E402
+from core.synth import truncate_file, write_event_clip  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED_MEMBERS = {"json", "clip.npy", "text.npy", "latent.npy", "mel.npy", "audio.flac"}

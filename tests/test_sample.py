@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from core.decode import DecodeError, DecodeRequest, decode
-from pipeline.sample import (MANIFEST_NAME, EventClip, generate, main, write_audio_only, write_event_clip,
-                             write_video_only, youtube_ids)
+from core.synth import EventClip, write_audio_only, write_event_clip, write_video_only
+from pipeline.sample import MANIFEST_NAME, generate, main, youtube_ids
 
 SR = 16000
 REQ = DecodeRequest(audio_rates=(SR,), gray=True, gray_max_side=None)

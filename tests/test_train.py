@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -181,29 +182,23 @@ VIDEO = ROOT / "tests" / "data" / "vggsound" / "video" / "0DCit2EBtjs_000030.mp4
 
 def write_small_video(path: Path, seconds: float = 10.0, fps: int = 12, size: tuple[int, int] = (96, 64)) -> Path:
     """A small h264 + AAC mp4: a square that jumps every second, a click at each jump."""
-    import av
+    from core.mux import AudioTrack, VideoTrack, mux
 
     w, h = size
     sr = 16000
-    with av.open(str(path), "w") as c:
-        v = c.add_stream("libx264", rate=fps)
-        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
-        a = c.add_stream("aac", rate=sr, layout="mono")
+
+    def frames():
         for i in range(int(seconds * fps)):
             img = np.zeros((h, w, 3), np.uint8)
             x = (i // fps * 17) % (w - 16)
             img[20:36, x:x + 16] = 255
-            c.mux(v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        c.mux(v.encode(None))
-        audio = np.zeros(int(seconds * sr), np.float32)
-        for s in range(1, int(seconds)):
-            audio[s * sr:s * sr + 400] = 0.8 * np.sin(np.arange(400) * 0.3)
-        for i in range(0, len(audio), 1024):
-            frame = av.AudioFrame.from_ndarray(audio[None, i:i + 1024].copy(), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = sr, i
-            c.mux(a.encode(frame))
-        c.mux(a.encode(None))
-    return path
+            yield img, Fraction(i, fps)
+
+    audio = np.zeros(int(seconds * sr), np.float32)
+    for s in range(1, int(seconds)):
+        audio[s * sr:s * sr + 400] = 0.8 * np.sin(np.arange(400) * 0.3)
+    return mux(path, VideoTrack(frames=frames(), size=size, rate=Fraction(fps)),
+               AudioTrack(pcm=audio[None, :], sample_rate=sr, codec="aac"))
 
 
 @pytest.fixture(scope="module")

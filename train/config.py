@@ -109,7 +109,7 @@ def load_unet_config(path: str | Path) -> dict:
 
 
 @dataclass(frozen=True)
-class SampleConfig:
+class SamplerConfig:
     """One soundtrack from one video (``python -m train.sample``)."""
 
     ckpt: str = field(default="", metadata={"help": "run folder (its latest checkpoint) or a checkpoint folder"})

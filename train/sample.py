@@ -14,23 +14,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import soundfile as sf
 import torch
 
+from core.atomic import atomic_output, atomic_write_text
 from core.cli_config import add_config_args, from_args
 from core.decode import DecodeError, DecodeRequest, decode, probe
-from shards.encoders import ClipImageEncoder, ClipTextEncoder, AudioVAE, ModelLoadError, pick_device, resolve_pretrained
+from core.device import torch_device
+from core.jsonsafe import json_safe
+from core.mux import AudioTrack, VideoCopy, VideoTrack
+from core.mux import mux as mux_streams
+from shards.encoders import ClipImageEncoder, ClipTextEncoder, AudioVAE, ModelLoadError, resolve_pretrained
 from shards.random_models import build_random_clip, build_random_vae, is_random
 from train.checkpoint import load_for_inference, noise_config_of
-from train.config import SampleConfig
+from train.config import SamplerConfig
 from train.model import VideoToAudioUNet, sampling_scheduler
 from train.vocoder import build_random_vocoder, load_vocoder, vocode
 
@@ -40,13 +43,13 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_VAE = "cvssp/audioldm-s-full-v2"
 
 
-class SampleError(RuntimeError):
+class SamplerError(RuntimeError):
     """The sampler cannot run as asked (bad input video, missing caption, unusable weights)."""
 
 
 def _card_model(card: dict, key: str, default: str, flag: str) -> str:
     if card.get("random_weights"):
-        raise SampleError(f"the run's shards were encoded with random weights; pass {flag} explicitly")
+        raise SamplerError(f"the run's shards were encoded with random weights; pass {flag} explicitly")
     return card.get(key) or default
 
 
@@ -65,9 +68,9 @@ def clip_tokens(video: str, start_s: float, card: dict, clip_dir: Path, device) 
     try:
         clip = decode(video, DecodeRequest(start_s=start_s, duration_s=window, rgb_fps=fps, need_audio=False))
     except DecodeError as e:
-        raise SampleError(f"{video}: {e.ledger_reason}") from e
+        raise SamplerError(f"{video}: {e.ledger_reason}") from e
     if clip.rgb is None or len(clip.rgb) == 0:
-        raise SampleError(f"{video}: no frames in [{start_s}, {start_s + window}) s")
+        raise SamplerError(f"{video}: no frames in [{start_s}, {start_s + window}) s")
     encoder = ClipImageEncoder.load(str(clip_dir), device, normalize=bool(card.get("clip_normalize", True)),
                                     dtype=torch.float32)
     return encoder.encode_frames(clip.rgb)
@@ -113,10 +116,8 @@ def fit_length(wave: np.ndarray, n: int) -> np.ndarray:
 
 
 def write_wav(path: Path, audio: np.ndarray, sr: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    sf.write(str(tmp), np.clip(audio, -1.0, 1.0), sr, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        sf.write(str(tmp), np.clip(audio, -1.0, 1.0), sr, subtype="PCM_16", format="WAV")
 
 
 def _window_fits(video: str, start_s: float, seconds: float) -> bool:
@@ -131,61 +132,28 @@ def mux(video: str, audio: np.ndarray, sr: int, out: str | Path, start_s: float 
     is re-encoded with x264. AAC's encoder delay goes into the mp4's edit list, so the first
     sample of ``audio`` plays with the first frame.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.mp4")
     seconds = len(audio) / sr
-    with av.open(str(tmp), "w", format="mp4") as dst:
-        if _window_fits(video, start_s, seconds):
-            with av.open(video) as src:
-                vin = src.streams.video[0]
-                vout = dst.add_stream_from_template(vin)
-                aout = dst.add_stream("aac", rate=sr, layout="mono")
-                for packet in src.demux(vin):
-                    if packet.dts is None:  # the demuxer's flush packet
-                        continue
-                    packet.stream = vout
-                    dst.mux(packet)
-        else:
-            aout = _encode_window(video, start_s, seconds, dst, sr)
-        chunk = 1024
-        for i in range(0, len(audio), chunk):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[None, i:i + chunk], np.float32),
-                                               format="fltp", layout="mono")
-            frame.sample_rate = sr
-            frame.pts = i
-            frame.time_base = Fraction(1, sr)
-            dst.mux(aout.encode(frame))
-        dst.mux(aout.encode(None))
-    os.replace(tmp, out)
-    return out
+    picture = VideoCopy(video) if _window_fits(video, start_s, seconds) else _window_frames(video, start_s, seconds)
+    track = AudioTrack(pcm=np.asarray(audio, np.float32)[None, :], sample_rate=sr, codec="aac")
+    return mux_streams(out, picture, track, container_format="mp4")
 
 
-def _encode_window(video: str, start_s: float, seconds: float, dst, sr: int):
-    """Re-encode the window's frames (x264); returns the (not yet used) audio stream."""
+def _window_frames(video: str, start_s: float, seconds: float) -> VideoTrack:
+    """The window's frames, to be re-encoded with x264."""
     fps = probe(video).video_fps or 25.0
     clip = decode(video, DecodeRequest(start_s=start_s, duration_s=seconds, rgb_fps=fps, need_audio=False))
     rate = Fraction(fps).limit_denominator(1001)
-    vout = dst.add_stream("libx264", rate=rate)
-    aout = dst.add_stream("aac", rate=sr, layout="mono")
     h, w = clip.rgb.shape[1:3]
-    vout.width, vout.height = w - w % 2, h - h % 2
-    vout.pix_fmt = "yuv420p"
-    vout.options = {"crf": "18"}
-    for i, rgb in enumerate(clip.rgb):
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: vout.height, : vout.width]), format="rgb24")
-        frame.pts = i
-        frame.time_base = 1 / rate
-        dst.mux(vout.encode(frame))
-    dst.mux(vout.encode(None))
-    return aout
+    w, h = w - w % 2, h - h % 2
+    frames = ((rgb[:h, :w], Fraction(i) / rate) for i, rgb in enumerate(clip.rgb))
+    return VideoTrack(frames=frames, size=(w, h), rate=rate, options={"crf": "18"})
 
 
-def _resolve(cfg: SampleConfig, spec, subfolder: str | None, random_folder: Path, build):
+def _resolve(cfg: SamplerConfig, spec, subfolder: str | None, random_folder: Path, build):
     """The model folder for a spec; with ``--allow-random-weights`` a tiny random one when it cannot load."""
     try:
         return resolve_pretrained(spec(), pipeline_subfolder=subfolder)
-    except (ModelLoadError, SampleError) as e:
+    except (ModelLoadError, SamplerError) as e:
         if not cfg.allow_random_weights:
             raise
         log.warning("%s; --allow-random-weights: using tiny RANDOM weights instead", e)
@@ -202,17 +170,17 @@ def random_banner(sources: list[str]) -> str:
 
 def write_record(path: Path, record: dict) -> dict:
     """Write a result's JSON record; say loudly on stderr when random-weight models made it."""
-    path.write_text(json.dumps(record, indent=1))
+    atomic_write_text(path, json.dumps(json_safe(record), indent=1))
     if record["random_weights"]:
         print(random_banner(record["random_weights"]), file=sys.stderr)
     return record
 
 
-def generate(cfg: SampleConfig) -> dict:
+def generate(cfg: SamplerConfig) -> dict:
     """Write the wav (and the mp4 with ``cfg.mux``) and its JSON sidecar; return the sidecar."""
     if not (cfg.ckpt and cfg.video and cfg.out):
-        raise SampleError("--ckpt, --video and --out are required")
-    device = pick_device(cfg.device)
+        raise SamplerError("--ckpt, --video and --out are required")
+    device = torch_device(cfg.device)
     model, run_config, ckpt_dir = load_for_inference(cfg.ckpt, use_ema=cfg.ema, device=device)
     card = run_config["data"].get("card") or {}
     state = json.loads((ckpt_dir / "trainer_state.json").read_text())
@@ -232,7 +200,7 @@ def generate(cfg: SampleConfig) -> dict:
     text = None
     if model.cfg.use_text:
         if not cfg.caption:
-            raise SampleError(f"this model was trained with the CLIP text token ({model.cfg.condition}): pass --caption")
+            raise SamplerError(f"this model was trained with the CLIP text token ({model.cfg.condition}): pass --caption")
         text = torch.from_numpy(ClipTextEncoder.load(str(clip_res.path), device, torch.float32).encode([cfg.caption])[0])
     latents = denoise(model, tokens, text, run_config, cfg.steps, cfg.guidance, cfg.scheduler, cfg.seed)
 
@@ -245,7 +213,7 @@ def generate(cfg: SampleConfig) -> dict:
     vocoder, vocoder_dir = load_vocoder(str(vocoder_res.path), device)
     sr = int(card.get("sample_rate", 16000))
     if int(vocoder.config.sampling_rate) != sr:
-        raise SampleError(f"vocoder makes {vocoder.config.sampling_rate} Hz audio, the run was trained on {sr} Hz")
+        raise SamplerError(f"vocoder makes {vocoder.config.sampling_rate} Hz audio, the run was trained on {sr} Hz")
     n = int(round(sr * float(card.get("audio_seconds", 10.24))))
     wave = fit_length(vocode(vocoder, log_mel)[0].numpy(), n)
 
@@ -270,17 +238,17 @@ def generate(cfg: SampleConfig) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, SampleConfig)
+    add_config_args(parser, SamplerConfig)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    cfg = from_args(SampleConfig, parser.parse_args(argv))
+    cfg = from_args(SamplerConfig, parser.parse_args(argv))
     try:
         sidecar = generate(cfg)
-    except (SampleError, ModelLoadError, FileNotFoundError) as e:
+    except (SamplerError, ModelLoadError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: sidecar[k] for k in ("wav", "mux", "samples", "sample_rate", "trained_steps")}))

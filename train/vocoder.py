@@ -13,7 +13,8 @@ from typing import Literal
 
 import torch
 
-from shards.encoders import ModelLoadError, quiet_transformers, require_complete, pick_device, resolve_pretrained
+from core.device import torch_device
+from shards.encoders import ModelLoadError, quiet_transformers, require_complete, resolve_pretrained
 from shards.random_models import RANDOM_MARKER
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def load_vocoder(id_or_path: str, device: str | torch.device | None = "auto"):
     with quiet_transformers():
         model, info = SpeechT5HifiGan.from_pretrained(resolved.path, output_loading_info=True)
     require_complete(f"vocoder {id_or_path}", info)
-    return model.to(pick_device(device)).eval(), resolved.path
+    return model.to(torch_device(device)).eval(), resolved.path
 
 
 def build_random_vocoder(folder: str | Path, size: Literal["tiny", "full"] = "tiny", seed: int = 0) -> Path:
