@@ -1,13 +1,12 @@
 """The stages of ``pipeline.clean``: decode + AV-Align (CPU), then CLAP (model), engine-neutral.
 
 ``DecodeScoreStage`` decodes each clip once and computes AV-Align from it; when CLAP is on it
-also hands the 48 kHz audio to ``ClapStage`` in the private ``_audio_clap`` field (dropped before
-the ledger). Both stages only record scores: keep/drop decisions are made later from the stored
+also hands the 48 kHz audio to ``ClapStage`` in the transient ``audio_clap`` field (declared,
+and dropped before the ledger). Both stages only record scores: keep/drop decisions are made later from the stored
 scores (``filters.rules``), so thresholds can change without rescoring.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -18,7 +17,7 @@ from core.decode import DecodeError, DecodeRequest, decode, probe
 from core.device import wants_gpu
 from core.stage import OK, Resources, Row, Stage, is_pending, mark_failed
 
-AUDIO_FOR_CLAP = "_audio_clap"
+AUDIO_FOR_CLAP = "audio_clap"  # float32 [n] at SignalConfig.clap_sr, for ClapStage only
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,9 @@ class DecodeScoreStage(Stage):
     """One decode pass per clip; AV-Align from the decoded frames and audio."""
 
     name = "decode_av_align"
+    reads = ("video_path", "source", "start_s", "duration_s")
+    writes = ("start_s", "duration_s", "video_fps", "av_align", "audio_peaks", "video_peaks", AUDIO_FOR_CLAP)
+    transient = (AUDIO_FOR_CLAP,)
 
     def __init__(self, config: CleanStageConfig):
         self.config = config
@@ -69,7 +71,6 @@ class DecodeScoreStage(Stage):
     def process_row(self, row: Row) -> Row:
         if not is_pending(row):
             return row
-        t0 = time.perf_counter()
         try:
             start, duration = resolve_window(row, self.config.signal, self.config.limits)
             clip = decode(row["video_path"], self._request(start, duration), self.config.limits)
@@ -81,7 +82,6 @@ class DecodeScoreStage(Stage):
                    video_peaks=int(result.video_peaks), status=OK, reason="")
         if self.config.clap is not None:
             row[AUDIO_FOR_CLAP] = clip.audio[self.config.signal.clap_sr]
-        row["_seconds"] = time.perf_counter() - t0
         return row
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
@@ -97,6 +97,8 @@ class ClapStage(Stage):
 
     name = "clap"
     uses_model = True
+    reads = (AUDIO_FOR_CLAP, "label", "caption")
+    writes = ("clap_score", "speech_score", "music_score", "event_score")
 
     def __init__(self, config: CleanStageConfig):
         from filters.clap import ClapScorer

@@ -32,8 +32,13 @@ from shards.config import (MEMBER_AUDIO, MEMBER_CLIP, MEMBER_JSON, MEMBER_LATENT
                            EncoderConfig, MelConfig)
 from shards.shard_writer import npy_bytes
 
-FRAMES = "_frames"  # uint8 [T, S, S, 3], resized + cropped for CLIP
-WAVE = "_wave"  # float32 [num_samples]: AudioLDM-prepared waveform for the mel
+FRAMES = "clip_pixels"  # uint8 [T, S, S, 3], resized + cropped for CLIP
+WAVE = "mel_wave"  # float32 [num_samples]: AudioLDM-prepared waveform for the mel
+AUDIO_SAMPLES = "audio_samples"  # samples of real (unpadded) audio in the window
+TRANSIENT = (FRAMES, WAVE, AUDIO_SAMPLES)  # SignalStage -> FeatureStage only, never in a shard
+RECIPE_FIELDS = ("segments", "rate", "cut_s", "crossfade_s", "stretch_method", "target_s")  # plan rows'
+SAMPLE_FIELDS = ("key", "kind", "caption", "label", "source", "split", "youtube_id", "video_path", "start_s",
+                 "duration_s", "video_fps", "original_key")  # what sample_json describes
 SCORE_COLUMNS = ("clap_score", "av_align", "audio_peaks", "video_peaks", "speech_score", "music_score",
                  "event_score")
 KIND_CLIP = "clip"  # a ledger clip; plan rows carry their recipe kind (concat, stretch)
@@ -94,6 +99,10 @@ class SignalStage(Stage):
     """Decode (ledger rows) or render (plan rows) each sample into CLIP frames and 16 kHz audio."""
 
     name = "encode_signals"
+    reads = ("key", "kind", "video_path", "start_s", "duration_s", "video_fps", "caption", "label", "split",
+             "source", *RECIPE_FIELDS)
+    writes = (*TRANSIENT, MEMBER_AUDIO, "video_fps")
+    transient = TRANSIENT
 
     def __init__(self, config: EncodeStageConfig):
         self.config = config
@@ -134,7 +143,7 @@ class SignalStage(Stage):
         row[FRAMES] = resize_crop(frames, self.config.clip_image_size)
         row[WAVE] = prepare_waveform(audio, self.config.mel)
         row[MEMBER_AUDIO] = flac_bytes(audio, self.config.signal.feature_sr)
-        row["_audio_samples"] = int(audio.size)
+        row[AUDIO_SAMPLES] = int(audio.size)
         if clip.video_fps and not row.get("video_fps"):
             row["video_fps"] = float(clip.video_fps)
         return row
@@ -148,6 +157,8 @@ class FeatureStage(Stage):
 
     name = "encode_features"
     uses_model = True
+    reads = (FRAMES, WAVE, AUDIO_SAMPLES, *SAMPLE_FIELDS, *SCORE_COLUMNS, *RECIPE_FIELDS)
+    writes = (MEMBER_CLIP, MEMBER_TEXT, MEMBER_LATENT, MEMBER_MEL, MEMBER_JSON, MEMBER_AUDIO)
 
     def __init__(self, config: EncodeStageConfig):
         self.config = config
@@ -208,7 +219,7 @@ class FeatureStage(Stage):
             row[MEMBER_LATENT] = npy_bytes(latent)
             if self.config.encoders.with_mel:
                 row[MEMBER_MEL] = npy_bytes(mels[i].astype(np.float16))
-            row[MEMBER_JSON] = sample_json(row, clip16.shape[0], int(row.get("_audio_samples") or 0), sr)
+            row[MEMBER_JSON] = sample_json(row, clip16.shape[0], int(row.get(AUDIO_SAMPLES) or 0), sr)
             row["status"], row["reason"] = OK, ""
         for row in rows:
             if row.get("status") == FAILED:
@@ -216,6 +227,7 @@ class FeatureStage(Stage):
                     row.pop(m, None)
             row.pop(FRAMES, None)
             row.pop(WAVE, None)
+            row.pop(AUDIO_SAMPLES, None)
         return rows
 
 

@@ -47,9 +47,12 @@ class ToyConfig:
 
 
 class SignalStage(Stage):
-    """CPU stage: hands a variable-length array to the next stage in a private field."""
+    """CPU stage: hands a variable-length array to the next stage in a transient field."""
 
     name = "toy_signal"
+    reads = ("key", "line")
+    writes = ("signal", "start_s")
+    transient = ("signal",)
 
     def __init__(self, config: ToyConfig):
         self.config = config
@@ -62,7 +65,7 @@ class SignalStage(Stage):
             if row["key"] == self.config.reject_key:
                 mark_failed(row, "decode_error: toy file is broken")
                 continue
-            row["_signal"] = np.arange(row["line"], dtype=np.float32)
+            row["signal"] = np.arange(row["line"], dtype=np.float32)
             row.update(status=OK, reason="", start_s=0.5 * row["line"])
         return rows
 
@@ -72,6 +75,8 @@ class ToyModelStage(Stage):
 
     name = "toy_model"
     uses_model = True
+    reads = ("signal",)
+    writes = ("caption", "threads", "av_align", "video_peaks")
 
     def __init__(self, config: ToyConfig):
         self.config = config
@@ -91,7 +96,7 @@ class ToyModelStage(Stage):
         for row in rows:
             row["caption"] = str(os.getpid())  # which worker process ran this row's batch
             row["threads"] = pools  # only for the test below: the ledger keeps its own columns
-            signal = row.pop("_signal", None)
+            signal = row.get("signal")  # left in the row: the runner drops transient fields
             if signal is not None:
                 row["av_align"] = float(signal.sum()) * self.weight
                 row["video_peaks"] = int(signal.size)
@@ -167,7 +172,7 @@ def test_failure_in_one_row_keeps_its_neighbours(toy_run):
 
 
 def test_rows_cross_engine_boundaries_unchanged(toy_run):
-    """Arrays reach the next stage; None stays missing, ints stay ints; private fields never leave."""
+    """Arrays reach the next stage; None stays missing, ints stay ints; transient fields never leave."""
     journal = toy_run["journal"]
     ok = journal[journal["status"] == OK]
     assert (ok["video_peaks"] == ok["line"]).all()  # the array had `line` elements in the model stage
@@ -175,7 +180,7 @@ def test_rows_cross_engine_boundaries_unchanged(toy_run):
     assert journal["duration_s"].isna().all()
     for row in toy_run["seen"]:  # what the driver got back, before the ledger's schema types it
         assert type(row["line"]) is int and row["duration_s"] is None
-        assert not any(k.startswith("_") for k in row)
+        assert "signal" not in row
 
 
 def test_model_stage_is_set_up_once_per_worker_not_per_batch(toy_run):

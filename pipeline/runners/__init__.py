@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from core.native_threads import limit_native_threads
-from core.stage import Row, Stage, mark_failed
+from core.stage import Row, Stage, check_chain, drop_fields, mark_failed, transient_fields
 
 RUNNERS = ("local", "ray", "beam")
 _log = logging.getLogger(__name__)
@@ -37,15 +37,17 @@ class RunnerOptions:
     )
 
 
-def strip_private(row: Row) -> Row:
-    """Drop fields that only travel between stages (``_audio_clap`` etc.)."""
-    return {k: v for k, v in row.items() if not k.startswith("_")}
-
-
 def stage_error_reason(stage: Stage, error: Exception) -> str:
     """Ledger reason for an exception a stage did not turn into a failed row itself."""
     detail = (str(error).strip().splitlines() or [""])[0][:200]
     return f"stage_error: {stage.name}: {type(error).__name__}" + (f": {detail}" if detail else "")
+
+
+def build_chain(build: StageBuilder, config: object) -> list[Stage]:
+    """The stage chain, its declared fields checked (``core.stage.check_chain``) before any row runs."""
+    stages = build(config)
+    check_chain(stages)
+    return stages
 
 
 def set_up(stages: list[Stage], threads: int) -> None:
@@ -84,7 +86,7 @@ def run_chain(stages: list[Stage], rows: list[Row]) -> list[Row]:
     """Push one batch through a set-up stage chain."""
     for stage in stages:
         rows = run_stage(stage, rows)
-    return [strip_private(r) for r in rows]
+    return drop_fields(rows, transient_fields(stages))
 
 
 def get_runner(name: str):

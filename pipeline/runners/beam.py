@@ -26,10 +26,11 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from core.jsonsafe import json_safe
 from core.native_threads import machine_share, threads_per_worker
-from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_stage, set_up, strip_private
+from pipeline.runners import RunnerOptions, Sink, StageBuilder, build_chain, run_stage, set_up
 from pipeline.runners.local import batches
-from core.stage import Row, Stage
+from core.stage import Row, Stage, drop_fields, transient_fields
 
 METRICS_NAMESPACE = "v2a"
 
@@ -59,13 +60,13 @@ def _worker_threads(stage: Stage, options: RunnerOptions, pipeline_options) -> i
     return machine_share(pipeline_options.get_all_options().get("direct_num_workers") or 1)
 
 
-def _stage_dofn(build: StageBuilder, config: object, index: int, last: bool, threads: int):
+def _stage_dofn(build: StageBuilder, config: object, index: int, drop: tuple[str, ...], threads: int):
     import apache_beam as beam
 
     class StageFn(beam.DoFn):
         def __init__(self):
             super().__init__()
-            self.build, self.config, self.index, self.last = build, config, index, last
+            self.build, self.config, self.index, self.drop = build, config, index, drop
             self.threads = threads
             self.stage = None
 
@@ -75,7 +76,7 @@ def _stage_dofn(build: StageBuilder, config: object, index: int, last: bool, thr
 
         def process(self, batch: list[Row]):
             rows = run_stage(self.stage, list(batch))
-            yield [strip_private(r) for r in rows] if self.last else rows
+            yield drop_fields(rows, self.drop)
 
         def teardown(self):
             if self.stage is not None:
@@ -119,13 +120,6 @@ def _drain_progress(folder: Path, on_batch: Callable[[list[Row]], None]) -> None
         on_batch(rows)
 
 
-def _json_scalar(value):
-    """NumPy scalars (rows built from pandas) as plain Python numbers; anything else is an error."""
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        return value.item()
-    raise TypeError(f"row value of type {type(value).__name__} cannot be staged as JSON")
-
-
 def _stage_input(rows: list[Row], batch_size: int, temp_location: str) -> str:
     """Write the batches as JSON lines under ``temp_location`` so workers read them there."""
     from apache_beam.io.filesystems import FileSystems
@@ -133,7 +127,7 @@ def _stage_input(rows: list[Row], batch_size: int, temp_location: str) -> str:
     path = FileSystems.join(temp_location, f"v2a-input-{uuid.uuid4().hex}.jsonl")
     with FileSystems.create(path) as f:
         for batch in batches(rows, batch_size):
-            f.write(json.dumps(batch, default=_json_scalar).encode() + b"\n")
+            f.write(json.dumps(json_safe(batch, keep_nan=True)).encode() + b"\n")
     return path
 
 
@@ -151,7 +145,7 @@ def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, bat
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    stages = build(config)  # on the driver only to name the steps; set up in DoFn.setup
+    stages = build_chain(build, config)  # on the driver only to name the steps; set up in DoFn.setup
     pipeline_options = PipelineOptions(beam_flags(options))
     temp_location = pipeline_options.get_all_options().get("temp_location") or ""
     progress_dir = tempfile.mkdtemp(prefix="v2a-beam-progress-") if on_batch else ""
@@ -163,9 +157,10 @@ def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, bat
                      | "spread" >> beam.Reshuffle())
         else:
             pcoll = pipeline | "rows" >> beam.Create(batches(rows, batch_size))  # Create reshuffles itself
+        drop = transient_fields(stages)
         for index, stage in enumerate(stages):
             pcoll = pcoll | f"{index}:{stage.name}" >> beam.ParDo(
-                _stage_dofn(build, config, index, index == len(stages) - 1,
+                _stage_dofn(build, config, index, drop if index == len(stages) - 1 else (),
                             _worker_threads(stage, options, pipeline_options)))
         pcoll | "sink" >> beam.ParDo(_sink_dofn(sink, progress_dir))
         _run_with_progress(pipeline, Path(progress_dir) if progress_dir else None, on_batch)

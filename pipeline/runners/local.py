@@ -6,7 +6,7 @@ import os
 from typing import Callable
 
 from core.native_threads import machine_share
-from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_chain, set_up
+from pipeline.runners import RunnerOptions, Sink, StageBuilder, build_chain, run_chain, set_up
 from core.stage import Row, Stage
 
 _worker_stages: list[Stage] | None = None
@@ -14,7 +14,7 @@ _worker_stages: list[Stage] | None = None
 
 def _init_worker(build: StageBuilder, config: object, threads: int) -> None:
     global _worker_stages
-    _worker_stages = build(config)
+    _worker_stages = build_chain(build, config)
     set_up(_worker_stages, threads)
 
 

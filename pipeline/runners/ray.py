@@ -26,8 +26,8 @@ from typing import Callable
 import pyarrow as pa
 
 from core.native_threads import threads_per_worker
-from pipeline.runners import RunnerOptions, Sink, StageBuilder, run_stage, set_up, strip_private
-from core.stage import Row, Stage
+from pipeline.runners import RunnerOptions, Sink, StageBuilder, build_chain, run_stage, set_up
+from core.stage import Row, Stage, drop_fields, transient_fields
 
 _ROW = "row"
 _SCHEMA = pa.schema([("key", pa.string()), (_ROW, pa.binary())])
@@ -52,11 +52,9 @@ def decode_rows(table: pa.Table) -> list[Row]:
     return [pickle.loads(b) for b in table.column(_ROW).to_pylist()]
 
 
-def _process(stage: Stage, batch: pa.Table, last: bool) -> pa.Table:
-    rows = run_stage(stage, decode_rows(batch))
-    if last:  # private fields (decoded audio) never travel back to the driver
-        rows = [strip_private(r) for r in rows]
-    return encode_rows(rows)
+def _process(stage: Stage, batch: pa.Table, drop: tuple[str, ...]) -> pa.Table:
+    """``drop``: after the last stage, the chain's transient fields (decoded audio never travels back)."""
+    return encode_rows(drop_fields(run_stage(stage, decode_rows(batch)), drop))
 
 
 def _built_stage(build: StageBuilder, config: object, index: int) -> Stage:
@@ -68,12 +66,12 @@ def _built_stage(build: StageBuilder, config: object, index: int) -> Stage:
 class StageActor:
     """A model stage in an actor pool: built and set up once per actor, torn down when it exits."""
 
-    def __init__(self, build: StageBuilder, config: object, index: int, last: bool):
+    def __init__(self, build: StageBuilder, config: object, index: int, drop: tuple[str, ...]):
         self.stage = _built_stage(build, config, index)
-        self.last = last
+        self.drop = drop
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _process(self.stage, batch, self.last)
+        return _process(self.stage, batch, self.drop)
 
     def __del__(self):  # Ray Data drops the UDF when the actor shuts down gracefully
         stage = getattr(self, "stage", None)
@@ -81,17 +79,18 @@ class StageActor:
             stage.teardown()
 
 
-def stage_task(batch: pa.Table, build: StageBuilder, config: object, index: int, last: bool, token: str) -> pa.Table:
+def stage_task(batch: pa.Table, build: StageBuilder, config: object, index: int, drop: tuple[str, ...],
+               token: str) -> pa.Table:
     """A stateless stage as a Ray task; its set-up instance is cached per worker process and run."""
     stage = _task_stages.get((token, index))
     if stage is None:
         for old in [k for k in _task_stages if k[0] != token]:  # an earlier run in this process
             del _task_stages[old]
         stage = _task_stages[(token, index)] = _built_stage(build, config, index)
-    return _process(stage, batch, last)
+    return _process(stage, batch, drop)
 
 
-def _map_step(ds, stage: Stage, build: StageBuilder, config: object, index: int, last: bool,
+def _map_step(ds, stage: Stage, build: StageBuilder, config: object, index: int, drop: tuple[str, ...],
               options: RunnerOptions, token: str):
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -101,10 +100,10 @@ def _map_step(ds, stage: Stage, build: StageBuilder, config: object, index: int,
         pool = (ActorPoolStrategy(size=options.workers) if options.workers
                 else ActorPoolStrategy(min_size=1, max_size=None))
         gpus = {"num_gpus": stage.resources.gpus} if stage.resources.gpus > 0 else {}
-        return ds.map_batches(StageActor, fn_constructor_args=(build, config, index, last), compute=pool,
+        return ds.map_batches(StageActor, fn_constructor_args=(build, config, index, drop), compute=pool,
                               **gpus, **common)
     pool = TaskPoolStrategy(size=options.workers) if options.workers else None
-    return ds.map_batches(stage_task, fn_args=(build, config, index, last, token), compute=pool, **common)
+    return ds.map_batches(stage_task, fn_args=(build, config, index, drop, token), compute=pool, **common)
 
 
 def _project_packages() -> list:
@@ -150,7 +149,7 @@ def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, bat
     import ray
     from ray.data import DataContext
 
-    stages = build(config)  # on the driver only to read names and resources; set up on workers
+    stages = build_chain(build, config)  # on the driver only to read names and resources; set up on workers
     started = _connect(options)
     try:
         ctx = DataContext.get_current()
@@ -158,8 +157,9 @@ def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, bat
         blocks = _block_count(len(rows), batch_size, options.workers or int(ray.cluster_resources().get("CPU", 1)))
         ds = ray.data.from_items([_envelope(r) for r in rows], override_num_blocks=blocks)
         token = uuid.uuid4().hex
+        drop = transient_fields(stages)
         for index, stage in enumerate(stages):
-            ds = _map_step(ds, stage, build, config, index, index == len(stages) - 1, options, token)
+            ds = _map_step(ds, stage, build, config, index, drop if index == len(stages) - 1 else (), options, token)
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             done = decode_rows(table)
             if not done:
