@@ -1,6 +1,7 @@
 """`python -m pipeline.clean` end to end on the generated sample: every row accounted for."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,16 +103,44 @@ def test_missing_root_says_where_it_looked(tmp_path, capsys):
     assert code == 2 and "nowhere" in capsys.readouterr().err
 
 
-def test_missing_clap_model_stops_before_decoding(sample_root, tmp_path, monkeypatch, capsys):
+PROJECT_PACKAGES = ("core", "pipeline", "filters", "augment", "shards", "train")
+
+
+def forbid_decoding(monkeypatch) -> list[str]:
+    """Make ``core.decode.decode``/``probe`` raise wherever a project module bound them by name
+    (``from core.decode import decode`` copies the reference, so patching ``core.decode`` alone
+    intercepts nothing); returns the patched names."""
     import core.decode
 
     def no_decoding(*a, **k):
         raise AssertionError("decoding started although the CLAP model is missing")
 
-    monkeypatch.setattr(core.decode, "decode", no_decoding)
-    monkeypatch.setattr(core.decode, "probe", no_decoding)
+    originals = {"decode": core.decode.decode, "probe": core.decode.probe}
+    patched = []
+    for name, module in sorted(sys.modules.items()):
+        if module is None or name.split(".")[0] not in PROJECT_PACKAGES:
+            continue
+        for attr, original in originals.items():
+            if getattr(module, attr, None) is original:
+                monkeypatch.setattr(module, attr, no_decoding)
+                patched.append(f"{name}.{attr}")
+    return patched
+
+
+def test_the_decoding_guard_intercepts_the_clean_stages(sample_root, tmp_path, monkeypatch):
+    """The guard below must catch a decode: with CLAP skipped the same run decodes, and every clip fails."""
+    patched = forbid_decoding(monkeypatch)
+    assert {"pipeline.clean_stages.decode", "pipeline.clean_stages.probe", "core.decode.decode"} <= set(patched)
+    assert main(["--dataset", "sample", "--root", str(sample_root), "--out", str(tmp_path / "o"),
+                 "--clap-model", "none", "--workers", "1", "--limit", "6"]) == 0
+    ledger, _ = read_ledger(tmp_path / "o" / "ledger.parquet")
+    assert ledger["reason"].str.contains("decoding started").any(), ledger["reason"].tolist()
+
+
+def test_missing_clap_model_stops_before_decoding(sample_root, tmp_path, monkeypatch, capsys):
+    forbid_decoding(monkeypatch)
     code = main(["--dataset", "sample", "--root", str(sample_root), "--out", str(tmp_path / "o"),
-                 "--clap-model", str(tmp_path / "no-such-clap")])
+                 "--clap-model", str(tmp_path / "no-such-clap"), "--workers", "1"])
     err = capsys.readouterr().err
     assert code == 2
     assert "no-such-clap" in err and "--clap-model none" in err and "HF_HOME" in err
@@ -129,11 +158,19 @@ def test_clap_scores_real_model_folder_and_report(sample_root, tiny_clap_dir, tm
     assert scored[["speech_score", "music_score", "event_score"]].notna().all().all()
     assert meta["clap_skipped"] is False and meta["clap"]["clap_template"] == "a recording of {label}"
     html = (out / "report.html").read_text()
-    assert "CLAP" in html and "skipped" not in html.lower().split("<body")[1][:2000]
+    assert "CLAP" in html and not any("CLAP" in n for n in _notices(html)), _notices(html)
+    assert "CLAP skipped" not in html
 
 
-def test_clap_none_is_said_plainly(clean_out, capsys):
+def _notices(html: str) -> list[str]:
+    """The plain statements the report shows at the top (``pipeline.report.notices``)."""
+    return re.findall(r"<div class='notice'>(.*?)</div>", html, flags=re.S)
+
+
+def test_clap_none_is_said_plainly(clean_out):
     html = (clean_out / "report.html").read_text()
-    assert "skipped" in html.lower()
+    notices = _notices(html)
+    assert any(n.startswith("CLAP was skipped (--clap-model none): no clip was scored") for n in notices), notices
+    assert "CLAP skipped (--clap-model none): no scores." in html  # and again where the scores would be
     _, meta = read_ledger(clean_out / "ledger.parquet")
     assert meta["clap_skipped"] is True

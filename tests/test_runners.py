@@ -3,8 +3,8 @@
 Small test-only stages (below) prove the runner contract on every engine: failures stay in their
 row, model stages are set up once per worker, rows cross process boundaries unchanged. Then
 ``pipeline.clean`` (AV-Align and a tiny CLAP) runs under each runner on the generated sample,
-broken files included: first on part of it, as a killed run leaves the journal, then resumed on
-all of it; every runner must write the same ledger as an uninterrupted local run.
+broken files included: the CLI is killed (SIGKILL, its whole process group) once it has journaled
+a batch, then resumed; every runner must write the same ledger as an uninterrupted local run.
 """
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +227,8 @@ BROKEN_KINDS = {"missing_file", "malformed", "broken_empty", "broken_truncated",
 
 @pytest.fixture(scope="module")
 def clean_input(sample_root, tmp_path_factory) -> Path:
-    """The sample's CSV cut to every broken row plus the clips they need and one shifted clip."""
+    """The sample's CSV cut to every broken row, then the clips: the duplicate's original, one shifted and
+    two aligned clips. The decodable clips come last, so a run killed after its first batch has work left."""
     manifest = json.loads((sample_root / "sample_manifest.json").read_text())
     lines = (sample_root / "vggsound.csv").read_text().splitlines()
     rows = manifest["rows"]
@@ -234,9 +237,11 @@ def clean_input(sample_root, tmp_path_factory) -> Path:
     shifted = next(r for r in rows if r["kind"] == "shifted")
     original = next(r for r in rows if r["kind"] != "duplicate"
                     and (r["youtube_id"], r["start_seconds"]) == (dup["youtube_id"], dup["start_seconds"]))
-    keep = [line for line, r in zip(lines, rows) if r["kind"] in BROKEN_KINDS or r is shifted or r is original]
+    aligned = [r for r in rows if r["kind"] == "aligned" and r is not original][:2]
+    broken = [line for line, r in zip(lines, rows) if r["kind"] in BROKEN_KINDS]
+    clips = [line for line, r in zip(lines, rows) if r is shifted or r is original or any(r is a for a in aligned)]
     path = tmp_path_factory.mktemp("clean_input") / "vggsound.csv"
-    path.write_text("\n".join(keep) + "\n")
+    path.write_text("\n".join(broken + clips) + "\n")
     return path
 
 
@@ -279,33 +284,55 @@ def run_clean_cli(args: list[str]) -> str:
     return done.stdout
 
 
-# How each runner is killed and resumed. local: in this process (its pool is covered above), so the
-# clean stages warm up once. ray: the resumed run is the CLI in a fresh process joining this
-# module's Ray with --ray-address. beam: the first run on Beam's in-process mode (given with
-# --beam-option), the resumed run on the default FnApiRunner with worker processes.
+def kill_after_first_batch(args: list[str], out: Path) -> set[str]:
+    """Start ``python -m pipeline.clean`` in its own process group and SIGKILL the group (driver and
+    workers) as soon as a batch is journaled; returns the keys the journal holds then."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.clean", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    parts = out / "ledger.parts"
+    deadline = time.monotonic() + 240
+    try:
+        while proc.poll() is None and time.monotonic() < deadline and not list(parts.glob("part-*.parquet")):
+            time.sleep(0.01)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (exit {proc.returncode}) before the kill"
+    assert not (out / "ledger.parquet").exists(), "the killed run wrote its final ledger"
+    return Ledger(out).done_keys()
+
+
+# How each runner is killed and resumed. The killed run is always the CLI in a child process group.
+# local: resumed in this process (its pool is covered above), so the clean stages warm up once.
+# ray: both runs join this module's Ray with --ray-address, the resumed one as the CLI in a fresh
+# process. beam: killed on Beam's in-process mode (given with --beam-option), resumed on the
+# default FnApiRunner with worker processes.
 RESUME = {
     "local": (["--workers", "1"], ["--workers", "1"]),
-    "ray": (["--workers", str(WORKERS)], ["--workers", str(WORKERS), "--ray-address", "{ray_address}"]),
+    "ray": (["--workers", str(WORKERS), "--ray-address", "{ray_address}"],
+            ["--workers", str(WORKERS), "--ray-address", "{ray_address}"]),
     "beam": (["--beam-option", "direct_running_mode=in_memory,direct_num_workers=1"], ["--workers", str(WORKERS)]),
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", sorted(RESUME))
 def test_clean_killed_and_resumed_matches_uninterrupted_local_run(runner, reference, clean_cmd, tmp_path):
     import ray
 
-    first_args, second_args = RESUME[runner]
-    second_args = [a.format(ray_address=ray.get_runtime_context().gcs_address) for a in second_args]
-    first = run_clean(clean_cmd(tmp_path, runner, "--limit", "5", *first_args))
-    assert "resuming" not in first
+    first_args, second_args = ([a.format(ray_address=ray.get_runtime_context().gcs_address) for a in args]
+                               for args in RESUME[runner])
+    journaled = kill_after_first_batch(clean_cmd(tmp_path, runner, *first_args), tmp_path)
+    assert 0 < len(journaled) < len(reference), "the kill left nothing to resume"
     run_second = run_clean_cli if runner == "ray" else run_clean
     second = run_second(clean_cmd(tmp_path, runner, *second_args))
-    assert f"resuming: 5 of {len(reference)} items already" in second
+    assert f"resuming: {len(journaled)} of {len(reference)} items already" in second
     assert f"clean summary: {len(reference)} items" in second
 
     parts = sorted((tmp_path / "ledger.parts").glob("part-*.parquet"))
-    journaled = pd.concat([pq.read_table(p).to_pandas() for p in parts])["key"]
-    assert journaled.is_unique, "the resumed run recomputed items that were already journaled"
+    journal = pd.concat([pq.read_table(p).to_pandas() for p in parts])["key"]
+    assert journal.is_unique, "the resumed run recomputed items that were already journaled"
     ledger, meta = read_ledger(tmp_path / "ledger.parquet")
     assert meta["runner"] == runner
     assert_frame_equal(ledger, reference)
