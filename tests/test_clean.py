@@ -174,3 +174,50 @@ def test_clap_none_is_said_plainly(clean_out):
     assert "CLAP skipped (--clap-model none): no scores." in html  # and again where the scores would be
     _, meta = read_ledger(clean_out / "ledger.parquet")
     assert meta["clap_skipped"] is True
+
+
+@pytest.mark.slow
+def test_youtube_corpus_end_to_end_through_the_cli(youtube_root, sample_root, tiny_clap_dir, tmp_path):
+    """``python -m pipeline.clean --dataset youtube`` on real files: every window of every video is a row,
+    the broken download fails, the VGGSound test-split id is filtered as a leak, AV-Align tells the
+    aligned videos from the shifted one, captions come from the yt-dlp sidecars, speech/music is scored."""
+    from core.config import SignalConfig
+    from pipeline.manifest import WindowConfig, windows_for
+
+    out = tmp_path / "yt"
+    done = subprocess.run([sys.executable, "-m", "pipeline.clean", "--dataset", "youtube", "--root", str(youtube_root),
+                           "--out", str(out), "--clap-model", str(tiny_clap_dir), "--clap-device", "cpu",
+                           "--exclude-ids", str(sample_root / "vggsound.csv"), "--workers", "2", "--batch-size", "4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "clean summary:" in done.stdout
+    ledger, meta = read_ledger(out / "ledger.parquet")
+    files = json.loads((youtube_root / "sample_manifest.json").read_text())["files"]
+    assert meta["dataset"] == "youtube" and ledger["key"].is_unique and all(is_safe(k) for k in ledger["key"])
+    assert set(ledger["source"]) == {"youtube"} and (ledger["label"] == "").all()
+    expected_rows = 0
+    for f in files:
+        rows = ledger[ledger["video_path"] == str(youtube_root / f["file"])]
+        if f["expect"] == "decode_error":
+            assert len(rows) == 1 and rows.iloc[0]["status"] == "failed", f
+            assert rows.iloc[0]["reason"].startswith("decode_error"), rows.iloc[0]["reason"]
+            expected_rows += 1
+            continue
+        windows = windows_for(f["file_duration_s"], SignalConfig(), WindowConfig())
+        expected_rows += len(windows)
+        assert sorted(rows["start_s"]) == [s for s, _ in windows], f["file"]
+        assert set(rows["youtube_id"]) == {f["youtube_id"]}
+        assert all(f["title"] in c for c in rows["caption"]) if f["title"] else (rows["caption"] == "").all()
+        if f["in_vggsound_test_split"]:
+            assert set(rows["status"]) == {"filtered"} and set(rows["reason"]) == {"test_leak"}
+            continue
+        full = rows[rows["duration_s"] >= 10.0 - 0.05]
+        assert len(full) >= 2 and full["speech_score"].notna().all()
+        # the audio-text score needs a text: a video without a sidecar has no caption, so no score
+        assert (full["clap_score"].notna() if f["title"] else full["clap_score"].isna()).all(), f["file"]
+        if f["expect_av_align"] == "high":
+            assert (full["av_align"] > 0.5).all(), (f["file"], full["av_align"].tolist())
+        else:
+            assert (full["av_align"] < 0.2).all(), (f["file"], full["av_align"].tolist())
+    assert len(ledger) == expected_rows
+    assert (out / "report.html").is_file() and "Clean run report: youtube" in (out / "report.html").read_text()
