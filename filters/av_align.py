@@ -69,6 +69,7 @@ class AVAlignResult:
     seconds: float  # wall time: decode + compute for score_clip, compute only for score_decoded
     audio_peak_times: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     video_peak_times: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    motion: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # native px/frame, per frame
 
 
 def decode_request_for(config: AVAlignConfig, signal: SignalConfig | None = None) -> DecodeRequest:
@@ -175,11 +176,13 @@ def score_decoded(clip: DecodedClip, config: AVAlignConfig = AVAlignConfig()) ->
         raise DecodeError("decode_error", "video stream has no frame rate")
     y = reference_audio(clip.audio_native, clip.audio_layout, clip.native_sr, config.sample_rate)
     a_peaks = audio_onsets(y, config.sample_rate)
-    v_peaks = video_peaks(video_motion(clip.gray, config, clip.gray_scale), clip.video_fps, config.peak_floor)
+    motion = video_motion(clip.gray, config, clip.gray_scale)
+    v_peaks = video_peaks(motion, clip.video_fps, config.peak_floor)
     score = av_align_score(a_peaks, v_peaks, clip.video_fps)
     return AVAlignResult(score=float(score), audio_peaks=len(a_peaks), video_peaks=len(v_peaks),
                          fps=float(clip.video_fps), frames=int(len(clip.gray)),
-                         seconds=time.perf_counter() - t0, audio_peak_times=a_peaks, video_peak_times=v_peaks)
+                         seconds=time.perf_counter() - t0, audio_peak_times=a_peaks, video_peak_times=v_peaks,
+                         motion=motion)
 
 
 def score_clip(path: str | Path, config: AVAlignConfig = AVAlignConfig(), start_s: float = 0.0,

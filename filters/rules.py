@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from core.stage import FILTERED, OK
+from filters.curation import CurationFilters, curation_reasons
 
 
 @dataclass(frozen=True)
@@ -37,20 +38,28 @@ def threshold_reasons(row: dict, filters: FilterConfig, speech_music=None) -> li
     if av is not None and not math.isnan(av) and av <= filters.av_align_min:
         reasons.append(f"av_align<{filters.av_align_min:g}")
     if speech_music is not None:
-        from filters.speech_music import verdict
+        from filters.speech_music import MUSIC, verdict
 
-        v = verdict(row.get("speech_score"), row.get("music_score"), row.get("event_score"), speech_music)
+        v = verdict(row.get("speech_score"), row.get("music_score"), row.get("event_score"), speech_music,
+                    kinds=(MUSIC,))
         if v:
             reasons.append(v)
     return reasons
 
 
-def apply_filters(journal: pd.DataFrame, filters: FilterConfig, speech_music=None) -> pd.DataFrame:
-    """Final status for every journaled row: failures and pre-decided rows stay as they are."""
+def apply_filters(journal: pd.DataFrame, filters: FilterConfig, speech_music=None,
+                  curation: CurationFilters | None = None, dataset: str = "") -> pd.DataFrame:
+    """Final status for every journaled row: failures and pre-decided rows stay as they are.
+
+    ``curation`` adds the speech (VAD), silent, static and scene-cut rules (``filters.curation``).
+    """
     df = journal.copy()
     scored = df["status"] == OK
+    extra = curation_reasons(df[scored], curation, dataset) if curation is not None else None
     for idx in df.index[scored]:
         reasons = threshold_reasons(df.loc[idx].to_dict(), filters, speech_music)
+        if extra is not None and extra.at[idx]:
+            reasons += extra.at[idx].split(",")
         if reasons:
             df.at[idx, "status"] = FILTERED
             df.at[idx, "reason"] = ",".join(reasons)

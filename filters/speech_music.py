@@ -120,15 +120,18 @@ def embed_prompts(scorer: ClapScorer, config: SpeechMusicConfig) -> PromptSets:
 
 
 def verdict(speech_score: float | None, music_score: float | None, event_score: float | None,
-            config: SpeechMusicConfig) -> str:
+            config: SpeechMusicConfig, kinds: tuple[str, ...] = (SPEECH, MUSIC)) -> str:
     """The drop rule on stored scores: ``"speech"``, ``"music"`` or ``""`` (keep). See the module doc.
 
+    ``kinds`` are the verdicts the rule may return: the clean pipeline passes ``(MUSIC,)``, since
+    speech is decided by the VAD (``filters.curation``) and the CLAP speech score is only recorded.
     A missing score (None or NaN: CLAP skipped or the row failed) never drops a clip.
     """
-    scores = (speech_score, music_score, event_score)
+    candidates = {SPEECH: speech_score, MUSIC: music_score}
+    scores = [candidates[k] for k in kinds] + [event_score]
     if any(s is None or not np.isfinite(s) for s in scores):
         return ""
-    kind, top = (SPEECH, speech_score) if speech_score >= music_score else (MUSIC, music_score)
+    kind, top = max(((k, candidates[k]) for k in kinds), key=lambda kv: (kv[1], kv[0] == SPEECH))
     if top > event_score + config.speech_music_margin and top >= config.speech_music_min:
         return kind
     return ""

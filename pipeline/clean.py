@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from filters.av_align import AVAlignConfig
 from filters.clap import ClapConfig, ClapModelUnavailable, check_available, run_metadata
+from filters.curation import CurationConfig, CurationFilters
 from filters.speech_music import SpeechMusicConfig
 from filters.rules import FilterConfig, apply_filters
 from pipeline.clean_stages import CleanStageConfig, build_clean_stages
@@ -54,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p.add_argument_group("decoding"), DecodeLimits)
     add_config_args(p.add_argument_group("YouTube windows"), WindowConfig)
     add_config_args(p.add_argument_group("CLAP"), ClapConfig, prefix="clap_")
-    add_config_args(p.add_argument_group("speech/music"), SpeechMusicConfig)
+    add_config_args(p.add_argument_group("CLAP music rule (speech is decided by the VAD)"), SpeechMusicConfig)
+    add_config_args(p.add_argument_group("curation scores"), CurationConfig)
+    add_config_args(p.add_argument_group("curation rules"), CurationFilters)
+    p.add_argument("--gallery", type=int, default=0, metavar="N",
+                   help="write OUT/gallery/index.html with N clips per bucket (default: 0, no gallery)")
     return p
 
 
@@ -132,7 +137,8 @@ def clean(args: argparse.Namespace) -> int:
                                     av_align=from_args(AVAlignConfig, args, prefix="av_align_"),
                                     clap=clap if clap.enabled else None,
                                     speech_music=speech_music if clap.enabled else None,
-                                    batch_size=args.batch_size)
+                                    curation=from_args(CurationConfig, args), batch_size=args.batch_size)
+    curation = from_args(CurationFilters, args)
     rule = speech_music if speech_music.enabled_for(args.dataset) else None
     rows = build_manifest(args, root, signal)
     ledger = Ledger(out)
@@ -161,7 +167,7 @@ def clean(args: argparse.Namespace) -> int:
     # hours from the journal, not from on_batch: remote Beam workers journal batches the driver never sees
     ran = journal[journal["key"].isin({r["key"] for r in pending}) & (journal["status"] == OK)]
     video_s = float(ran["duration_s"].fillna(0.0).sum())
-    final = apply_filters(journal, filters, rule)
+    final = apply_filters(journal, filters, rule, curation, args.dataset)
     missing = keys - set(final["key"])
     if missing:  # every input item must be accounted for; a gap means a runner lost rows
         raise RuntimeError(f"{len(missing)} items have no ledger row (e.g. {sorted(missing)[:3]}); rerun to resume")
@@ -171,6 +177,9 @@ def clean(args: argparse.Namespace) -> int:
         "filters": asdict(filters), "av_align": asdict(stage_config.av_align),
         "signal": asdict(signal), "clap": run_metadata(clap), "clap_skipped": not clap.enabled,
         "speech_music": {**asdict(speech_music), "enabled": rule is not None},
+        "curation": asdict(stage_config.curation),
+        "curation_rules": {**asdict(curation), "enabled": {name: curation.enabled(name, args.dataset)
+                                                           for name in ("speech", "silent", "static")}},
         "code_version": code_version(), "counts": {k: summary[k] for k in ("total", "ok", "filtered", "failed")},
         "reasons": summary["reasons"],
     }

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from filters.av_align import AVAlignConfig, decode_request_for, score_decoded, warm_up
+from filters.curation import (VAD_SAMPLE_RATE, CurationConfig, SpeechDetector, motion_scores, scene_cut_times,
+                              silence_scores)
 from core.config import DecodeLimits, SignalConfig
 from core.decode import DecodeError, DecodeRequest, decode, probe
 from core.device import wants_gpu
@@ -29,6 +31,7 @@ class CleanStageConfig:
     av_align: AVAlignConfig = field(default_factory=AVAlignConfig)
     clap: object | None = None  # filters.clap.ClapConfig, or None when CLAP is skipped
     speech_music: object | None = None  # filters.speech_music.SpeechMusicConfig when enabled
+    curation: CurationConfig = field(default_factory=CurationConfig)
     batch_size: int = 8
 
 
@@ -57,13 +60,15 @@ class DecodeScoreStage(Stage):
     def __init__(self, config: CleanStageConfig):
         self.config = config
         self.resources = Resources(cpus=1.0, gpus=0.0, batch_size=config.batch_size)
+        self.speech = SpeechDetector(config.curation)
 
     def setup(self) -> None:
         warm_up()  # librosa's one-off start-up, so it is not charged to the first clip
+        self.speech.load()
 
     def _request(self, start: float, duration: float | None) -> DecodeRequest:
         req = decode_request_for(self.config.av_align, self.config.signal)
-        rates = set(req.audio_rates)
+        rates = set(req.audio_rates) | {VAD_SAMPLE_RATE}
         if self.config.clap is not None:
             rates.add(self.config.signal.clap_sr)
         return replace(req, start_s=start, duration_s=duration, audio_rates=tuple(sorted(rates)))
@@ -80,9 +85,18 @@ class DecodeScoreStage(Stage):
         row.update(start_s=clip.start_s, duration_s=clip.duration_s, video_fps=clip.video_fps,
                    av_align=float(result.score), audio_peaks=int(result.audio_peaks),
                    video_peaks=int(result.video_peaks), status=OK, reason="")
+        row.update(self._curation(clip, result.motion))
         if self.config.clap is not None:
             row[AUDIO_FOR_CLAP] = clip.audio[self.config.signal.clap_sr]
         return row
+
+    def _curation(self, clip, motion) -> dict:
+        """Speech, silence, scene-cut and motion scores from the same decoded clip."""
+        cfg = self.config.curation
+        audio = clip.audio[VAD_SAMPLE_RATE]
+        return {**self.speech.scores(audio), **silence_scores(audio, VAD_SAMPLE_RATE, cfg.silent_frame_db),
+                "scene_cuts": scene_cut_times(clip.gray, clip.gray_times, clip.video_fps, cfg),
+                **motion_scores(motion)}
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
         return [self.process_row(row) for row in rows]

@@ -40,6 +40,14 @@ SCHEMA = pa.schema([
     ("speech_score", pa.float64()),
     ("music_score", pa.float64()),
     ("event_score", pa.float64()),
+    ("speech_share", pa.float64()),
+    ("speech_run_s", pa.float64()),
+    ("peak_db", pa.float64()),
+    ("rms_db", pa.float64()),
+    ("silent_share", pa.float64()),
+    ("scene_cuts", pa.list_(pa.float64())),
+    ("motion_max", pa.float64()),
+    ("motion_mean", pa.float64()),
     ("line", pa.int64()),
 ])
 COLUMNS = SCHEMA.names
