@@ -1,8 +1,9 @@
 """Synthetic clips with known ground truth: the one generator tests, benchmarks and the sample use.
 
 A clip shows a bright square that stands still and jumps to a new place exactly on the frame whose
-presentation time is an event time, and its audio is silence with a sharp click starting exactly
-at that time (plus an optional shift). Audio is stored losslessly (ALAC in mp4/mov, FLAC in mkv)
+presentation time is an event time, and its audio is a steady mains hum (120 Hz at -50 dBFS RMS, so the clip is not "silent" by the
+curation rules, as real recordings never are; being steady, it adds no onset) with a sharp click
+starting exactly at that time (plus an optional shift). Audio is stored losslessly (ALAC in mp4/mov, FLAC in mkv)
 so there is no encoder priming: audio sample 0 is time 0, the time of the first video frame.
 WebM uses VP9 + Opus, whose pre-skip FFmpeg removes on decode. The bytes depend only on the
 arguments (single-threaded encoders, bit-exact container), not on the machine.
@@ -29,6 +30,7 @@ DEFAULT_EVENT_TIMES = (1.0, 2.6, 4.8, 6.2, 8.4)  # irregular: no shift maps the 
 _CLICK_S = 0.025  # length of one click
 _CLICK_TAU_S = 0.004  # its exponential decay
 _CLICK_PEAK = 0.8
+_HUM_HZ, _HUM_DBFS = 120.0, -50.0  # the steady bed under the clicks: above the -60 dBFS near-silence level
 _VFR_TICK = Fraction(1, 90000)  # time base of variable-rate mp4 video
 _MS = Fraction(1, 1000)  # Matroska/WebM store timestamps in milliseconds
 _COLOURS = [(240, 240, 230), (250, 220, 120), (140, 230, 250), (250, 170, 200)]  # bright: luma > 170
@@ -247,6 +249,8 @@ def _write(path: Path, *, duration_s, fps, size, event_times, audio_shift_s, sam
     audio_starts = _click_starts(video_events, audio_shift_s, sample_rate, click.size, n_samples) if with_audio else []
     pcm = np.zeros(n_samples, np.float32)
     if sound:
+        hum = np.sin(2 * np.pi * _HUM_HZ * np.arange(n_samples) / sample_rate)
+        pcm += (hum * np.sqrt(2.0) * 10.0 ** (_HUM_DBFS / 20.0)).astype(np.float32)
         for s in audio_starts:
             pcm[s: s + click.size] += click
 

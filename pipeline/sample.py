@@ -113,7 +113,7 @@ def _generate_vggsound(root: Path, seed: int) -> dict:
         yid = yid or next(id_iter)
         start = start_seconds() if start is None else start
         entry = {"youtube_id": yid, "start_seconds": start, "label": label, "split": split, "kind": kind,
-                 "expect": expect, "expect_av_align": av_align, "note": note, **extra}
+                 "expect": expect, "expect_av_align": av_align, "expect_curation": [], "note": note, **extra}
         if clip is not None:
             entry.update(_clip_record(clip, root, offset=offset, window=window))
         entries.append(entry)
@@ -147,7 +147,8 @@ def _generate_vggsound(root: Path, seed: int) -> dict:
     yid, start = next(id_iter), start_seconds()
     clip = write_event_clip(name(yid, start), duration_s=window, motion=False, sound=False, seed=seed * 1000 + 200)
     add("static_silent", "wind noise", "train", "ok", clip, yid=yid, start=start, av_align="low",
-        note="still square, digital silence: no motion peaks, no onsets (AV-Align 0)", audio_shift_s=0.0)
+        note="still square, digital silence: no motion peaks, no onsets (AV-Align 0)", audio_shift_s=0.0,
+        expect_curation=["silent", "static"])
 
     # an untrimmed download: the CSV window [start, start+10) lies inside a longer file
     yid, start = next(id_iter), 10
