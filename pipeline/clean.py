@@ -185,6 +185,15 @@ def clean(args: argparse.Namespace) -> int:
     }
     ledger.write_final(final, meta)
     report = write_report(final, meta, out / "report.html")
+    if args.gallery:
+        from pipeline.gallery import write_gallery
+
+        thresholds = {"av_align": filters.av_align_min, "clap_score": filters.clap_min,
+                      "speech_share": curation.speech_share_max, "silent_share": curation.silent_share_max,
+                      "motion_max": curation.static_motion_max}
+        page = write_gallery(final, meta, out / "gallery", args.gallery, stage_config.av_align, thresholds,
+                             stage_config.limits)
+        print(f"   gallery: {page}")
     print_summary(summary, out, clap_skipped=not clap.enabled)
     if not clap.enabled and args.dataset == "youtube":
         print("   speech/music filter did NOT run: it needs CLAP embeddings")
