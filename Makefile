@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO := out/demo
 
-.PHONY: install lint test test-fast demo bench clean-demo
+.PHONY: install system-packages lint test test-fast demo bench clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ $(STAMP): setup.py | $(BIN)/python
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# what the tests need from the system (as root, Debian): espeak-ng speaks the VAD test's speech,
+# Chromium and its driver open the HTML pages in the browser tests
+SYSTEM_PACKAGES := espeak-ng chromium chromium-driver
+system-packages:
+	@command -v espeak-ng >/dev/null && command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(SYSTEM_PACKAGES); }
 
 lint: install
 	$(BIN)/lint-imports

@@ -20,10 +20,12 @@ CORE = [
     "webdataset>=0.2.100,<2",
     "fsspec>=2024.6",
     "tensorboard>=2.16,<3",
+    "silero-vad>=6.2,<7",  # speech detector; its wheel ships the weights (no download)
+    "scenedetect-headless>=0.7,<0.8",  # scene cuts on the decoded frames
 ]
 RAY = ["ray[data]==2.60.*"]
 BEAM = ["apache-beam==2.77.*"]
-TEST = ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "import-linter>=2.1,<3"]
+TEST = ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "import-linter>=2.1,<3", "selenium>=4.30,<5"]
 
 setup(
     name="v2a-datapipe",

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 VAD_SAMPLE_RATE = 16000  # Silero VAD runs at 16 kHz (or 8 kHz)
+VAD_WINDOW = 512  # samples per model step at 16 kHz
 SILENCE_FRAME_S = 0.02
 SCENE_SIDE = 64  # long side (px) scene detection runs at, in both AV-Align modes
 SCORE_COLUMNS = ("speech_share", "speech_run_s", "peak_db", "rms_db", "silent_share", "scene_cuts",
@@ -155,19 +156,37 @@ class SpeechDetector:
             self.model = load_silero_vad()
 
     def scores(self, audio16k: np.ndarray) -> dict:
+        return self.scores_batch([audio16k])[0]
+
+    def scores_batch(self, clips: list[np.ndarray]) -> list[dict]:
+        """Voiced share and longest run of each clip (16 kHz mono). The clips go through the model
+        together, one row each (zero-padded to the longest; the model is causal, so padding after
+        a clip does not change its probabilities), then through Silero's own post-processing
+        (``get_speech_timestamps_from_probs``): the same spans ``get_speech_timestamps`` gives."""
         import torch
-        from silero_vad import get_speech_timestamps
+        from silero_vad.utils_vad import get_speech_timestamps_from_probs
 
         self.load()
-        x = np.asarray(audio16k, np.float32)
-        if x.size < 512:
-            return {"speech_share": None, "speech_run_s": None}
-        spans = get_speech_timestamps(torch.from_numpy(x), self.model, sampling_rate=VAD_SAMPLE_RATE,
-                                      threshold=self.config.vad_threshold,
-                                      min_speech_duration_ms=self.config.vad_min_speech_ms)
-        runs = [(s["end"] - s["start"]) / VAD_SAMPLE_RATE for s in spans]
-        return {"speech_share": float(sum(runs) / (x.size / VAD_SAMPLE_RATE)),
-                "speech_run_s": float(max(runs, default=0.0))}
+        out: list[dict] = [{"speech_share": None, "speech_run_s": None} for _ in clips]
+        todo = [i for i, x in enumerate(clips) if np.asarray(x).size >= VAD_WINDOW]
+        if not todo:
+            return out
+        longest = max(np.asarray(clips[i]).size for i in todo)
+        batch = torch.zeros(len(todo), longest)
+        for row, i in enumerate(todo):
+            batch[row, : np.asarray(clips[i]).size] = torch.from_numpy(np.asarray(clips[i], np.float32))
+        with torch.inference_mode():
+            probs = self.model.audio_forward(batch, VAD_SAMPLE_RATE)
+        for row, i in enumerate(todo):
+            n = np.asarray(clips[i]).size
+            spans = get_speech_timestamps_from_probs(
+                probs[row, : math.ceil(n / VAD_WINDOW)].tolist(), sampling_rate=VAD_SAMPLE_RATE,
+                threshold=self.config.vad_threshold, min_speech_duration_ms=self.config.vad_min_speech_ms,
+                audio_length_samples=n)
+            runs = [(s["end"] - s["start"]) / VAD_SAMPLE_RATE for s in spans]
+            out[i] = {"speech_share": float(sum(runs) / (n / VAD_SAMPLE_RATE)),
+                      "speech_run_s": float(max(runs, default=0.0))}
+        return out
 
 
 # ---- rules ------------------------------------------------------------------------------------

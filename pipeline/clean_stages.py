@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from filters.av_align import AVAlignConfig, decode_request_for, score_decoded, warm_up
+from filters.curation import SCORE_COLUMNS as CURATION_COLUMNS
 from filters.curation import (VAD_SAMPLE_RATE, CurationConfig, SpeechDetector, motion_scores, scene_cut_times,
                               silence_scores)
 from core.config import DecodeLimits, SignalConfig
@@ -54,7 +55,8 @@ class DecodeScoreStage(Stage):
 
     name = "decode_av_align"
     reads = ("video_path", "source", "start_s", "duration_s")
-    writes = ("start_s", "duration_s", "video_fps", "av_align", "audio_peaks", "video_peaks", AUDIO_FOR_CLAP)
+    writes = ("start_s", "duration_s", "video_fps", "av_align", "audio_peaks", "video_peaks", *CURATION_COLUMNS,
+              AUDIO_FOR_CLAP)
     transient = (AUDIO_FOR_CLAP,)
 
     def __init__(self, config: CleanStageConfig):
@@ -73,33 +75,38 @@ class DecodeScoreStage(Stage):
             rates.add(self.config.signal.clap_sr)
         return replace(req, start_s=start, duration_s=duration, audio_rates=tuple(sorted(rates)))
 
-    def process_row(self, row: Row) -> Row:
+    def _score(self, row: Row) -> np.ndarray | None:
+        """Decode and score one row in place; returns its 16 kHz audio for the VAD (None: failed)."""
         if not is_pending(row):
-            return row
+            return None
         try:
             start, duration = resolve_window(row, self.config.signal, self.config.limits)
             clip = decode(row["video_path"], self._request(start, duration), self.config.limits)
             result = score_decoded(clip, self.config.av_align)
         except DecodeError as e:
-            return mark_failed(row, e.ledger_reason)
+            mark_failed(row, e.ledger_reason)
+            return None
+        audio = clip.audio[VAD_SAMPLE_RATE]
         row.update(start_s=clip.start_s, duration_s=clip.duration_s, video_fps=clip.video_fps,
                    av_align=float(result.score), audio_peaks=int(result.audio_peaks),
-                   video_peaks=int(result.video_peaks), status=OK, reason="")
-        row.update(self._curation(clip, result.motion))
+                   video_peaks=int(result.video_peaks), status=OK, reason="",
+                   scene_cuts=scene_cut_times(clip.gray, clip.gray_times, clip.video_fps, self.config.curation),
+                   **silence_scores(audio, VAD_SAMPLE_RATE, self.config.curation.silent_frame_db),
+                   **motion_scores(result.motion))
         if self.config.clap is not None:
             row[AUDIO_FOR_CLAP] = clip.audio[self.config.signal.clap_sr]
-        return row
-
-    def _curation(self, clip, motion) -> dict:
-        """Speech, silence, scene-cut and motion scores from the same decoded clip."""
-        cfg = self.config.curation
-        audio = clip.audio[VAD_SAMPLE_RATE]
-        return {**self.speech.scores(audio), **silence_scores(audio, VAD_SAMPLE_RATE, cfg.silent_frame_db),
-                "scene_cuts": scene_cut_times(clip.gray, clip.gray_times, clip.video_fps, cfg),
-                **motion_scores(motion)}
+        return audio
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
-        return [self.process_row(row) for row in rows]
+        """Decode and score each row, then run the VAD on the whole batch at once (one batched
+        forward pass per 32 ms step instead of one per clip: about 3x less CPU)."""
+        voiced = [(row, audio) for row in rows if (audio := self._score(row)) is not None]
+        for (row, _), scores in zip(voiced, self.speech.scores_batch([a for _, a in voiced])):
+            row.update(scores)
+        return rows
+
+    def process_row(self, row: Row) -> Row:
+        return self.process_batch([row])[0]
 
 
 class ClapStage(Stage):

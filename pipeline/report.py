@@ -138,7 +138,8 @@ def _reasons(df: pd.DataFrame) -> list[str]:
 
 def threshold(meta: dict, name: str) -> float | None:
     """A keep threshold from the run metadata (``thresholds``/``filters`` sections or top level)."""
-    for section in (meta.get("thresholds"), meta.get("filters"), meta.get("filter"), meta):
+    for section in (meta.get("thresholds"), meta.get("filters"), meta.get("filter"), meta.get("curation_rules"),
+                    meta):
         if isinstance(section, dict) and isinstance(section.get(name), (int, float)):
             return float(section[name])
     return None
@@ -156,10 +157,33 @@ def _scores(df: pd.DataFrame, meta: dict) -> list[str]:
                 _histogram(df["speech_score"], "speech score (best speech prompt cosine)", None, None),
                 _histogram(df["music_score"], "music score (best music prompt cosine)", None, None),
                 "</div>"]
-    return out
+    return out + _curation_scores(df, meta)
 
 
-def _histogram(values: pd.Series, name: str, thr: float | None, note: str | None) -> str:
+def _curation_scores(df: pd.DataFrame, meta: dict) -> list[str]:
+    """Speech (VAD), silence, motion and scene cuts: the curation scores of ``filters.curation``."""
+    if "speech_share" not in df or not df[["speech_share", "silent_share", "motion_max"]].notna().any().any():
+        return []
+    peak_max = threshold(meta, "silence_peak_max")
+    cuts = df["scene_cuts"].map(lambda v: float(len(v)) if v is not None else np.nan) if "scene_cuts" in df else None
+    charts = [
+        (df["speech_share"], "speech share (Silero VAD, share of the window voiced)", "speech_share_max"),
+        (df["speech_run_s"], "longest voiced run (s)", "speech_run_max_s"),
+        (df["silent_share"], "near-silent share (20 ms frames)", "silent_share_max"),
+        (df["peak_db"], "peak level (dBFS)", None),
+        (df["motion_max"], "largest motion (px/frame; static below the threshold)", "static_motion_max"),
+    ]
+    out = ["<h3>Curation scores</h3>", "<div class='pair'>"]
+    for values, name, key in charts:
+        thr = threshold(meta, key) if key else (20 * math.log10(peak_max) if peak_max else None)
+        out.append(_histogram(values, name, thr, None, drop_above=key in ("speech_share_max", "speech_run_max_s",
+                                                                         "silent_share_max")))
+    if cuts is not None:
+        out.append(_histogram(cuts, "scene cuts per window (PySceneDetect)", None, None))
+    return out + ["</div>"]
+
+
+def _histogram(values: pd.Series, name: str, thr: float | None, note: str | None, drop_above: bool = False) -> str:
     data = values.dropna().to_numpy(dtype=float)
     missing = int(values.isna().sum())
     head = f"<div><h3>{_e(name)}</h3>"
@@ -176,7 +200,8 @@ def _histogram(values: pd.Series, name: str, thr: float | None, note: str | None
         lo, hi = lo - 0.05, hi + 0.05
     ax.hist(data, bins=np.linspace(lo, hi, 41), color="#0969da", alpha=0.85)
     if thr is not None:
-        ax.axvline(thr, color="#cf222e", linestyle="--", linewidth=2, label=f"keep threshold > {thr:g}")
+        rule = f"dropped above {thr:g}" if drop_above else f"keep threshold > {thr:g}"
+        ax.axvline(thr, color="#cf222e", linestyle="--", linewidth=2, label=rule)
         ax.legend(loc="upper left")
     ax.set_xlabel(name)
     ax.set_ylabel("rows")
