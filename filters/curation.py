@@ -209,7 +209,7 @@ def curation_reasons(df: pd.DataFrame, rules: CurationFilters, dataset: str) -> 
     if rules.scene_cuts == "drop" and "scene_cuts" in df:
         has_cut = df["scene_cuts"].map(lambda v: v is not None and len(v) > 0)
         parts.append(has_cut.map({True: "scene_cut", False: ""}))
-    if not parts:
-        return pd.Series("", index=df.index)
+    if not parts or df.empty:
+        return pd.Series("", index=df.index, dtype=object)
     joined = pd.concat(parts, axis=1).astype(str).agg(",".join, axis=1)
     return joined.str.replace(r",+", ",", regex=True).str.strip(",")

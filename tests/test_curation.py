@@ -165,3 +165,8 @@ def test_batched_vad_gives_silero_own_spans(speech, vad):
         runs = [(s["end"] - s["start"]) / SR for s in spans]
         assert got["speech_share"] == pytest.approx(sum(runs) / (clip.size / SR), abs=1e-9)
         assert got["speech_run_s"] == pytest.approx(max(runs, default=0.0), abs=1e-9)
+
+
+def test_rules_on_a_journal_without_scored_rows():
+    empty = pd.DataFrame({"speech_share": [], "motion_max": []})
+    assert curation_reasons(empty, CurationFilters(), "youtube").empty
