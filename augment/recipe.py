@@ -232,8 +232,9 @@ def read_plan(path: str | Path) -> tuple[pd.DataFrame, dict]:
     if fmt != PLAN_FORMAT:
         raise PlanError(f"{p} is a plan of format {fmt!r}; this code reads {PLAN_FORMAT!r} "
                         f"(re-plan it with python -m pipeline.augment plan, or use the code that wrote it)")
-    wrong = [f"{f.name}: {table.schema.field(f.name).type} (expected {f.type})" for f in PLAN_SCHEMA
-             if not table.schema.field(f.name).type.equals(f.type) and not pa.types.is_null(table.schema.field(f.name).type)]
+    types = {f.name: table.schema.field(f.name).type for f in PLAN_SCHEMA}
+    wrong = [f"{f.name}: {types[f.name]} (expected {f.type})" for f in PLAN_SCHEMA
+             if not types[f.name].equals(f.type) and not pa.types.is_null(types[f.name])]
     if wrong:
         raise PlanError(f"{p} is not an augmentation plan: column types {'; '.join(wrong)}")
     return table.to_pandas(), meta

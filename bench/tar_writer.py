@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shards.shard_writer import npy_bytes, write_tar  # noqa: E402
+from shards.shard_writer import _HashingFile, npy_bytes, write_tar  # noqa: E402
 
 
 def _samples(n: int) -> list[tuple[str, dict[str, bytes]]]:
@@ -38,25 +38,10 @@ def _samples(n: int) -> list[tuple[str, dict[str, bytes]]]:
         "audio.flac": rng.integers(0, 255, 180_000, dtype=np.uint8).tobytes()}) for i in range(n)]
 
 
-class _Hashing:
-    """Write-through sha256, as the previous writer (and write_tar) hash every shard as it is written."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def tell(self) -> int:
-        return self.size
-
-
 def hand_written(path: Path, samples) -> str:
     """The previous writer: plain tarfile, fixed TarInfo metadata, members by name, sha256, fsync."""
     with open(path, "wb") as raw:
-        hashed = _Hashing(raw)
+        hashed = _HashingFile(raw)
         with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for key, members in samples:
                 for member, data in sorted(members.items()):

@@ -48,7 +48,8 @@ def _random_models(enc: EncoderConfig, work_dir: Path) -> EncoderConfig:
 def resolve_models(enc: EncoderConfig, work_dir: Path) -> Models:
     """Find both models before any work starts; for the demo only, fall back to random weights."""
     try:
-        return Models(enc, resolve_pretrained(enc.clip_model), resolve_pretrained(enc.vae, pipeline_subfolder="vae"), "")
+        return Models(enc, resolve_pretrained(enc.clip_model), resolve_pretrained(enc.vae, pipeline_subfolder="vae"),
+                      "")
     except ModelLoadError as e:
         if not enc.allow_random_weights:
             raise

@@ -345,9 +345,6 @@ class ShardAssembler:
             status = self.cache.status(key, self.fps[key])
         return status
 
-    def settled(self, key: str) -> bool:
-        return self.cache.status(key, self.fps[key]) is not None
-
     def advance(self, final: bool = False) -> list[str]:
         """Write every shard whose samples are all settled; with ``final`` every key must be settled."""
         new = []

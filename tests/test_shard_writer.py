@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import subprocess
 import sys
 import tarfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from core.atomic import temp_path
 from core.fingerprint import fingerprint
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from tar_writer import hand_written  # noqa: E402
+
 from shards.shard_writer import (SampleCache, ShardAssembler, ShardError, npy_bytes, read_tar_samples, shard_name,
                                  write_index, write_tar)
 
@@ -29,26 +32,15 @@ def _fps(keys, version: str = "v1") -> dict[str, str]:
     return {k: fingerprint({"key": k, "recipe": version}) for k in keys}
 
 
-def _hand_written_tar(samples) -> bytes:
-    """The reference layout: plain tarfile, fixed metadata, members by name."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for key, members in samples:
-            for member, data in sorted(members.items()):
-                info = tarfile.TarInfo(f"{key}.{member}")
-                info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_tar_bytes_are_deterministic_with_fixed_metadata(tmp_path):
     samples = [(f"k{i}", _sample(i)) for i in range(3)]
     n1, size1, sha1 = write_tar(tmp_path / "a.tar", samples)
     n2, size2, sha2 = write_tar(tmp_path / "b.tar", [(k, dict(reversed(m.items()))) for k, m in samples])
     data = (tmp_path / "a.tar").read_bytes()
     assert data == (tmp_path / "b.tar").read_bytes()  # member order never depends on the dict's order
-    assert data == _hand_written_tar(samples)  # webdataset.TarWriter gives the reference bytes
+    hand_written(tmp_path / "ref.tar", samples)  # the plain-tarfile reference (bench/tar_writer.py)
+    assert data == (tmp_path / "ref.tar").read_bytes()  # webdataset.TarWriter gives the reference bytes
+    (tmp_path / "ref.tar").unlink()
     assert (n1, size1, sha1) == (3, len(data), hashlib.sha256(data).hexdigest()) == (n2, size2, sha2)
     with tarfile.open(tmp_path / "a.tar") as tar:
         members = tar.getmembers()
