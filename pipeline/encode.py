@@ -83,7 +83,7 @@ def check_settings(work_dir: Path, settings: dict) -> None:
 
 
 @dataclass(frozen=True)
-class Plan:
+class EncodeRun:
     """A run made ready: the work, the models, the cache and the shard layout."""
 
     out: Path
@@ -94,7 +94,7 @@ class Plan:
     splits: dict[str, list[str]]
 
 
-def prepare(args: argparse.Namespace, enc: EncoderConfig, shard_cfg: ShardConfig, mel: MelConfig) -> Plan:
+def prepare(args: argparse.Namespace, enc: EncoderConfig, shard_cfg: ShardConfig, mel: MelConfig) -> EncodeRun:
     """Check the inputs, find the models, fingerprint every sample and set up cache and layout."""
     work = collect_work(args.ledger, args.plan)
     out: Path = args.out or args.ledger.parent / "shards"
@@ -117,20 +117,21 @@ def prepare(args: argparse.Namespace, enc: EncoderConfig, shard_cfg: ShardConfig
     for row in work.rows:
         splits.setdefault(row["split"], []).append(row["key"])
     assembler = ShardAssembler(out, splits, shard_cfg.shard_size, fps, cache)
-    return Plan(out, work, models, cache, assembler, splits)
+    return EncodeRun(out, work, models, cache, assembler, splits)
 
 
-def run_encoders(plan: Plan, args: argparse.Namespace, mel: MelConfig, options: RunnerOptions) -> tuple[int, float]:
+def run_encoders(run: EncodeRun, args: argparse.Namespace, mel: MelConfig,
+                 options: RunnerOptions) -> tuple[int, float]:
     """Encode every sample not yet in the cache or a finished shard; returns (samples, seconds)."""
-    stage_config = EncodeStageConfig(encoders=plan.models.encoders, mel=mel, signal=DEFAULT_SIGNAL,
-                                     limits=DecodeLimits(), clip_image_size=plan.models.clip_image_size(),
+    stage_config = EncodeStageConfig(encoders=run.models.encoders, mel=mel, signal=DEFAULT_SIGNAL,
+                                     limits=DecodeLimits(), clip_image_size=run.models.clip_image_size(),
                                      batch_size=args.batch_size, render=render_row)
-    assembler = plan.assembler
+    assembler = run.assembler
     assembler.advance()  # a resumed run first finishes what the cache already holds
     pending = assembler.pending_keys()
-    todo = sorted((r for r in plan.work.rows if r["key"] in pending), key=lambda r: (r["split"], r["key"]))
-    if len(todo) < len(plan.work.rows):
-        print(f"resuming: {len(plan.work.rows) - len(todo)} of {len(plan.work.rows)} samples already encoded or "
+    todo = sorted((r for r in run.work.rows if r["key"] in pending), key=lambda r: (r["split"], r["key"]))
+    if len(todo) < len(run.work.rows):
+        print(f"resuming: {len(run.work.rows) - len(todo)} of {len(run.work.rows)} samples already encoded or "
               f"in finished shards ({len(assembler.skipped)} shard(s) skipped)")
     bar = tqdm(total=len(todo), desc="encode", unit="sample", dynamic_ncols=True)
 
@@ -140,25 +141,25 @@ def run_encoders(plan: Plan, args: argparse.Namespace, mel: MelConfig, options: 
 
     t0 = time.perf_counter()
     if todo:
-        get_runner(options.runner)(todo, build_encode_stages, stage_config, plan.cache, batch_size=args.batch_size,
+        get_runner(options.runner)(todo, build_encode_stages, stage_config, run.cache, batch_size=args.batch_size,
                                    options=options, on_batch=on_batch)
     bar.close()
     assembler.advance(final=True)
     return len(todo), time.perf_counter() - t0
 
 
-def count(plan: Plan, failed: list[dict]) -> Counts:
-    per_split = {split: 0 for split in sorted(plan.splits)}
-    for s in plan.assembler.index():
+def count(run: EncodeRun, failed: list[dict]) -> Counts:
+    per_split = {split: 0 for split in sorted(run.splits)}
+    for s in run.assembler.index():
         per_split[s.split] += s.count
-    return Counts(counts=per_split, samples=sum(per_split.values()), from_ledger=plan.work.n_ledger,
-                  from_plan=plan.work.n_plan, failed=len(failed),
+    return Counts(counts=per_split, samples=sum(per_split.values()), from_ledger=run.work.n_ledger,
+                  from_plan=run.work.n_plan, failed=len(failed),
                   failed_reasons=dict(sorted(Counter(r["reason"].split(":")[0] for r in failed).items())))
 
 
-def summarise(plan: Plan, counts: Counts, todo: int, seconds: float) -> None:
-    asm, out = plan.assembler, plan.out
-    print(f"\n== encode summary: {len(plan.work.rows)} samples ({counts.from_ledger} ledger clips, "
+def summarise(run: EncodeRun, counts: Counts, todo: int, seconds: float) -> None:
+    asm, out = run.assembler, run.out
+    print(f"\n== encode summary: {len(run.work.rows)} samples ({counts.from_ledger} ledger clips, "
           f"{counts.from_plan} recipes) -> {counts.samples} encoded in {len(asm.index())} shard(s), "
           f"{counts.failed} failed")
     for reason, n in counts.failed_reasons.items():
@@ -168,7 +169,7 @@ def summarise(plan: Plan, counts: Counts, todo: int, seconds: float) -> None:
     stale = asm.stale_shards()
     if stale:
         print(f"   WARNING: {len(stale)} .tar file(s) in {out} are not in index.json (e.g. {stale[0].name})")
-    if plan.models.random:
+    if run.models.random:
         print("   RANDOM WEIGHTS: features are from random-weight models (card.json random_weights: true)")
     print(f"   shards: {out}   index: {out / 'index.json'}   card: {out / 'card.json'}")
 
@@ -177,21 +178,21 @@ def encode(args: argparse.Namespace) -> int:
     enc, shard_cfg = from_args(EncoderConfig, args), from_args(ShardConfig, args)
     options = from_args(RunnerOptions, args)
     mel = MelConfig.from_signal(DEFAULT_SIGNAL)
-    plan = prepare(args, enc, shard_cfg, mel)
-    todo, seconds = run_encoders(plan, args, mel, options)
+    run = prepare(args, enc, shard_cfg, mel)
+    todo, seconds = run_encoders(run, args, mel, options)
 
-    failed = sorted(plan.assembler.failures() + plan.work.pre_failed, key=lambda r: r["key"])
-    counts = count(plan, failed)
-    atomic_write_text(plan.out / "failed.json", json.dumps(failed, indent=1, sort_keys=True) + "\n")
-    shards = plan.assembler.index()
-    write_index(plan.out, shards)
-    card = build_card(plan.models.encoders, plan.models.clip, plan.models.vae, plan.models.weight_hashes(), mel,
-                      shard_cfg, len(shards), counts, plan.work.run_meta, plan.work.plan_meta,
-                      plan.models.random_reason)
-    atomic_write_text(plan.out / "card.json", card.to_json())
-    summarise(plan, counts, todo, seconds)
+    failed = sorted(run.assembler.failures() + run.work.pre_failed, key=lambda r: r["key"])
+    counts = count(run, failed)
+    atomic_write_text(run.out / "failed.json", json.dumps(failed, indent=1, sort_keys=True) + "\n")
+    shards = run.assembler.index()
+    write_index(run.out, shards)
+    card = build_card(run.models.encoders, run.models.clip, run.models.vae, run.models.weight_hashes(), mel,
+                      shard_cfg, len(shards), counts, run.work.run_meta, run.work.plan_meta,
+                      run.models.random_reason)
+    atomic_write_text(run.out / "card.json", card.to_json())
+    summarise(run, counts, todo, seconds)
     if counts.samples == 0:
-        print(f"error: nothing could be encoded ({counts.failed} failed, see {plan.out / 'failed.json'})",
+        print(f"error: nothing could be encoded ({counts.failed} failed, see {run.out / 'failed.json'})",
               file=sys.stderr)
         return 1
     return 0

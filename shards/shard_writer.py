@@ -331,8 +331,8 @@ class ShardAssembler:
                 fp = self.fps.get(key)
                 if fp is not None and (rec.get("fingerprints") or {}).get(key) == fp:
                     self.cache.put(key, fp, members)
+        shard.unlink(missing_ok=True)  # first: a record without its shard is dropped on the next run
         self._record_path(name).unlink(missing_ok=True)
-        shard.unlink(missing_ok=True)
         self._in_shard = {k: n for k, n in self._in_shard.items() if n != name}
         self.restored.append(name)
         log.warning("%s holds samples made from other inputs or sits at another position: taken apart, "
