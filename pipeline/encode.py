@@ -27,6 +27,7 @@ from augment.render import render_row
 from core.atomic import atomic_write_text
 from core.cli_config import add_config_args, from_args
 from core.config import DEFAULT_SIGNAL, DecodeLimits
+from core.fingerprint import differences
 from core.stage import Row
 from pipeline.encode_models import Models, random_weights_banner, resolve_models
 from pipeline.encode_work import UsageError, Work, collect_work, fingerprint_rows
@@ -75,9 +76,9 @@ def check_settings(work_dir: Path, settings: dict) -> None:
     path = work_dir / "settings.json"
     text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
     if path.is_file() and path.read_text() != text:
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        raise UsageError(f"{work_dir.parent} holds samples encoded with other settings ({', '.join(changed)}); "
+        changed = differences(json.loads(path.read_text()), settings)
+        shown = "; ".join(changed[:6]) + ("; ..." if len(changed) > 6 else "")
+        raise UsageError(f"{work_dir.parent} holds samples encoded with other settings ({shown}); "
                          f"encode into a new --out folder (or delete this one)")
     atomic_write_text(path, text)
 

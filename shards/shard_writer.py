@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 WORK_DIR = ".work"
 FINGERPRINT = "sample_fingerprint"  # the row field that carries a work row's fingerprint to the sink
-_FP_CHARS = 32  # hex characters of the fingerprint in cache file names (128 bits)
+_FP = re.compile(r"[0-9a-f]{16,64}")  # core.fingerprint's hex digest, as it appears in cache file names
 _SPLIT_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
 
@@ -158,9 +158,9 @@ def read_tar_samples(source: str | Path | BinaryIO) -> Iterator[tuple[str, dict[
 
 
 def _fp(fingerprint: str) -> str:
-    if not isinstance(fingerprint, str) or len(fingerprint) < _FP_CHARS or not re.fullmatch(r"[0-9a-f]+", fingerprint):
-        raise ShardError(f"bad sample fingerprint {fingerprint!r}: a hex sha256 is expected")
-    return fingerprint[:_FP_CHARS]
+    if not isinstance(fingerprint, str) or not _FP.fullmatch(fingerprint):
+        raise ShardError(f"bad sample fingerprint {fingerprint!r}: 16 to 64 hex digits are expected")
+    return fingerprint
 
 
 class SampleCache:

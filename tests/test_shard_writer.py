@@ -238,7 +238,7 @@ def test_a_changed_key_set_is_reassembled_without_reencoding(tmp_path):
 
 def test_cache_entries_of_other_fingerprints_are_not_taken(tmp_path):
     cache = SampleCache(tmp_path)
-    a, b = fingerprint("a"), fingerprint("b")
+    a, b = fingerprint({"v": "a"}), fingerprint({"v": "b"})
     cache.put("k1", a, _sample(1))
     cache.put_failure("k2", a, "decode_error: x")
     assert (cache.status("k1", a), cache.status("k1", b), cache.status("k2", a), cache.status("k2", b)) == (
