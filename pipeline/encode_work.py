@@ -69,8 +69,10 @@ def load_ledger(path: Path) -> tuple[pd.DataFrame, dict]:
         raise UsageError(f"ledger {path} not found (run python -m pipeline.clean first)")
     try:
         ledger, meta = read_ledger(path)
-    except (pa.ArrowInvalid, OSError, ValueError) as e:
-        raise UsageError(f"{path} is not a readable ledger: {e}") from e
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UsageError(f"{path} is not a readable ledger: {' '.join(str(e).split())[:200]}") from e
+    except ValueError as e:  # the ledger reader's own format checks name the file already
+        raise UsageError(str(e)) from e
     check_ledger(ledger, path)
     if not meta and (path.parent / "run.json").is_file():
         meta = json.loads((path.parent / "run.json").read_text())
