@@ -25,6 +25,7 @@ from core.atomic import atomic_write_table
 
 KINDS = ("concat", "stretch")
 PLAN_META_KEY = b"v2a_augment_plan"
+PLAN_FORMAT = "v2a-plan/1"  # in the plan's metadata ("format"); a plan without it predates versioning
 _TIME_TOL = 1e-6  # seconds: segments must tile the output to this precision
 
 SEGMENT_TYPE = pa.struct([
@@ -197,6 +198,7 @@ def _segment(where: str, i: int, raw: Any) -> Segment:
 def recipes_table(recipes: Iterable[Recipe], meta: dict) -> pa.Table:
     rows = [r.as_row() for r in recipes]
     table = pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+    meta = {**meta, "format": PLAN_FORMAT}
     return table.replace_schema_metadata({PLAN_META_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
@@ -209,7 +211,8 @@ def write_plan(path: str | Path, recipes: Iterable[Recipe], meta: dict) -> Path:
 
 
 def read_plan(path: str | Path) -> tuple[pd.DataFrame, dict]:
-    """Read ``plan.parquet`` and its parameters; rows are validated when turned into recipes."""
+    """Read ``plan.parquet`` and its parameters, checking its format and columns; rows are validated
+    when turned into recipes."""
     p = Path(path)
     if not p.is_file():
         raise PlanError(f"plan file not found: {p}")
@@ -221,7 +224,20 @@ def read_plan(path: str | Path) -> tuple[pd.DataFrame, dict]:
     if missing:
         raise PlanError(f"{p} is not an augmentation plan: missing columns {', '.join(missing)}")
     raw = (table.schema.metadata or {}).get(PLAN_META_KEY)
-    return table.to_pandas(), (json.loads(raw) if raw else {})
+    try:
+        meta = json.loads(raw) if raw else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlanError(f"{p}: unreadable plan metadata: {e}") from e
+    fmt = meta.get("format", PLAN_FORMAT) if isinstance(meta, dict) else None
+    if fmt != PLAN_FORMAT:
+        raise PlanError(f"{p} is a plan of format {fmt!r}; this code reads {PLAN_FORMAT!r} "
+                        f"(re-plan it with python -m pipeline.augment plan, or use the code that wrote it)")
+    types = {f.name: table.schema.field(f.name).type for f in PLAN_SCHEMA}
+    wrong = [f"{f.name}: {types[f.name]} (expected {f.type})" for f in PLAN_SCHEMA
+             if not types[f.name].equals(f.type) and not pa.types.is_null(types[f.name])]
+    if wrong:
+        raise PlanError(f"{p} is not an augmentation plan: column types {'; '.join(wrong)}")
+    return table.to_pandas(), meta
 
 
 def find_recipe(plan: pd.DataFrame, key: str) -> Recipe:

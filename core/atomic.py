@@ -3,14 +3,27 @@
 A file is written under a temporary name in its own folder, flushed and fsynced, renamed into
 place, and the folder is fsynced so the rename survives a power loss. A reader therefore sees
 either the old file or the complete new one, never a torn write.
+
+Temporary names are unique per write and name their writer (host and PID), so two processes
+writing one file never touch each other's temporary files, and a cleanup after a crash removes
+only what a dead writer left (``is_abandoned``).
 """
 from __future__ import annotations
 
 import os
+import re
+import socket
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, IO, Iterator
+
+TEMP_SUFFIX = ".tmp"
+# a writer still alive after this long is not writing one file: its temporary file is abandoned
+ABANDONED_AFTER_S = 6 * 3600.0
+_HOST_UNSAFE = re.compile(r"[^A-Za-z0-9-]")
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{32}\.tmp$")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -21,13 +34,56 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _host() -> str:
+    return _HOST_UNSAFE.sub("-", socket.gethostname())[:64] or "host"
+
+
 def temp_path(path: Path) -> Path:
-    """A hidden, unique temporary name beside ``path`` (same filesystem, so rename is atomic)."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    """A hidden temporary name beside ``path`` (same filesystem, so rename is atomic), unique per
+    write: ``.{name}.{host}.{pid}.{random}.tmp``."""
+    return path.with_name(f".{path.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a temporary file, then fsync and rename it to ``path``."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def is_abandoned(path: str | Path, max_age_s: float = ABANDONED_AFTER_S) -> bool:
+    """Whether ``path`` is a temporary file of ``temp_path`` whose writer cannot finish it: a dead PID
+    on this host, or (other hosts, unknown names) untouched for ``max_age_s``."""
+    path = Path(path)
+    m = _TEMP_NAME.match(path.name)
+    if m and m["host"] == _host():
+        return not _pid_alive(int(m["pid"]))
+    try:
+        return time.time() - path.stat().st_mtime > max_age_s
+    except FileNotFoundError:  # its writer renamed or removed it meanwhile
+        return False
+
+
+def remove_abandoned(folder: str | Path, max_age_s: float = ABANDONED_AFTER_S) -> int:
+    """Remove the abandoned temporary files in ``folder`` (not below it); returns how many."""
+    n = 0
+    for p in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        if is_abandoned(p, max_age_s):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],
+                 before_rename: Callable[[], None] | None = None) -> Path:
+    """Call ``write(file)`` on a temporary file, then fsync and rename it to ``path``.
+
+    ``before_rename()`` runs once the temporary file is complete and durable, just before it takes
+    its name (e.g. to record what is about to appear); if it raises, nothing is renamed.
+    """
     path = Path(path)
     tmp = temp_path(path)
     try:
@@ -35,6 +91,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -1,13 +1,15 @@
 """``python -m pipeline.encode``: ledger (+ augmentation plan) -> CLIP/VAE features -> WebDataset shards.
 
 Encodes every ``ok`` ledger row and every plan row into ``OUT/shards/{split}-{index:06d}.tar``
-(DESIGN.md section 3) and writes ``index.json`` (name, split, count, bytes, sha256 of every
-shard), ``card.json`` (encoders and weight hashes, signal and mel parameters, thresholds,
-counts) and ``failed.json`` (every sample that could not be encoded, with its reason).
+and writes ``index.json`` (name, split, count, bytes, sha256 of every shard), ``card.json``
+(encoders and weight hashes, signal and mel parameters, thresholds, counts) and ``failed.json``
+(every sample that could not be encoded, with its reason). docs/formats.md describes each file.
 
-Resumable: encoded samples are cached under ``OUT/shards/.work`` as they finish and shards are
-written atomically as soon as their samples are all settled, so a rerun of a killed command
-skips finished shards and cached samples and produces the same bytes as an uninterrupted run.
+Resumable: encoded samples are cached under ``OUT/shards/.work`` under the fingerprint of what
+made them, and shards are written atomically as soon as their samples are all settled, so a rerun
+of a killed command skips finished shards and cached samples and produces the same bytes as an
+uninterrupted run; a sample whose ledger row or recipe changed is encoded again. Exit status: 0
+when samples were encoded, 1 when nothing could be, 2 for bad flags or inputs.
 """
 from __future__ import annotations
 
@@ -16,33 +18,27 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pandas as pd
 from tqdm import tqdm
 
-from core.version import code_version
+from augment.render import render_row
+from core.atomic import atomic_write_text
 from core.cli_config import add_config_args, from_args
 from core.config import DEFAULT_SIGNAL, DecodeLimits
-from core.jsonsafe import json_safe
-from core.keys import is_safe, sanitize
-from core.atomic import atomic_write_text
-from augment.render import render_row
-from pipeline.ledger import read_ledger
+from core.fingerprint import differences
+from core.stage import Row
+from pipeline.encode_models import Models, random_weights_banner, resolve_models
+from pipeline.encode_work import UsageError, Work, collect_work, fingerprint_rows
 from pipeline.runners import RunnerOptions, get_runner
-from core.stage import OK, PENDING, Row
-from shards.config import MEMBER_ORDER, EncoderConfig, MelConfig, ShardConfig, latent_shape
-from shards.encode_stage import KIND_CLIP, EncodeStageConfig, build_encode_stages
-from shards.encoders import ModelLoadError, ResolvedModel, resolve_pretrained
-from shards.random_models import build_random_clip, build_random_vae, is_random
+from shards.card import CardError, Counts, build_card
+from shards.config import EncoderConfig, MelConfig, ShardConfig
+from shards.encode_stage import EncodeStageConfig, build_encode_stages
+from shards.encoders import ModelLoadError
 from shards.shard_writer import SampleCache, ShardAssembler, ShardError, write_index
 
-CARD_FORMAT = "v2a-shards/1"
-
-
-class UsageError(Exception):
-    """A problem with the command line or its inputs, reported before any work starts."""
+CACHE_FORMAT = 2  # 2: samples cached and shards recorded under their fingerprints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,227 +54,86 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------------------------------------
-# work items
-
-def ledger_rows(ledger: pd.DataFrame) -> list[Row]:
-    rows = []
-    for rec in ledger[ledger["status"] == OK].to_dict("records"):
-        row = json_safe(rec)
-        row.update(kind=KIND_CLIP, status=PENDING, reason="", ledger_status=OK)
-        rows.append(row)
-    return rows
-
-
-def plan_rows(path: Path) -> tuple[list[Row], list[Row], dict]:
-    """Valid recipes as work rows, invalid ones as failed rows (with the planner's reason)."""
-    from augment.recipe import PlanError, Recipe, read_plan
-
-    try:
-        plan, meta = read_plan(path)
-    except PlanError as e:
-        raise UsageError(str(e)) from e
-    rows, bad = [], []
-    for rec in plan.to_dict("records"):
-        try:
-            row = Recipe.from_row(rec).as_row()
-        except PlanError as e:
-            bad.append({"key": str(rec.get("key") or ""), "split": str(rec.get("split") or ""),
-                        "reason": f"plan_error: {e}"})
-            continue
-        row.update(status=PENDING, reason="")
-        rows.append(row)
-    return rows, bad, meta
-
-
-def assign_keys(rows: list[Row]) -> tuple[list[Row], list[Row]]:
-    """Make every key a safe WebDataset key; a duplicate (after sanitising) fails, already-safe keys win."""
-    seen: set[str] = set()
-    kept, dup = [], []
-    for row in sorted(rows, key=lambda r: (not is_safe(str(r["key"])), str(r["key"]), str(r.get("kind")))):
-        original = str(row["key"])
-        key = original if is_safe(original) else sanitize(original)
-        if key in seen:
-            dup.append({"key": key, "split": row.get("split") or "",
-                        "reason": f"duplicate_key: {original!r} collides with an earlier sample key"})
-            continue
-        seen.add(key)
-        if key != original:
-            row["original_key"] = original
-        row["key"] = key
-        kept.append(row)
-    return kept, dup
-
-
-# ---------------------------------------------------------------------------------------------
-# models
-
-def resolve_models(enc: EncoderConfig, work_dir: Path) -> tuple[EncoderConfig, ResolvedModel, ResolvedModel, str]:
-    """Find both models before any work starts; for the demo only, fall back to random weights."""
-    try:
-        clip = resolve_pretrained(enc.clip_model)
-        vae = resolve_pretrained(enc.vae, pipeline_subfolder="vae")
-        return enc, clip, vae, ""
-    except ModelLoadError as e:
-        if not enc.allow_random_weights:
-            raise
-        reason = str(e)
-    folder = (work_dir / "random-models").resolve()
-    clip_dir, vae_dir = folder / "clip", folder / "vae"
-    if not is_random(clip_dir):
-        build_random_clip(clip_dir, size="tiny", projection_dim=768)
-    if not is_random(vae_dir):
-        build_random_vae(vae_dir, size="tiny")
-    enc = replace(enc, clip_model=str(clip_dir), vae=str(vae_dir))
-    return enc, resolve_pretrained(enc.clip_model), resolve_pretrained(enc.vae, pipeline_subfolder="vae"), reason
-
-
-def random_weights_banner(reason: str) -> str:
-    bar = "!" * 96
-    return (f"{bar}\n!!! RANDOM WEIGHTS: the real CLIP / AudioLDM VAE weights could not be loaded, so these shards\n"
-            f"!!! hold features from TINY RANDOM-WEIGHT models (--allow-random-weights). They are good for a\n"
-            f"!!! demo of the data flow and NOTHING else; card.json says random_weights: true.\n"
-            f"!!! cause: {reason[:300]}\n{bar}")
-
-
-# ---------------------------------------------------------------------------------------------
-# dataset card
-
-def build_card(enc: EncoderConfig, clip: ResolvedModel, vae: ResolvedModel, hashes: dict, mel: MelConfig,
-               shards, counts: dict, run_meta: dict, plan_meta: dict | None, random_reason: str,
-               shard_cfg: ShardConfig) -> dict:
-    clip_cfg = clip.config()
-    vision = clip_cfg.get("vision_config", clip_cfg)
-    text = clip_cfg.get("text_config", {})
-    vae_cfg = vae.config()
-    down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    random_weights = is_random(clip.path) or is_random(vae.path)
-    card = {
-        "format": CARD_FORMAT,
-        "code_version": code_version(),
-        "random_weights": random_weights,
-        "clip_model": enc.clip_model,
-        "clip_weights_sha256": hashes["clip"],
-        "clip_normalize": enc.clip_normalize,
-        "clip_pixel_range": "CLIP mean/std normalised" if enc.clip_normalize else "[0, 1] (VTA-LDM release)",
-        "clip_fps": DEFAULT_SIGNAL.clip_fps,
-        "clip_image_size": int(vision.get("image_size", 224)),
-        "clip_resize": "short side to image_size, bicubic (antialiased), centre crop",
-        "clip_dim": int(vision.get("projection_dim", clip_cfg.get("projection_dim", 0))),
-        "clip_feature": "CLIPVisionModelWithProjection.image_embeds, one token per frame",
-        "text_model": enc.clip_model,
-        "text_dim": int(text.get("projection_dim", clip_cfg.get("projection_dim", 0))),
-        "text_feature": "CLIPTextModelWithProjection.text_embeds of the caption (label when empty)",
-        "vae_model": enc.vae,
-        "vae_weights_sha256": hashes["vae"],
-        "vae_scaling_factor": float(vae_cfg.get("scaling_factor", 1.0)),
-        "latent_shape": list(latent_shape(int(vae_cfg["latent_channels"]), mel, down)),
-        "latent_dtype": "float16",
-        "latent_layout": "[posterior mean, posterior std] of AutoencoderKL.encode(mel [1, frames, n_mels])",
-        "sample_rate": mel.sample_rate,
-        "audio_seconds": mel.seconds,
-        "window_s": DEFAULT_SIGNAL.window_s,
-        "audio_member": "audio.flac: 16-bit mono at sample_rate, the decoded window (not padded)",
-        "mel": {**asdict(mel), "layout": "[n_mels, frames]", "window": "hann (periodic)", "center": True,
-                "pad_mode": "reflect", "mel_scale": "slaney", "mel_norm": "slaney", "magnitude": True},
-        "with_mel": enc.with_mel,
-        "members": [m for m in MEMBER_ORDER if enc.with_mel or m != "mel.npy"],
-        "thresholds": run_meta.get("filters", run_meta.get("thresholds")),
-        "ledger_run": {k: run_meta.get(k) for k in ("dataset", "code_version", "counts", "clap", "clap_skipped")
-                       if k in run_meta},
-        "augmentation_plan": plan_meta,
-        "shard_size": shard_cfg.shard_size,
-        "shards": len(shards),
-        **counts,
-    }
-    if random_weights:
-        card["random_weights_reason"] = random_reason or "weights were built by shards.random_models"
-    return card
-
-
-# ---------------------------------------------------------------------------------------------
-# the command
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return encode(args)
-    except (UsageError, ModelLoadError, ShardError) as e:
+    except (UsageError, ModelLoadError, ShardError, CardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def collect_work(args: argparse.Namespace) -> tuple[list[Row], list[Row], int, int, dict, dict | None]:
-    """Work rows (ok ledger clips + valid recipes, safe unique keys), rows failed up front, counts, metadata."""
-    ledger, run_meta = read_ledger(args.ledger)
-    if not run_meta and (args.ledger.parent / "run.json").is_file():
-        run_meta = json.loads((args.ledger.parent / "run.json").read_text())
-    work = ledger_rows(ledger)
-    n_ledger = len(work)
-    pre_failed: list[Row] = []
-    plan_meta = None
-    if args.plan:
-        rows, bad, plan_meta = plan_rows(args.plan)
-        work += rows
-        pre_failed += bad
-    n_plan = len(work) - n_ledger + len(pre_failed)  # every recipe, valid or not
-    work, dup = assign_keys(work)
-    for row in work:
-        row["split"] = str(row.get("split") or "train")
-    return work, pre_failed + dup, n_ledger, n_plan, run_meta, plan_meta
+def encoder_settings(models: Models, mel: MelConfig, shard_cfg: ShardConfig) -> dict:
+    """Everything besides a sample's own inputs that changes its bytes or the shard layout."""
+    hashes = models.weight_hashes()
+    return {"cache_format": CACHE_FORMAT, "clip_weights_sha256": hashes["clip"], "vae_weights_sha256": hashes["vae"],
+            "clip_normalize": models.encoders.clip_normalize, "with_mel": models.encoders.with_mel,
+            "mel": asdict(mel), "signal": asdict(DEFAULT_SIGNAL), "shard_size": shard_cfg.shard_size}
 
 
 def check_settings(work_dir: Path, settings: dict) -> None:
-    """Cached samples are only reused by a run that would encode them the same way."""
+    """A folder holds samples of one encoder setting: another one is refused, naming what differs."""
     path = work_dir / "settings.json"
     text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
     if path.is_file() and path.read_text() != text:
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        raise UsageError(f"{work_dir.parent} holds samples encoded with other settings ({', '.join(changed)}); "
+        changed = differences(json.loads(path.read_text()), settings)
+        shown = "; ".join(changed[:6]) + ("; ..." if len(changed) > 6 else "")
+        raise UsageError(f"{work_dir.parent} holds samples encoded with other settings ({shown}); "
                          f"encode into a new --out folder (or delete this one)")
     atomic_write_text(path, text)
 
 
-def encode(args: argparse.Namespace) -> int:
-    if not args.ledger.is_file():
-        raise UsageError(f"ledger {args.ledger} not found (run python -m pipeline.clean first)")
-    out: Path = args.out or args.ledger.parent / "shards"
-    enc = from_args(EncoderConfig, args)
-    shard_cfg = from_args(ShardConfig, args)
-    options = from_args(RunnerOptions, args)
-    mel = MelConfig.from_signal(DEFAULT_SIGNAL)
-    work, pre_failed, n_ledger, n_plan, run_meta, plan_meta = collect_work(args)
+@dataclass(frozen=True)
+class EncodeRun:
+    """A run made ready: the work, the models, the cache and the shard layout."""
 
+    out: Path
+    work: Work
+    models: Models
+    cache: SampleCache
+    assembler: ShardAssembler
+    splits: dict[str, list[str]]
+
+
+def prepare(args: argparse.Namespace, enc: EncoderConfig, shard_cfg: ShardConfig, mel: MelConfig) -> EncodeRun:
+    """Check the inputs, find the models, fingerprint every sample and set up cache and layout."""
+    work = collect_work(args.ledger, args.plan)
+    out: Path = args.out or args.ledger.parent / "shards"
     out.mkdir(parents=True, exist_ok=True)
     cache = SampleCache(out)
     removed = cache.clean_partials()
     if removed:
-        print(f"removed {removed} partial file(s) left by an interrupted run")
+        print(f"removed {removed} temporary file(s) left by an interrupted run")
+    models = resolve_models(enc, cache.root)
+    if models.random:
+        print(random_weights_banner(models.random_reason or "random-weight folders were passed explicitly"),
+              flush=True)
+    settings = encoder_settings(models, mel, shard_cfg)
+    check_settings(cache.root, settings)
+    fps = fingerprint_rows(work.rows, settings)
+    stale = cache.drop_stale(fps)
+    if stale:
+        print(f"dropped {stale} cached sample(s) made from other inputs (a changed ledger row or recipe)")
     splits: dict[str, list[str]] = {}
-    for row in work:
+    for row in work.rows:
         splits.setdefault(row["split"], []).append(row["key"])
-    assembler = ShardAssembler(out, splits, shard_cfg.shard_size, cache)
+    assembler = ShardAssembler(out, splits, shard_cfg.shard_size, fps, cache)
+    return EncodeRun(out, work, models, cache, assembler, splits)
 
-    enc, clip_model, vae_model, random_reason = resolve_models(enc, cache.root)
-    if random_reason or is_random(clip_model.path) or is_random(vae_model.path):
-        print(random_weights_banner(random_reason or "random-weight folders were passed explicitly"), flush=True)
-    hashes = {"clip": clip_model.weight_hashes(), "vae": vae_model.weight_hashes()}
-    check_settings(cache.root, {"clip_weights_sha256": hashes["clip"], "vae_weights_sha256": hashes["vae"],
-                                "clip_normalize": enc.clip_normalize, "with_mel": enc.with_mel,
-                                "mel": asdict(mel), "signal": asdict(DEFAULT_SIGNAL),
-                                "shard_size": shard_cfg.shard_size})
-    image_size = int(clip_model.config().get("vision_config", clip_model.config()).get("image_size", 224))
-    stage_config = EncodeStageConfig(encoders=enc, mel=mel, signal=DEFAULT_SIGNAL, limits=DecodeLimits(),
-                                     clip_image_size=image_size, batch_size=args.batch_size, render=render_row)
 
+def run_encoders(run: EncodeRun, args: argparse.Namespace, mel: MelConfig,
+                 options: RunnerOptions) -> tuple[int, float]:
+    """Encode every sample not yet in the cache or a finished shard; returns (samples, seconds)."""
+    stage_config = EncodeStageConfig(encoders=run.models.encoders, mel=mel, signal=DEFAULT_SIGNAL,
+                                     limits=DecodeLimits(), clip_image_size=run.models.clip_image_size(),
+                                     batch_size=args.batch_size, render=render_row)
+    assembler = run.assembler
     assembler.advance()  # a resumed run first finishes what the cache already holds
     pending = assembler.pending_keys()
-    todo = sorted((r for r in work if r["key"] in pending), key=lambda r: (r["split"], r["key"]))
-    if len(todo) < len(work):
-        print(f"resuming: {len(work) - len(todo)} of {len(work)} samples already encoded or in finished shards "
-              f"({len(assembler.skipped)} shard(s) skipped)")
-
+    todo = sorted((r for r in run.work.rows if r["key"] in pending), key=lambda r: (r["split"], r["key"]))
+    if len(todo) < len(run.work.rows):
+        print(f"resuming: {len(run.work.rows) - len(todo)} of {len(run.work.rows)} samples already encoded or "
+              f"in finished shards ({len(assembler.skipped)} shard(s) skipped)")
     bar = tqdm(total=len(todo), desc="encode", unit="sample", dynamic_ncols=True)
 
     def on_batch(batch: list[Row]) -> None:
@@ -287,44 +142,60 @@ def encode(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     if todo:
-        get_runner(options.runner)(todo, build_encode_stages, stage_config, cache, batch_size=args.batch_size,
+        get_runner(options.runner)(todo, build_encode_stages, stage_config, run.cache, batch_size=args.batch_size,
                                    options=options, on_batch=on_batch)
-    seconds = time.perf_counter() - t0
     bar.close()
     assembler.advance(final=True)
+    return len(todo), time.perf_counter() - t0
 
-    shards = assembler.index()
-    failed = [cache.failure(k) for ks in splits.values() for k in ks if cache.status(k) == "failed"]
-    failed = sorted(failed + pre_failed, key=lambda r: r["key"])
-    per_split = {split: 0 for split in sorted(splits)}
-    for s in shards:
+
+def count(run: EncodeRun, failed: list[dict]) -> Counts:
+    per_split = {split: 0 for split in sorted(run.splits)}
+    for s in run.assembler.index():
         per_split[s.split] += s.count
-    counts = {
-        "counts": per_split,
-        "samples": sum(per_split.values()),
-        "from_ledger": n_ledger,
-        "from_plan": n_plan,
-        "failed": len(failed),
-        "failed_reasons": dict(sorted(Counter(r["reason"].split(":")[0] for r in failed).items())),
-    }
-    atomic_write_text(out / "failed.json", json.dumps(failed, indent=1, sort_keys=True) + "\n")
-    write_index(out, shards)
-    card = build_card(enc, clip_model, vae_model, hashes, mel, shards, counts, run_meta, plan_meta, random_reason,
-                      shard_cfg)
-    atomic_write_text(out / "card.json", json.dumps(card, indent=1, sort_keys=True) + "\n")
+    return Counts(counts=per_split, samples=sum(per_split.values()), from_ledger=run.work.n_ledger,
+                  from_plan=run.work.n_plan, failed=len(failed),
+                  failed_reasons=dict(sorted(Counter(r["reason"].split(":")[0] for r in failed).items())))
 
-    stale = assembler.stale_shards()
-    print(f"\n== encode summary: {len(work)} samples ({n_ledger} ledger clips, {counts['from_plan']} recipes) -> "
-          f"{counts['samples']} encoded in {len(shards)} shard(s), {len(failed)} failed")
-    for reason, n in counts["failed_reasons"].items():
+
+def summarise(run: EncodeRun, counts: Counts, todo: int, seconds: float) -> None:
+    asm, out = run.assembler, run.out
+    print(f"\n== encode summary: {len(run.work.rows)} samples ({counts.from_ledger} ledger clips, "
+          f"{counts.from_plan} recipes) -> {counts.samples} encoded in {len(asm.index())} shard(s), "
+          f"{counts.failed} failed")
+    for reason, n in counts.failed_reasons.items():
         print(f"   {n:6d}  {reason}")
-    print(f"   this run: {len(todo)} samples in {seconds:.1f}s, {len(assembler.written)} shard(s) written, "
-          f"{len(assembler.skipped)} skipped (already finished)")
+    print(f"   this run: {todo} samples in {seconds:.1f}s, {len(asm.written)} shard(s) written, "
+          f"{len(asm.skipped)} skipped (already finished), {len(asm.restored)} rebuilt (samples changed)")
+    stale = asm.stale_shards()
     if stale:
         print(f"   WARNING: {len(stale)} .tar file(s) in {out} are not in index.json (e.g. {stale[0].name})")
-    if card["random_weights"]:
+    if run.models.random:
         print("   RANDOM WEIGHTS: features are from random-weight models (card.json random_weights: true)")
     print(f"   shards: {out}   index: {out / 'index.json'}   card: {out / 'card.json'}")
+
+
+def encode(args: argparse.Namespace) -> int:
+    enc, shard_cfg = from_args(EncoderConfig, args), from_args(ShardConfig, args)
+    options = from_args(RunnerOptions, args)
+    mel = MelConfig.from_signal(DEFAULT_SIGNAL)
+    run = prepare(args, enc, shard_cfg, mel)
+    todo, seconds = run_encoders(run, args, mel, options)
+
+    failed = sorted(run.assembler.failures() + run.work.pre_failed, key=lambda r: r["key"])
+    counts = count(run, failed)
+    atomic_write_text(run.out / "failed.json", json.dumps(failed, indent=1, sort_keys=True) + "\n")
+    shards = run.assembler.index()
+    write_index(run.out, shards)
+    card = build_card(run.models.encoders, run.models.clip, run.models.vae, run.models.weight_hashes(), mel,
+                      shard_cfg, len(shards), counts, run.work.run_meta, run.work.plan_meta,
+                      run.models.random_reason)
+    atomic_write_text(run.out / "card.json", card.to_json())
+    summarise(run, counts, todo, seconds)
+    if counts.samples == 0:
+        print(f"error: nothing could be encoded ({counts.failed} failed, see {run.out / 'failed.json'})",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,7 +21,8 @@ MEMBER_LATENT = "latent.npy"
 MEMBER_MEL = "mel.npy"
 MEMBER_AUDIO = "audio.flac"
 MEMBER_JSON = "json"
-MEMBER_ORDER = (MEMBER_JSON, MEMBER_CLIP, MEMBER_TEXT, MEMBER_LATENT, MEMBER_MEL, MEMBER_AUDIO)
+# the order of a sample's members in a shard: by name, as webdataset.TarWriter writes them
+MEMBER_ORDER = (MEMBER_AUDIO, MEMBER_CLIP, MEMBER_JSON, MEMBER_LATENT, MEMBER_MEL, MEMBER_TEXT)
 FORBIDDEN_EXTENSIONS = (".pyd", ".pickle", ".pkl", ".pth", ".pt", ".ten", ".mp")  # all decode via pickle
 
 

@@ -272,3 +272,22 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert "differ from 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plan", "--ledger", str(lpath), "--stretch-rates", "0.8", "--stretch-range", "0.8:1.2"])
+
+
+def test_plan_format_and_column_types_are_checked(tmp_path):
+    recipes, _ = build_plan(ledger(), AugmentConfig(concat_per_clip=1))
+    path = write_plan(tmp_path / "plan.parquet", recipes, {"config": {}})
+    table = pq.read_table(path)
+    assert json.loads(table.schema.metadata[PLAN_META_KEY])["format"] == "v2a-plan/1"
+    newer = table.replace_schema_metadata({PLAN_META_KEY: json.dumps({"format": "v2a-plan/2"}).encode()})
+    pq.write_table(newer, tmp_path / "newer.parquet")
+    with pytest.raises(PlanError, match="format 'v2a-plan/2'"):
+        read_plan(tmp_path / "newer.parquet")
+    legacy = table.replace_schema_metadata({PLAN_META_KEY: json.dumps({"config": {}}).encode()})
+    pq.write_table(legacy, tmp_path / "legacy.parquet")  # written before plans carried a format
+    assert len(read_plan(tmp_path / "legacy.parquet")[0]) == len(recipes)
+    i = table.schema.get_field_index("duration_s")
+    typed = table.set_column(i, "duration_s", pa.array([str(v) for v in table["duration_s"].to_pylist()]))
+    pq.write_table(typed, tmp_path / "typed.parquet")
+    with pytest.raises(PlanError, match="duration_s: string"):
+        read_plan(tmp_path / "typed.parquet")

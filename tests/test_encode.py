@@ -270,10 +270,110 @@ def test_resume_with_other_settings_is_refused(dataset, encoded, tiny_clip_dir, 
 
 
 def test_keys_are_sanitised_and_collisions_fail():
-    from pipeline.encode import assign_keys
+    from pipeline.encode_work import assign_keys
 
     rows = [{"key": "yt.abc/1", "split": "train"}, {"key": "yt_abc_1", "split": "train"}, {"key": "ok-1", "split": "x"}]
     kept, dup = assign_keys(rows)
     assert [r["key"] for r in kept] == ["ok-1", "yt_abc_1"]
     assert [d["key"] for d in dup] == ["yt_abc_1"] and dup[0]["reason"].startswith("duplicate_key")
     assert "yt.abc/1" in dup[0]["reason"]
+
+
+def _replanned(dataset, tmp_path) -> tuple[Path, str, float]:
+    """The same plan with the stretch recipe re-planned under its key: its source window starts 1 s later."""
+    import dataclasses
+
+    from augment.recipe import read_plan, write_plan
+
+    _, meta = read_plan(dataset["plan"])
+    recipes = dict(dataset["recipes"])
+    key = next(k for k, r in recipes.items() if r.kind == "stretch")
+    old = recipes[key]
+    seg = old.segments[0]
+    seg = dataclasses.replace(seg, src_start_s=seg.src_start_s + 1.0)
+    recipes[key] = dataclasses.replace(old, segments=(seg,), duration_s=(seg.src_end_s - seg.src_start_s) / seg.rate)
+    path = tmp_path / "replanned.parquet"
+    write_plan(path, [recipes[k] for k in sorted(recipes)], meta)
+    return path, key, seg.src_start_s
+
+
+def test_a_replanned_recipe_is_encoded_again_nothing_stale_reused(dataset, encoded, tiny_clip_dir, tiny_vae_dir,
+                                                                   tmp_path, capsys):
+    import shutil
+
+    from shards.shard_writer import read_tar_samples
+
+    out = tmp_path / "shards"
+    shutil.copytree(encoded, out)
+    plan, key, new_start = _replanned(dataset, tmp_path)
+    args = _args(dataset, out, tiny_clip_dir, tiny_vae_dir, "--workers", "1", "--with-mel")
+    args[args.index("--plan") + 1] = str(plan)
+    assert main(args) == 0
+    assert "this run: 1 samples" in capsys.readouterr().out  # only the changed recipe was encoded
+    before = {k: m for name in _shard_files(encoded) for k, m in read_tar_samples(encoded / name)}
+    after = {k: m for name in _shard_files(out) for k, m in read_tar_samples(out / name)}
+    assert sorted(after) == sorted(before) == dataset["encoded"]
+    meta = json.loads(after[key]["json"])
+    assert meta["augmentation"]["segments"][0]["src_start_s"] == new_start
+    assert after[key]["audio.flac"] != before[key]["audio.flac"]
+    assert all(after[k] == before[k] for k in after if k != key)  # the others were reused, byte for byte
+    index = json.loads((out / "index.json").read_text())
+    assert [(s["name"], s["sha256"]) for s in index["shards"]] == [
+        (p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in sorted(out.glob("*.tar"))]
+
+
+def test_a_ledger_without_the_columns_encode_reads_is_refused(tiny_clip_dir, tiny_vae_dir, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "ledger.parquet"
+    pq.write_table(pa.table({"key": ["a", "b"], "status": ["ok", "ok"], "label": ["x", "y"]}), path)
+    models = ["--clip-model", str(tiny_clip_dir), "--vae", str(tiny_vae_dir)]
+    assert main(["--ledger", str(path), "--device", "cpu", "--workers", "1", *models]) == 2
+    err = capsys.readouterr().err
+    assert "missing columns" in err and "video_path" in err and "start_s" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "shards").exists()  # stopped before any work
+    path.write_bytes(b"not parquet")
+    assert main(["--ledger", str(path), "--device", "cpu", *models]) == 2
+    assert "not a readable ledger" in capsys.readouterr().err
+
+
+def test_a_plan_of_another_format_is_refused(dataset, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from augment.recipe import PLAN_META_KEY
+
+    table = pq.read_table(dataset["plan"])
+    meta = json.loads(table.schema.metadata[PLAN_META_KEY])
+    assert meta["format"] == "v2a-plan/1"
+    newer = tmp_path / "plan.parquet"
+    pq.write_table(table.replace_schema_metadata({PLAN_META_KEY: json.dumps({**meta, "format": "v2a-plan/2"})}),
+                   newer)
+    assert main(["--ledger", str(dataset["ledger"]), "--plan", str(newer), "--out", str(tmp_path / "s"),
+                 "--device", "cpu"]) == 2
+    assert "v2a-plan/2" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_nothing_encoded_exits_nonzero(dataset, tiny_clip_dir, tiny_vae_dir, tmp_path, capsys):
+    video = dataset["root"] / "video"
+    ledger = write_ledger(tmp_path / "bad", [ledger_row("vggsound-gone-000000", video / "gone_000000.mp4"),
+                                            ledger_row("vggsound-broken-000000", video / "broken_000000.mp4")])
+    out = tmp_path / "bad" / "shards"
+    assert main(["--ledger", str(ledger), "--out", str(out), "--clip-model", str(tiny_clip_dir), "--vae",
+                 str(tiny_vae_dir), "--device", "cpu", "--workers", "1"]) == 1
+    assert "nothing could be encoded" in capsys.readouterr().err
+    assert [f["key"] for f in json.loads((out / "failed.json").read_text())] == dataset["failed"]
+    assert json.loads((out / "index.json").read_text())["shards"] == []
+
+
+def test_the_card_is_one_typed_record(encoded):
+    from shards.card import CARD_FORMAT, CardError, DatasetCard
+
+    text = (encoded / "card.json").read_text()
+    card = DatasetCard.from_json(text)
+    assert card.format == CARD_FORMAT and card.to_json() == text  # serialised once, read back the same
+    assert card.members == ["audio.flac", "clip.npy", "json", "latent.npy", "mel.npy", "text.npy"]
+    with pytest.raises(CardError, match="v2a-shards/9"):
+        DatasetCard.from_json(json.dumps({**json.loads(text), "format": "v2a-shards/9"}))

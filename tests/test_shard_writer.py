@@ -1,11 +1,21 @@
-"""Deterministic tar bytes, atomic writes, the shard layout and its resume records."""
+"""Deterministic tar bytes, atomic writes, the shard layout, its resume records and sample fingerprints."""
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import tarfile
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+from core.atomic import temp_path
+from core.fingerprint import fingerprint
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from tar_writer import hand_written  # noqa: E402
 
 from shards.shard_writer import (SampleCache, ShardAssembler, ShardError, npy_bytes, read_tar_samples, shard_name,
                                  write_index, write_tar)
@@ -18,16 +28,23 @@ def _sample(i: int) -> dict[str, bytes]:
             "clip.npy": npy_bytes(rng.standard_normal((3, 4)).astype(np.float16))}
 
 
+def _fps(keys, version: str = "v1") -> dict[str, str]:
+    return {k: fingerprint({"key": k, "recipe": version}) for k in keys}
+
+
 def test_tar_bytes_are_deterministic_with_fixed_metadata(tmp_path):
     samples = [(f"k{i}", _sample(i)) for i in range(3)]
     n1, size1, sha1 = write_tar(tmp_path / "a.tar", samples)
-    n2, size2, sha2 = write_tar(tmp_path / "b.tar", list(reversed(samples))[::-1])
+    n2, size2, sha2 = write_tar(tmp_path / "b.tar", [(k, dict(reversed(m.items()))) for k, m in samples])
     data = (tmp_path / "a.tar").read_bytes()
-    assert data == (tmp_path / "b.tar").read_bytes()
+    assert data == (tmp_path / "b.tar").read_bytes()  # member order never depends on the dict's order
+    hand_written(tmp_path / "ref.tar", samples)  # the plain-tarfile reference (bench/tar_writer.py)
+    assert data == (tmp_path / "ref.tar").read_bytes()  # webdataset.TarWriter gives the reference bytes
+    (tmp_path / "ref.tar").unlink()
     assert (n1, size1, sha1) == (3, len(data), hashlib.sha256(data).hexdigest()) == (n2, size2, sha2)
     with tarfile.open(tmp_path / "a.tar") as tar:
         members = tar.getmembers()
-    assert [m.name for m in members[:4]] == ["k0.json", "k0.clip.npy", "k0.latent.npy", "k0.audio.flac"]
+    assert [m.name for m in members[:4]] == ["k0.audio.flac", "k0.clip.npy", "k0.json", "k0.latent.npy"]
     for m in members:
         assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type) == (0, 0, 0, "", "", 0o644, tarfile.REGTYPE)
     back = list(read_tar_samples(tmp_path / "a.tar"))
@@ -36,7 +53,7 @@ def test_tar_bytes_are_deterministic_with_fixed_metadata(tmp_path):
 
 
 @pytest.mark.parametrize("key,member", [("a.b", "json"), ("a/b", "json"), ("", "json"), ("ok", "pyd"),
-                                        ("ok", "x.pth"), ("ok", "pickle"), ("ok", "../json")])
+                                        ("ok", "x.pth"), ("ok", "pickle"), ("ok", "../json"), ("ok", "_meta")])
 def test_unsafe_keys_and_pickle_members_are_refused(tmp_path, key, member):
     with pytest.raises(ShardError):
         write_tar(tmp_path / "x.tar", [(key, {member: b"data"})])
@@ -53,21 +70,69 @@ def test_interrupted_write_leaves_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def _settle(cache: SampleCache, keys, failed=()):
+def _blocked_writer(path, release: threading.Event, started: threading.Event, errors: list):
+    """A writer of ``path`` that stops in the middle of its tar until ``release`` is set."""
+    def samples():
+        yield "k1", _sample(1)
+        started.set()
+        release.wait(30)
+        yield "k2", _sample(2)
+
+    def run():
+        try:
+            write_tar(path, samples())
+        except Exception as e:  # noqa: BLE001 - the test reports what the writer hit
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert started.wait(30)
+    return thread
+
+
+def test_two_writers_of_one_file_keep_their_own_temporary_files(tmp_path):
+    path = tmp_path / "train-000000.tar"
+    release, started, errors = threading.Event(), threading.Event(), []
+    thread = _blocked_writer(path, release, started, errors)
+    write_tar(path, [("k0", _sample(0))])  # a second writer of the same file finishes first
+    release.set()
+    thread.join(30)
+    assert errors == []
+    assert [k for k, _ in read_tar_samples(path)] == ["k1", "k2"]  # the last complete write wins, whole
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_cleanup_removes_only_what_dead_writers_left(tmp_path):
+    cache = SampleCache(tmp_path)
+    target = cache.samples / "k1.x.tar"
+    release, started, errors = threading.Event(), threading.Event(), []
+    thread = _blocked_writer(target, release, started, errors)  # a live writer, mid-file
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = temp_path(cache.samples / "k9.x.tar").name.replace(f".{os.getpid()}.", f".{dead.stdout.strip()}.")
+    (cache.samples / orphan).write_bytes(b"half a sample")
+    assert SampleCache(tmp_path).clean_partials() == 1  # what a second run does when it starts
+    release.set()
+    thread.join(30)
+    assert errors == [] and target.is_file()
+    assert not list(cache.samples.glob(".*"))
+
+
+def _settle(cache: SampleCache, keys, fps, failed=()):
     for k in keys:
         if k in failed:
-            cache.put_failure(k, "decode_error: broken", {"split": "train"})
+            cache.put_failure(k, fps[k], "decode_error: broken", {"split": "train"})
         else:
-            cache.put(k, _sample(int(k[1:])))
+            cache.put(k, fps[k], _sample(int(k[1:])))
 
 
 def test_layout_sorted_full_shards_and_failures_skipped(tmp_path):
     keys = [f"k{i:02d}" for i in range(10)]
-    asm = ShardAssembler(tmp_path, {"train": list(reversed(keys)), "test": ["k90"]}, shard_size=3)
-    _settle(asm.cache, keys[:4], failed={"k01"})
+    fps = _fps(keys + ["k90"])
+    asm = ShardAssembler(tmp_path, {"train": list(reversed(keys)), "test": ["k90"]}, 3, fps)
+    _settle(asm.cache, keys[:4], fps, failed={"k01"})
     assert asm.advance() == ["train-000000.tar"]  # k00 k02 k03; k04 not settled yet
-    assert not asm.cache.sample_path("k00").exists()  # cached samples are dropped once in a shard
-    _settle(asm.cache, keys[4:] + ["k90"], failed={"k05", "k09"})
+    assert not asm.cache.sample_path("k00", fps["k00"]).exists()  # cached samples are dropped once in a shard
+    _settle(asm.cache, keys[4:] + ["k90"], fps, failed={"k05", "k09"})
     assert asm.advance(final=True) == ["test-000000.tar", "train-000001.tar", "train-000002.tar"]
     got = {s.name: [k for k, _ in read_tar_samples(tmp_path / s.name)] for s in asm.index()}
     assert got == {"test-000000.tar": ["k90"], "train-000000.tar": ["k00", "k02", "k03"],
@@ -75,31 +140,118 @@ def test_layout_sorted_full_shards_and_failures_skipped(tmp_path):
     for s in asm.index():
         data = (tmp_path / s.name).read_bytes()
         assert (s.bytes, s.sha256, s.count) == (len(data), hashlib.sha256(data).hexdigest(), len(got[s.name]))
+    assert [f["key"] for f in asm.failures()] == ["k01", "k05", "k09"]
     write_index(tmp_path, asm.index())
     assert (tmp_path / "index.json").is_file()
 
 
-def test_resume_skips_finished_shards_and_detects_changed_samples(tmp_path):
+def test_resume_skips_finished_shards_and_rewrites_damaged_ones(tmp_path):
     keys = [f"k{i:02d}" for i in range(5)]
-    asm = ShardAssembler(tmp_path, {"train": keys}, shard_size=2)
-    _settle(asm.cache, keys)
+    fps = _fps(keys)
+    asm = ShardAssembler(tmp_path, {"train": keys}, 2, fps)
+    _settle(asm.cache, keys, fps)
     asm.advance(final=True)
     first = (tmp_path / "train-000000.tar").stat()
-    again = ShardAssembler(tmp_path, {"train": keys}, shard_size=2)
+    again = ShardAssembler(tmp_path, {"train": keys}, 2, fps)
     assert again.pending_keys() == set()
     assert again.advance(final=True) == [] and len(again.skipped) == 3
     assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == first.st_mtime_ns
     (tmp_path / "train-000002.tar").write_bytes(b"truncated")  # a damaged shard is written again
-    damaged = ShardAssembler(tmp_path, {"train": keys}, shard_size=2)
+    damaged = ShardAssembler(tmp_path, {"train": keys}, 2, fps)
     assert damaged.pending_keys() == {"k04"}  # its sample was dropped after the shard was written
-    changed = ShardAssembler(tmp_path, {"train": keys + ["k015"]}, shard_size=2)  # lands in shard 1
-    with pytest.raises(ShardError, match="different set of samples"):
-        changed.advance()
+
+
+def _shards(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+
+
+def _fresh(tmp_path, name, keys, fps, size, failed=()):
+    asm = ShardAssembler(tmp_path / name, {"train": keys}, size, fps)
+    _settle(asm.cache, keys, fps, failed)
+    asm.advance(final=True)
+    return _shards(tmp_path / name)
+
+
+def _sample_v2(i: int) -> dict[str, bytes]:
+    return {**_sample(i), "json": b'{"i": %d, "recipe": 2}' % i}
+
+
+def test_a_changed_sample_is_encoded_again_and_nothing_stale_is_reused(tmp_path):
+    """Same key, new recipe (``X-ts125`` with a new offset): only that sample is encoded again, its
+    shard is rewritten, and the folder ends byte-identical to a fresh run of the new plan."""
+    keys = [f"k{i:02d}" for i in range(7)]
+    old = _fps(keys)
+    out = tmp_path / "out"
+    asm = ShardAssembler(out, {"train": keys}, 3, old)
+    _settle(asm.cache, keys, old)
+    asm.advance(final=True)
+
+    new = {**old, "k04": fingerprint({"key": "k04", "recipe": "v2"})}
+    again = ShardAssembler(out, {"train": keys}, 3, new)
+    again.advance()
+    assert again.pending_keys() == {"k04"}  # its neighbours come back from the old shard, not re-encoded
+    assert again.cache.status("k04", old["k04"]) is None and again.cache.status("k04", new["k04"]) is None
+    again.cache.put("k04", new["k04"], _sample_v2(4))
+    again.advance(final=True)
+    assert again.skipped == ["train-000000.tar", "train-000002.tar"] and again.written == ["train-000001.tar"]
+    expected = ShardAssembler(tmp_path / "fresh", {"train": keys}, 3, new)
+    _settle(expected.cache, [k for k in keys if k != "k04"], new)
+    expected.cache.put("k04", new["k04"], _sample_v2(4))
+    expected.advance(final=True)
+    assert _shards(out) == _shards(tmp_path / "fresh")
+
+
+def test_a_sample_that_now_fails_moves_the_later_shards(tmp_path):
+    keys = [f"k{i:02d}" for i in range(8)]
+    old = _fps(keys)
+    out = tmp_path / "out"
+    asm = ShardAssembler(out, {"train": keys}, 3, old)
+    _settle(asm.cache, keys, old)
+    asm.advance(final=True)
+    assert sorted(_shards(out)) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+
+    new = {**old, "k01": fingerprint({"key": "k01", "recipe": "v2"})}  # its source file is now broken
+    again = ShardAssembler(out, {"train": keys}, 3, new)
+    again.advance()
+    assert again.pending_keys() == {"k01"}
+    again.cache.put_failure("k01", new["k01"], "decode_error: broken")
+    again.advance(final=True)
+    assert _shards(out) == _fresh(tmp_path, "fresh", keys, new, 3, failed={"k01"})
+    assert [s.name for s in again.index()] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert [f["key"] for f in again.failures()] == ["k01"]
+
+
+def test_a_changed_key_set_is_reassembled_without_reencoding(tmp_path):
+    keys = [f"k{i:02d}" for i in range(5)]
+    fps = _fps(keys + ["k015"])
+    out = tmp_path / "out"
+    asm = ShardAssembler(out, {"train": keys}, 2, fps)
+    _settle(asm.cache, keys, fps)
+    asm.advance(final=True)
+    changed = ShardAssembler(out, {"train": keys[:-1] + ["k015"]}, 2, fps)  # k015 in, k04 out
+    changed.advance()
+    assert changed.pending_keys() == {"k015"}
+    changed.cache.put("k015", fps["k015"], _sample(15))
+    changed.advance(final=True)
+    assert _shards(out) == _fresh(tmp_path, "fresh", keys[:-1] + ["k015"], fps, 2)
+
+
+def test_cache_entries_of_other_fingerprints_are_not_taken(tmp_path):
+    cache = SampleCache(tmp_path)
+    a, b = fingerprint({"v": "a"}), fingerprint({"v": "b"})
+    cache.put("k1", a, _sample(1))
+    cache.put_failure("k2", a, "decode_error: x")
+    assert (cache.status("k1", a), cache.status("k1", b), cache.status("k2", a), cache.status("k2", b)) == (
+        "ok", None, "failed", None)
+    assert cache.drop_stale({"k1": b, "k2": a}) == 1 and cache.status("k2", a) == "failed"
+    with pytest.raises(ShardError, match="fingerprint"):
+        cache([{"key": "k3", "status": "ok", "json": b"{}"}])  # a work row must say what made it
 
 
 def test_final_advance_refuses_unsettled_keys(tmp_path):
-    asm = ShardAssembler(tmp_path, {"train": ["a", "b"]}, shard_size=5)
-    asm.cache.put("a", _sample(1))
+    fps = _fps(["a", "b"])
+    asm = ShardAssembler(tmp_path, {"train": ["a", "b"]}, 5, fps)
+    asm.cache.put("a", fps["a"], _sample(1))
     assert asm.advance() == []
     with pytest.raises(ShardError, match="never encoded"):
         asm.advance(final=True)
