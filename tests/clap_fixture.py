@@ -12,9 +12,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-from transformers import ClapConfig as HFClapConfig
-from transformers import ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
 
 _SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 
@@ -34,6 +31,8 @@ def _byte_alphabet() -> list[str]:
 
 def write_byte_bpe_tokenizer(folder: Path) -> RobertaTokenizer:
     """A RoBERTa tokenizer whose vocabulary is the byte alphabet (vocab.json + empty merges.txt)."""
+    from transformers import RobertaTokenizer
+
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {tok: i for i, tok in enumerate(_SPECIALS + _byte_alphabet() + ["<mask>"])}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
@@ -43,6 +42,8 @@ def write_byte_bpe_tokenizer(folder: Path) -> RobertaTokenizer:
 
 def tiny_clap_config(vocab_size: int, projection_dim: int = 16, fusion: bool = False) -> HFClapConfig:
     """Small widths, real structure: RoBERTa text tower, HTSAT (Swin) audio tower, projections."""
+    from transformers import ClapConfig as HFClapConfig
+
     text = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                 intermediate_size=64, max_position_embeddings=130, hidden_dropout_prob=0.0,
                 attention_probs_dropout_prob=0.0)
@@ -59,6 +60,9 @@ def build_tiny_clap(folder: str | Path, seed: int = 0, projection_dim: int = 16,
     ``fusion=True`` builds the feature-fusion variant (as ``laion/clap-htsat-fused``): four mel
     channels per clip and the ``is_longer`` branch.
     """
+    import torch
+    from transformers import ClapFeatureExtractor, ClapModel, ClapProcessor
+
     folder = Path(folder)
     tokenizer = write_byte_bpe_tokenizer(folder / "_tokenizer_src")
     # 48 kHz and a 10 s window as the real checkpoint; hop 2000 gives 241 frames (<= 256).

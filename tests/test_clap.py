@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -57,6 +56,8 @@ def _noise(seconds: float, seed: int) -> np.ndarray:
 
 
 def test_scores_are_cosines_of_normalised_embeddings_not_logits(scorer, real_audio):
+    import torch
+
     audios = real_audio + [_noise(3.0, 1)]
     labels = ["playing acoustic guitar", "playing drum kit", "rain"]
     emb = scorer.audio_embeddings(audios)

@@ -35,6 +35,7 @@ def _expectations(sample_root: Path) -> dict[int, dict]:
     return {r["csv_line"]: r for r in manifest["rows"]}
 
 
+@pytest.mark.slow
 def test_every_csv_line_has_one_row_with_the_expected_outcome(clean_out, sample_root):
     ledger, meta = read_ledger(clean_out / "ledger.parquet")
     expected = _expectations(sample_root)
@@ -56,6 +57,7 @@ def test_every_csv_line_has_one_row_with_the_expected_outcome(clean_out, sample_
     assert ledger["clap_score"].isna().all() and meta["clap_skipped"] is True
 
 
+@pytest.mark.slow
 def test_untrimmed_file_is_cut_to_its_window(clean_out, sample_root):
     ledger, _ = read_ledger(clean_out / "ledger.parquet")
     exp = next(r for r in _expectations(sample_root).values() if r["kind"] == "untrimmed")
@@ -63,6 +65,7 @@ def test_untrimmed_file_is_cut_to_its_window(clean_out, sample_root):
     assert row["start_s"] == exp["start_seconds"] and row["duration_s"] == pytest.approx(10.0, abs=0.05)
 
 
+@pytest.mark.slow
 def test_rerun_with_new_thresholds_rescoring_nothing(clean_out, sample_root, capsys):
     before, _ = read_ledger(clean_out / "ledger.parquet")
     parts_before = sorted(p.name for p in (clean_out / "ledger.parts").iterdir())
@@ -77,6 +80,7 @@ def test_rerun_with_new_thresholds_rescoring_nothing(clean_out, sample_root, cap
     assert _clean(sample_root, clean_out) == 0  # and back
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_ledger(clean_out, sample_root, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pipeline.clean", "--dataset", "sample", "--root", str(sample_root),
@@ -148,6 +152,7 @@ def test_missing_clap_model_stops_before_decoding(sample_root, tmp_path, monkeyp
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_clap_scores_real_model_folder_and_report(sample_root, tiny_clap_dir, tmp_path):
     out = tmp_path / "clap"
     assert main(["--dataset", "sample", "--root", str(sample_root), "--out", str(out), "--workers", "1",
@@ -168,6 +173,7 @@ def _notices(html: str) -> list[str]:
     return re.findall(r"<div class='notice'>(.*?)</div>", html, flags=re.S)
 
 
+@pytest.mark.slow
 def test_clap_none_is_said_plainly(clean_out):
     html = (clean_out / "report.html").read_text()
     notices = _notices(html)

@@ -83,6 +83,7 @@ def _shard_files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
 
 
+@pytest.mark.slow
 def test_index_is_honest_and_counts_add_up(dataset, encoded):
     index = json.loads((encoded / "index.json").read_text())
     files = _shard_files(encoded)
@@ -107,6 +108,7 @@ def test_index_is_honest_and_counts_add_up(dataset, encoded):
     assert card["failed_reasons"] == {"decode_error": 1, "missing_file": 1}
 
 
+@pytest.mark.slow
 def test_card_records_encoders_and_parameters(encoded, tiny_clip_dir, tiny_vae_dir):
     from shards.encoders import file_sha256
 
@@ -123,6 +125,7 @@ def test_card_records_encoders_and_parameters(encoded, tiny_clip_dir, tiny_vae_d
     assert card["augmentation_plan"]["config"]["stretch_rates"] == [1.25]
 
 
+@pytest.mark.slow
 def test_stock_webdataset_reads_every_sample(dataset, encoded):
     import webdataset as wds
 
@@ -154,6 +157,7 @@ def test_stock_webdataset_reads_every_sample(dataset, encoded):
             assert meta["augmentation"] is None and meta["scores"]["clap_score"] == 0.5
 
 
+@pytest.mark.slow
 def test_no_pickles_in_shards(encoded):
     for path in encoded.glob("*.tar"):
         with tarfile.open(path) as tar:
@@ -166,6 +170,7 @@ def test_no_pickles_in_shards(encoded):
                 assert b"\x80\x04\x95" not in data[:16]  # no pickle protocol-4 stream anywhere
 
 
+@pytest.mark.slow
 def test_rerun_is_byte_identical_whatever_the_batching(dataset, encoded, tiny_clip_dir, tiny_vae_dir, tmp_path):
     out = tmp_path / "shards"
     assert main(_args(dataset, out, tiny_clip_dir, tiny_vae_dir, "--workers", "1", "--batch-size", "1",
@@ -175,6 +180,7 @@ def test_rerun_is_byte_identical_whatever_the_batching(dataset, encoded, tiny_cl
     assert (out / "failed.json").read_bytes() == (encoded / "failed.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_process_pool_gives_the_same_samples(dataset, encoded, tiny_clip_dir, tiny_vae_dir, tmp_path):
     """Two worker processes (one CPU thread each): same shards and members; float kernels with another
     thread count may move a latent by one float16 step, nothing else may differ."""
@@ -196,6 +202,7 @@ def test_process_pool_gives_the_same_samples(dataset, encoded, tiny_clip_dir, ti
                     assert a[member] == b[member], f"{key}.{member}"
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_skips_finished_shards(dataset, encoded, tiny_clip_dir, tiny_vae_dir, tmp_path,
                                                       capsys):
     out = tmp_path / "shards"
@@ -224,6 +231,7 @@ def test_killed_run_resumes_and_skips_finished_shards(dataset, encoded, tiny_cli
     assert "4 skipped" in capsys.readouterr().out  # a finished folder is a no-op
 
 
+@pytest.mark.slow
 def test_real_runs_refuse_missing_weights_and_demo_falls_back_loudly(dataset, tmp_path, capsys):
     import huggingface_hub.constants
 
@@ -246,6 +254,7 @@ def test_real_runs_refuse_missing_weights_and_demo_falls_back_loudly(dataset, tm
     assert card["clip_dim"] == 768 and card["latent_shape"] == [2, 8, 256, 16] and card["samples"] == 1
 
 
+@pytest.mark.slow
 def test_ray_read_webdataset_reads_the_shards(dataset, encoded):
     ray = pytest.importorskip("ray")
 
@@ -261,6 +270,7 @@ def test_ray_read_webdataset_reads_the_shards(dataset, encoded):
         assert r["clip.npy"].shape[1] == TINY_CLIP_DIM and r["json"]["key"] == r["__key__"]
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(dataset, encoded, tiny_clip_dir, tiny_vae_dir, capsys):
     before = _shard_files(encoded)
     assert main(_args(dataset, encoded, tiny_clip_dir, tiny_vae_dir, "--workers", "1", "--with-mel",

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -35,6 +34,8 @@ def _frames(t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(3, 360, 480), (2, 720, 1280), (2, 300, 200), (2, 20, 30)])
 def test_clip_pixels_match_clip_image_processor(tiny_clip_dir, shape, normalize):
     """Short side to the model's size (bicubic, antialiased like PIL), centre crop, [0,1], mean/std."""
+    import torch
+
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     enc = ClipImageEncoder.load(str(tiny_clip_dir), "cpu", normalize=normalize)
@@ -76,6 +77,8 @@ def test_clip_text_embeddings_independent_of_batch_padding(tiny_clip_dir):
 
 
 def test_vae_posterior_shapes_orientation_and_decode(tiny_vae_dir):
+    import torch
+
     vae = AudioVAE.load(str(tiny_vae_dir), "cpu", batch_size=1)
     rng = np.random.default_rng(0)
     mels = np.stack([log_mel(rng.standard_normal(16000 * 4).astype(np.float32)) for _ in range(2)])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from shards.config import MelConfig
 from shards.mel import log_mel, log_mel_torch, mel_filterbank, prepare_waveform
@@ -107,6 +106,8 @@ def test_waveform_preparation():
 
 
 def test_batched_equals_single_and_shape_checked():
+    import torch
+
     a, b = _test_signal(10.24, 1), _test_signal(5.0, 2)
     batch = torch.from_numpy(np.stack([prepare_waveform(a), prepare_waveform(b)]))
     out = log_mel_torch(batch, CFG).numpy()

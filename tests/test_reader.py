@@ -11,9 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import webdataset as wds
 
 from shards.reader import (ReaderConfig, ShardSourceError, TrainLoader, find_shards, split_shards,
@@ -139,6 +136,9 @@ def test_validation_batches_are_fixed(shards):
 
 
 def _ddp_worker(rank: int, world: int, port: int, shards: str, steps: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     train = split_shards(find_shards(shards)[0], "train")
@@ -155,8 +155,11 @@ def _ddp_worker(rank: int, world: int, port: int, shards: str, steps: int, out: 
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_run_equal_steps_with_uneven_shards(shards, tmp_path):
     """10 samples in shards of 1, 2 and 7 for 2 ranks x 2 workers; every rank still gets 25 batches."""
+    import torch.multiprocessing as mp
+
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

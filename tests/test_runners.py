@@ -159,6 +159,7 @@ def toy_run(request, engines, tmp_path_factory):
             "setups": sorted(Path(config.setup_dir).iterdir())}
 
 
+@pytest.mark.slow
 def test_failure_in_one_row_keeps_its_neighbours(toy_run):
     journal, config = toy_run["journal"], toy_run["config"]
     assert sorted(journal.index) == [r["key"] for r in toy_run["rows"]], "a runner lost or duplicated rows"
@@ -173,6 +174,7 @@ def test_failure_in_one_row_keeps_its_neighbours(toy_run):
     assert (journal["status"] == OK).sum() == len(journal) - 2
 
 
+@pytest.mark.slow
 def test_rows_cross_engine_boundaries_unchanged(toy_run):
     """Arrays reach the next stage; None stays missing, ints stay ints; transient fields never leave."""
     journal = toy_run["journal"]
@@ -185,6 +187,7 @@ def test_rows_cross_engine_boundaries_unchanged(toy_run):
         assert "signal" not in row
 
 
+@pytest.mark.slow
 def test_model_stage_is_set_up_once_per_worker_not_per_batch(toy_run):
     batches = -(-len(toy_run["rows"]) // toy_run["config"].batch_size)
     setup_pids = [p.name.split("-")[1] for p in toy_run["setups"]]
@@ -194,6 +197,7 @@ def test_model_stage_is_set_up_once_per_worker_not_per_batch(toy_run):
     assert 1 <= len(setup_pids) <= WORKERS < batches
 
 
+@pytest.mark.slow
 def test_workers_native_thread_pools_capped_to_their_share_of_cores(toy_run):
     """OpenBLAS and OpenCV threads beyond a worker's cores only slow its neighbours down."""
     share = 1 if toy_run["runner"] == "ray" else max(1, (os.cpu_count() or 1) // WORKERS)  # Ray: num_cpus=1
@@ -201,6 +205,7 @@ def test_workers_native_thread_pools_capped_to_their_share_of_cores(toy_run):
         assert row["threads"] == {"cv2": share, "blas": share}, row["key"]
 
 
+@pytest.mark.slow
 def test_driver_sees_every_finished_batch(toy_run):
     """``on_batch`` (the CLI's progress bar) gets every row once, whichever engine ran it."""
     keys = sorted(r["key"] for r in toy_run["seen"])

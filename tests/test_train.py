@@ -12,11 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from shards_fixture import write_shards
-from train.config import TINY_UNET_CONFIG, ModelConfig, NoiseConfig
-from train.model import ConditionEncoder, DiffusionLoss, VideoToAudioUNet, condition_dropout
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16
@@ -24,6 +21,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def _train_args(shards: Path, out: Path, max_steps: int) -> list[str]:
+    from train.config import TINY_UNET_CONFIG
+
     return ["-m", "train", "--shards", str(shards), "--out", str(out), "--unet-config", TINY_UNET_CONFIG,
             "--batch-size", "4", "--max-steps", str(max_steps), "--ckpt-every", "4", "--log-every", "1",
             "--lr", "1e-3", "--warmup-steps", "3", "--val-every", "8", "--val-batches", "2",
@@ -87,6 +86,7 @@ def straight_run(uneven_shards, tmp_path_factory) -> tuple[Path, str]:
     return run, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_two_rank_gloo_run_overfits_with_equal_steps(straight_run):
     run, output = straight_run
     summary = json.loads((run / "summary.json").read_text())
@@ -102,6 +102,7 @@ def test_two_rank_gloo_run_overfits_with_equal_steps(straight_run):
     assert list((run / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(uneven_shards, straight_run, tmp_path):
     straight, _ = straight_run
     run = tmp_path / "run"
@@ -130,6 +131,10 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(uneven_shards, stra
 
 
 def test_condition_dropout_rate_and_null_condition():
+    import torch
+    from train.config import ModelConfig
+    from train.model import ConditionEncoder, condition_dropout
+
     gen = torch.Generator().manual_seed(0)
     drops = torch.cat([condition_dropout(1000, 0.1, gen, "cpu") for _ in range(100)])
     assert abs(drops.float().mean().item() - 0.1) < 0.005
@@ -151,6 +156,10 @@ def test_condition_dropout_rate_and_null_condition():
 
 
 def test_loss_uses_configured_dropout_rate_and_trains_the_projection():
+    import torch
+    from train.config import TINY_UNET_CONFIG, ModelConfig, NoiseConfig
+    from train.model import DiffusionLoss, VideoToAudioUNet
+
     model = VideoToAudioUNet(ModelConfig(unet_config=TINY_UNET_CONFIG))
     loss_fn = DiffusionLoss(NoiseConfig())
     batch = {"latent": torch.randn(64, 2, 8, 16, 8).abs() * 0.1, "clip": torch.randn(64, 3, 768),
@@ -165,6 +174,10 @@ def test_loss_uses_configured_dropout_rate_and_trains_the_projection():
 
 
 def test_min_snr_weights_for_v_prediction():
+    import torch
+    from train.config import NoiseConfig
+    from train.model import DiffusionLoss
+
     loss_fn = DiffusionLoss(NoiseConfig())
     t = torch.tensor([0, 500, 999])
     snr = loss_fn.snr(t)
@@ -204,6 +217,8 @@ def write_small_video(path: Path, seconds: float = 10.0, fps: int = 12, size: tu
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     """A one-step run on full-size AudioLDM latents (in-process, no torchrun) and tiny random encoders."""
+    from train.config import TINY_UNET_CONFIG, ModelConfig, NoiseConfig
+
     from model_fixtures import AUDIOLDM_LATENT, build_tiny_models
     from train.config import TrainConfig
     from train.trainer import train
@@ -233,6 +248,7 @@ def generated(tiny_run, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_sampler_writes_16k_wav_of_10_24_s_and_a_muxed_mp4(generated):
     import av
     import soundfile as sf
@@ -252,6 +268,7 @@ def test_sampler_writes_16k_wav_of_10_24_s_and_a_muxed_mp4(generated):
         assert copied == original  # the picture is copied losslessly
 
 
+@pytest.mark.slow
 def test_evaluate_scores_av_align_both_modes_and_clap(generated, tmp_path):
     import csv
 
@@ -281,7 +298,10 @@ def test_evaluate_scores_av_align_both_modes_and_clap(generated, tmp_path):
     assert summary["count"] == 2 and summary["clap_scored"] == 1 and summary["random_weights"]
 
 
+@pytest.mark.slow
 def test_denoising_is_seeded_and_guided_against_the_null_condition(tiny_run):
+    import torch
+
     from train.checkpoint import load_for_inference
     from train.sample import denoise
 
