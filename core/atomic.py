@@ -77,6 +77,20 @@ def remove_abandoned(folder: str | Path, max_age_s: float = ABANDONED_AFTER_S) -
     return n
 
 
+@contextmanager
+def _replacing(tmp: Path, path: Path, before_rename: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Rename ``tmp`` to ``path`` (then fsync the folder) if the block succeeds; else remove ``tmp``."""
+    try:
+        yield tmp
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],
                  before_rename: Callable[[], None] | None = None) -> Path:
     """Call ``write(file)`` on a temporary file, then fsync and rename it to ``path``.
@@ -85,38 +99,24 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],
     its name (e.g. to record what is about to appear); if it raises, nothing is renamed.
     """
     path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with _replacing(temp_path(path), path, before_rename) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
 @contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path (same suffix, so libraries that pick a format by name still can) for a
-    writer that opens files by name (FFmpeg, soundfile); on success fsync it and rename it to ``path``."""
+    """Yield a temporary path for a writer that opens files by name (FFmpeg, soundfile); on success
+    fsync it and rename it to ``path``. The name is ``temp_path``'s (ends in ``.tmp``), so a folder
+    scan for media never takes a half-written file for a clip: tell the writer the format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp{path.suffix}")
-    try:
+    with _replacing(temp_path(path), path) as tmp:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
