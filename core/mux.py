@@ -25,6 +25,9 @@ import numpy as np
 from core.atomic import atomic_output
 
 _PLANAR_TO_PACKED = {"s16p": "s16", "fltp": "flt", "s32p": "s32"}
+# FFmpeg muxer by file suffix (the temporary file's own name says nothing)
+_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".m4a": "mp4", ".mov": "mov", ".mkv": "matroska", ".mka": "matroska",
+            ".webm": "webm", ".avi": "avi", ".wav": "wav", ".flac": "flac"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,10 @@ def mux(path: str | Path, video: VideoTrack | VideoCopy | None = None, audio: Au
     if audio is not None and np.asarray(audio.pcm).ndim != 2:
         raise ValueError(f"audio.pcm must be [channels, samples], got shape {np.shape(audio.pcm)}")
     path = Path(path)
+    container_format = container_format or _FORMATS.get(path.suffix.lower())
+    if container_format is None:
+        raise ValueError(f"cannot tell the container of {path.name}: pass container_format "
+                         f"(or use one of {', '.join(sorted(_FORMATS))})")
     with atomic_output(path) as tmp:
         with av.open(str(tmp), "w", format=container_format, options=dict(options or {})) as container:
             if isinstance(video, VideoCopy):

@@ -67,6 +67,8 @@ def test_a_failed_mux_leaves_no_file(tmp_path):
         mux(tmp_path / "odd.mp4", VideoTrack(frames=_frames(3, 25, size=(63, 48)), size=(63, 48)))
     with pytest.raises(ValueError, match="channels, samples"):
         mux(tmp_path / "flat.mp4", audio=AudioTrack(pcm=np.zeros(100, np.float32), sample_rate=16000))
+    with pytest.raises(ValueError, match="cannot tell the container"):
+        mux(tmp_path / "clip.bin", VideoTrack(frames=_frames(3, 25), size=(64, 48)))
     assert list(tmp_path.iterdir()) == []
 
 
