@@ -110,6 +110,8 @@ class Ledger:
     def write_final(self, df: pd.DataFrame, meta: dict) -> Path:
         """Write ``ledger.parquet`` (sorted by key) with the run metadata, plus ``run.json``."""
         df = df.sort_values("key", kind="stable").reset_index(drop=True)
+        # a column no stage of this run produced (an older journal, a hand-built frame) is missing, not made up
+        df = df.assign(**{c: pd.Series([None] * len(df), index=df.index, dtype=object) for c in COLUMNS if c not in df})
         table = pa.Table.from_pandas(df[COLUMNS], schema=SCHEMA, preserve_index=False)
         table = table.replace_schema_metadata({b"v2a_run": json.dumps(meta, sort_keys=True).encode()})
         atomic_write_table(table, self.path)
