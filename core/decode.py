@@ -4,6 +4,11 @@ Time is presentation time (``pts * time_base``) of each stream, so variable fram
 non-zero start times and odd rates (14.96, 21.5 fps) are handled by timestamps, never by frame
 counting. Audio is mixed to mono at its native rate, cut to the window by its timestamps, then
 resampled with soxr (``HQ``, the same quality librosa's default ``soxr_hq`` uses).
+
+A request asks only for the work its consumer needs: small greyscale frames made from the luma
+plane (or by libswscale inside FFmpeg), the deblocking filter skipped for frames that are shrunk
+anyway, RGB frames resized to the encoder's input as they are decoded. ``docs/benchmarks.md``
+measures what each option costs and saves.
 """
 from __future__ import annotations
 
@@ -19,12 +24,19 @@ import av
 import cv2
 import numpy as np
 import soxr
+from av.video.reformatter import Interpolation, VideoReformatter
 
 from core.config import DecodeLimits
+from core.frames import resize_crop, short_side_size
 from core.native_threads import worker_threads
 
 # Planar YUV formats whose first plane is luma: the fast greyscale path reads it directly.
 _LUMA_FORMATS = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12", "yuv420p10le"}
+# ``gray_scaler`` values: OpenCV on the luma plane, or a libswscale algorithm inside FFmpeg.
+GRAY_SCALERS = ("opencv",) + tuple(m.name.lower() for m in Interpolation)
+# With ``rgb_size``, a frame whose short side is over this many times the size is first shrunk to
+# it inside FFmpeg (area averaging), so no full-size RGB copy of a huge frame is ever made.
+RGB_PRESHRINK = 4
 
 
 class DecodeError(Exception):
@@ -49,10 +61,25 @@ class DecodeRequest:
     audio_rates: tuple[int, ...] = ()
     gray: bool = False  # every native frame, greyscale
     gray_max_side: int | None = None  # None: native resolution via BGR->GRAY (OpenCV's path)
+    # how frames shrink to ``gray_max_side``: "opencv" (luma plane, Gaussian pyramid + INTER_AREA)
+    # or a libswscale algorithm ("fast_bilinear", "area", ...) converting and scaling in FFmpeg
+    gray_scaler: str = "opencv"
+    # FFmpeg's skip_loop_filter=all: no deblocking (H.264, HEVC): cheaper, blockier frames, for
+    # consumers that shrink the frames anyway; it applies to every frame of the video decode
+    skip_loop_filter: bool = False
     rgb_fps: float | None = None  # frames sampled on a fixed grid, RGB
+    rgb_size: int | None = None  # RGB frames resized (short side) and centre-cropped to this, as decoded
     audio_native: bool = False  # also keep the window's audio at its native rate, channels unmixed, unpadded
     need_audio: bool = True
     need_video: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gray_scaler not in GRAY_SCALERS:
+            raise ValueError(f"gray_scaler must be one of {', '.join(GRAY_SCALERS)}, not {self.gray_scaler!r}")
+        for name in ("gray_max_side", "rgb_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 px, not {value}")
 
 
 @dataclass
@@ -172,6 +199,14 @@ def _mono(channels: np.ndarray) -> np.ndarray:
     return channels.mean(axis=0) if channels.shape[0] > 1 else channels[0]
 
 
+def _small_size(width: int, height: int, max_side: int) -> tuple[int, int] | None:
+    """(w, h) with the long side at most ``max_side``; None when the frame is already that small."""
+    scale = max_side / max(width, height)
+    if scale >= 1.0:
+        return None
+    return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+
+
 def _luma(frame: av.VideoFrame, max_side: int) -> tuple[np.ndarray, float]:
     """Greyscale at reduced size straight from the luma plane (no colour conversion)."""
     if frame.format.name in _LUMA_FORMATS and not frame.format.name.endswith("10le"):
@@ -180,15 +215,33 @@ def _luma(frame: av.VideoFrame, max_side: int) -> tuple[np.ndarray, float]:
     else:
         y = frame.to_ndarray(format="gray")
     h, w = y.shape
-    scale = min(1.0, max_side / max(h, w))
-    if scale < 1.0:
-        size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
-        # halve with a Gaussian first while 4x too big: INTER_AREA alone is slow at odd ratios
-        while y.shape[1] >= 4 * size[0] and y.shape[0] >= 4 * size[1]:
-            y = cv2.pyrDown(y)
-        y = cv2.resize(y, size, interpolation=cv2.INTER_AREA)
-        scale = size[0] / w
-    return np.ascontiguousarray(y), scale
+    size = _small_size(w, h, max_side)
+    if size is None:
+        return np.ascontiguousarray(y), 1.0
+    # halve with a Gaussian first while 4x too big: INTER_AREA alone is slow at odd ratios
+    while y.shape[1] >= 4 * size[0] and y.shape[0] >= 4 * size[1]:
+        y = cv2.pyrDown(y)
+    return cv2.resize(y, size, interpolation=cv2.INTER_AREA), size[0] / w
+
+
+def _sws_gray(sws: VideoReformatter, frame: av.VideoFrame, max_side: int, scaler: str,
+              threads: int) -> tuple[np.ndarray, float]:
+    """Greyscale at reduced size converted and scaled by libswscale (one cached context per decode)."""
+    size = _small_size(frame.width, frame.height, max_side) or (frame.width, frame.height)
+    small = sws.reformat(frame, width=size[0], height=size[1], format="gray",
+                         interpolation=Interpolation[scaler.upper()], threads=threads)
+    return small.to_ndarray(), size[0] / frame.width
+
+
+def _rgb_sized(sws: VideoReformatter, frame: av.VideoFrame, size: int, threads: int) -> np.ndarray:
+    """One RGB frame at the encoder's input (short side ``size``, centre crop), never full size
+    when it is huge: such frames are area-shrunk inside FFmpeg to ``RGB_PRESHRINK * size`` first."""
+    w, h = frame.width, frame.height
+    if min(w, h) > RGB_PRESHRINK * size:
+        h2, w2 = short_side_size(h, w, RGB_PRESHRINK * size)
+        frame = sws.reformat(frame, width=w2, height=h2, format="rgb24", interpolation=Interpolation.AREA,
+                             threads=threads)
+    return resize_crop(frame.to_ndarray(format="rgb24")[None], size)[0]
 
 
 def _gray_native(frame: av.VideoFrame) -> np.ndarray:
@@ -214,143 +267,204 @@ def decode(path: str | Path, req: DecodeRequest, limits: DecodeLimits = DecodeLi
             container.close()
 
 
-def _decode_open(container, path: str, req: DecodeRequest, limits: DecodeLimits, deadline: _Deadline) -> DecodedClip:
-    want_video = req.need_video and (req.gray or req.rgb_fps)
+@dataclass
+class _Plan:
+    """The streams a request reads and the window it covers."""
+
+    vstream: object | None
+    astream: object | None
+    start: float
+    end: float
+    fps: float
+
+
+def _plan(container, req: DecodeRequest) -> _Plan:
     vstream = container.streams.video[0] if container.streams.video else None
     astream = container.streams.audio[0] if container.streams.audio else None
     if req.need_video and vstream is None:
         raise DecodeError("no_video_stream")
     if req.need_audio and astream is None:
         raise DecodeError("no_audio_stream")
-
-    fps = _fps(vstream) if vstream is not None else 0.0
+    want_video = req.need_video and (req.gray or req.rgb_fps)
+    want_audio = req.need_audio and (bool(req.audio_rates) or req.audio_native)
+    if not (want_video or want_audio):
+        raise DecodeError("decode_error", "nothing requested")
     start = float(req.start_s)
     end = math.inf if req.duration_s is None else start + float(req.duration_s)
+    return _Plan(vstream if want_video else None, astream if want_audio else None, start, end,
+                 _fps(vstream) if vstream is not None else 0.0)
 
-    streams = []
-    if want_video:
-        vstream.thread_type = "AUTO"
-        threads = video_threads(limits)
-        if threads:
-            vstream.thread_count = threads
-        streams.append(vstream)
-    want_audio = req.need_audio and (bool(req.audio_rates) or req.audio_native)
-    if want_audio:
-        streams.append(astream)
-    if not streams:
-        raise DecodeError("decode_error", "nothing requested")
 
-    if start > 1.0:
-        seek_stream = vstream if want_video else astream
-        container.seek(int(max(0.0, start - 1.0) / seek_stream.time_base), stream=seek_stream, backward=True)
+def _configure_video(stream, req: DecodeRequest, threads: int) -> None:
+    """Threads and decoder discard settings; FFmpeg reads them when the decoder opens (first packet)."""
+    stream.thread_type = "AUTO"
+    if threads:
+        stream.thread_count = threads
+    if req.skip_loop_filter:
+        stream.codec_context.options = {**stream.codec_context.options, "skip_loop_filter": "all"}
 
-    gray, gray_t = [], []
-    gray_scale = 1.0
-    rgb, rgb_t = [], []
-    rgb_next = 0  # index of the next 2 fps grid point to fill
-    prev_frame = None
-    prev_time = None
-    audio_chunks: list[np.ndarray] = []
-    native_chunks: list[np.ndarray] = []
-    audio_t0: float | None = None
-    native_sr = astream.sample_rate if astream is not None else 0
-    audio_done = not want_audio
-    video_done = not want_video
-    last_video_t = -math.inf
 
-    for packet in container.demux(streams):
-        deadline.check()
-        if packet.stream.type == "video" and video_done:
-            continue
-        if packet.stream.type == "audio" and audio_done:
-            continue
-        for frame in packet.decode():
-            if frame.pts is None or frame.time is None:
-                continue
-            t = float(frame.time)
-            if packet.stream.type == "audio":
-                if t >= end:
-                    audio_done = True
-                    break
-                channels = _channels(frame)
-                if t + channels.shape[1] / frame.sample_rate <= start:
-                    continue
-                if audio_t0 is None:
-                    audio_t0 = t
-                audio_chunks.append(_mono(channels))
-                if req.audio_native:
-                    native_chunks.append(channels)
-            else:
-                if t >= end:
-                    video_done = True
-                    break
-                if t < start:
-                    prev_frame, prev_time = frame, t
-                    continue
-                if req.gray:
-                    if req.gray_max_side:
-                        g, gray_scale = _luma(frame, req.gray_max_side)
-                    else:
-                        g = _gray_native(frame)
-                    gray.append(g)
-                    gray_t.append(t - start)
-                if req.rgb_fps:
-                    # a grid point is shown by the last frame whose time is <= it
-                    shown_by = prev_frame if prev_frame is not None else frame
-                    while start + rgb_next / req.rgb_fps < min(t, end):
-                        rgb.append(shown_by.to_ndarray(format="rgb24"))
-                        rgb_t.append(rgb_next / req.rgb_fps)
-                        rgb_next += 1
-                prev_frame, prev_time = frame, t
-                last_video_t = max(last_video_t, t)
-        if audio_done and video_done:
-            break
+class _VideoFrames:
+    """Collects what the request wants from the video frames of the window, in decode order."""
 
-    clip = DecodedClip(path=path, start_s=start, duration_s=0.0, video_fps=fps, native_sr=native_sr)
-    covered = []
-    if want_video:
-        if not gray_t and not rgb_t and prev_frame is None:
+    def __init__(self, req: DecodeRequest, start: float, end: float, threads: int):
+        self.req, self.start, self.end, self.threads = req, start, end, threads
+        self.sws = VideoReformatter()  # one cached libswscale context per decode
+        self.gray: list[np.ndarray] = []
+        self.gray_t: list[float] = []
+        self.gray_scale = 1.0
+        self.rgb: list[np.ndarray] = []
+        self.rgb_t: list[float] = []
+        self.prev = None  # the last frame seen (it shows until the next frame's time)
+        self.last_t = -math.inf
+        self._converted = (None, None)  # (frame, its RGB array): a frame shown on several grid points
+
+    def add(self, frame, t: float) -> bool:
+        """Take one decoded frame at time ``t``; True once the window is past."""
+        if t >= self.end:
+            return True
+        if t >= self.start:
+            if self.req.gray:
+                self._add_gray(frame, t)
+            if self.req.rgb_fps:  # a grid point is shown by the last frame whose time is <= it
+                self._fill_grid(self.prev if self.prev is not None else frame, min(t, self.end))
+            self.last_t = max(self.last_t, t)
+        self.prev = frame
+        return False
+
+    def _add_gray(self, frame, t: float) -> None:
+        req = self.req
+        if not req.gray_max_side:
+            g = _gray_native(frame)
+        elif req.gray_scaler == "opencv":
+            g, self.gray_scale = _luma(frame, req.gray_max_side)
+        else:
+            g, self.gray_scale = _sws_gray(self.sws, frame, req.gray_max_side, req.gray_scaler, self.threads)
+        self.gray.append(g)
+        self.gray_t.append(t - self.start)
+
+    def _rgb(self, frame) -> np.ndarray:
+        if self._converted[0] is not frame:
+            arr = (frame.to_ndarray(format="rgb24") if self.req.rgb_size is None
+                   else _rgb_sized(self.sws, frame, self.req.rgb_size, self.threads))
+            self._converted = (frame, arr)
+        return self._converted[1]
+
+    def _fill_grid(self, shown_by, until: float) -> None:
+        fps = self.req.rgb_fps
+        while self.start + len(self.rgb_t) / fps < until:
+            self.rgb.append(self._rgb(shown_by))
+            self.rgb_t.append(len(self.rgb_t) / fps)
+
+    def finish(self, clip: DecodedClip, fps: float) -> float:
+        """Store the frames on ``clip``; returns the seconds of the window the video covers."""
+        if not self.gray_t and not self.rgb_t and self.prev is None:
             raise DecodeError("decode_error", "no decodable video frames")
         frame_dur = 1.0 / fps if fps > 0 else 0.0
-        video_end = last_video_t + frame_dur if last_video_t > -math.inf else start
-        covered.append(min(end, video_end) - start)
-        if req.rgb_fps and prev_frame is not None:
+        video_end = self.last_t + frame_dur if self.last_t > -math.inf else self.start
+        if self.req.rgb_fps and self.prev is not None:
             # grid points after the last decoded frame but inside the video keep its last frame
-            while start + rgb_next / req.rgb_fps < min(end, video_end):
-                rgb.append(prev_frame.to_ndarray(format="rgb24"))
-                rgb_t.append(rgb_next / req.rgb_fps)
-                rgb_next += 1
-        if req.gray:
-            clip.gray = np.stack(gray) if gray else np.zeros((0, 1, 1), np.uint8)
-            clip.gray_times = np.asarray(gray_t, np.float64)
-            clip.gray_scale = gray_scale
-        if req.rgb_fps:
-            clip.rgb = np.stack(rgb) if rgb else np.zeros((0, 1, 1, 3), np.uint8)
-            clip.rgb_times = np.asarray(rgb_t, np.float64)
-    if want_audio:
-        if not audio_chunks:
+            self._fill_grid(self.prev, min(self.end, video_end))
+        if self.req.gray:
+            clip.gray = np.stack(self.gray) if self.gray else np.zeros((0, 1, 1), np.uint8)
+            clip.gray_times = np.asarray(self.gray_t, np.float64)
+            clip.gray_scale = self.gray_scale
+        if self.req.rgb_fps:
+            empty = (0, self.req.rgb_size or 1, self.req.rgb_size or 1, 3)
+            clip.rgb = np.stack(self.rgb) if self.rgb else np.zeros(empty, np.uint8)
+            clip.rgb_times = np.asarray(self.rgb_t, np.float64)
+        return min(self.end, video_end) - self.start
+
+
+class _AudioChunks:
+    """The audio frames of the window, channels kept; mixed and resampled once at the end."""
+
+    def __init__(self, start: float, end: float):
+        self.start, self.end = start, end
+        self.chunks: list[np.ndarray] = []
+        self.t0: float | None = None
+
+    def add(self, frame, t: float) -> bool:
+        """Take one decoded frame at time ``t``; True once the window is past."""
+        if t >= self.end:
+            return True
+        channels = _channels(frame)
+        if t + channels.shape[1] / frame.sample_rate > self.start:
+            if self.t0 is None:
+                self.t0 = t
+            self.chunks.append(channels)
+        return False
+
+    def _window(self, samples: np.ndarray, lead: int, sr: int) -> np.ndarray:
+        """Samples from the window start (``lead`` > 0: the audio starts later) to its end."""
+        out = samples[..., max(0, -lead):]
+        if math.isfinite(self.end):
+            out = out[..., : max(0, int(round((self.end - self.start) * sr)) - max(0, lead))]
+        return out
+
+    def finish(self, clip: DecodedClip, req: DecodeRequest, stream) -> float:
+        """Store the audio on ``clip``; returns the seconds of the window the audio covers."""
+        if not self.chunks:
             raise DecodeError("decode_error", "no decodable audio in window")
-        native = np.concatenate(audio_chunks)
-        lead = int(round((audio_t0 - start) * native_sr))
+        sr = clip.native_sr
+        lead = int(round((self.t0 - self.start) * sr))
+        same_layout = len({c.shape[0] for c in self.chunks}) == 1
         if req.audio_native:
-            unpadded = np.concatenate(native_chunks, axis=1)[:, max(0, -lead):]
-            if math.isfinite(end):
-                unpadded = unpadded[:, : max(0, int(round((end - start) * native_sr)) - max(0, lead))]
-            clip.audio_native = unpadded
-            clip.audio_layout = astream.layout.name
+            if not same_layout:
+                raise DecodeError("decode_error", "audio channel count changes within the window")
+            clip.audio_native = self._window(np.concatenate(self.chunks, axis=1), lead, sr)
+            clip.audio_layout = stream.layout.name
+        mono = (_mono(np.concatenate(self.chunks, axis=1)) if same_layout
+                else np.concatenate([_mono(c) for c in self.chunks]))
+        mono = self._window(mono, lead, sr)
         if lead > 0:  # audio starts after the window start: keep it on the clock with silence
-            native = np.concatenate([np.zeros(lead, np.float32), native])
-            clip.audio_lead_s = lead / native_sr
-        elif lead < 0:
-            native = native[-lead:]
-        if math.isfinite(end):
-            native = native[: int(round((end - start) * native_sr))]
-        covered.append(native.size / native_sr)
+            mono = np.concatenate([np.zeros(lead, np.float32), mono])
+            clip.audio_lead_s = lead / sr
         for rate in req.audio_rates:
-            clip.audio[rate] = (
-                native.copy() if rate == native_sr
-                else soxr.resample(native, native_sr, rate, quality="HQ").astype(np.float32, copy=False)
-            )
+            clip.audio[rate] = (mono.copy() if rate == sr
+                                else soxr.resample(mono, sr, rate, quality="HQ").astype(np.float32, copy=False))
+        return mono.size / sr
+
+
+def _demux(container, plan: _Plan, video: _VideoFrames | None, audio: _AudioChunks | None,
+           deadline: _Deadline) -> None:
+    """One pass over the packets of the wanted streams until both are past the window."""
+    if plan.start > 1.0:
+        seek_stream = plan.vstream if plan.vstream is not None else plan.astream
+        container.seek(int(max(0.0, plan.start - 1.0) / seek_stream.time_base), stream=seek_stream, backward=True)
+    sinks = {"video": video, "audio": audio}
+    done = {kind: sink is None for kind, sink in sinks.items()}
+    for packet in container.demux([s for s in (plan.vstream, plan.astream) if s is not None]):
+        deadline.check()
+        kind = packet.stream.type
+        if done.get(kind, True):
+            continue
+        for frame in packet.decode():
+            if frame.pts is not None and frame.time is not None and sinks[kind].add(frame, float(frame.time)):
+                done[kind] = True
+                break
+        if all(done.values()):
+            break
+
+
+def _decode_open(container, path: str, req: DecodeRequest, limits: DecodeLimits, deadline: _Deadline) -> DecodedClip:
+    plan = _plan(container, req)
+    threads = video_threads(limits)
+    video = audio = None
+    if plan.vstream is not None:
+        _configure_video(plan.vstream, req, threads)
+        video = _VideoFrames(req, plan.start, plan.end, threads)
+    if plan.astream is not None:
+        audio = _AudioChunks(plan.start, plan.end)
+    _demux(container, plan, video, audio, deadline)
+
+    native_sr = container.streams.audio[0].sample_rate if container.streams.audio else 0
+    clip = DecodedClip(path=path, start_s=plan.start, duration_s=0.0, video_fps=plan.fps, native_sr=native_sr)
+    covered = []
+    if video is not None:
+        covered.append(video.finish(clip, plan.fps))
+    if audio is not None:
+        covered.append(audio.finish(clip, req, plan.astream))
     clip.duration_s = float(min(covered)) if covered else 0.0
     if clip.duration_s < limits.min_duration_s:
         raise DecodeError("too_short", f"{clip.duration_s:.2f}s < {limits.min_duration_s:.2f}s")

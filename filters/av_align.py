@@ -32,7 +32,7 @@ import numpy as np
 import soxr
 
 from core.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
-from core.decode import DecodedClip, DecodeError, DecodeRequest, decode
+from core.decode import GRAY_SCALERS, DecodedClip, DecodeError, DecodeRequest, decode
 
 Mode = Literal["reference", "fast"]
 
@@ -46,6 +46,13 @@ class AVAlignConfig:
                 "fast: flow on small luma frames, same keep/drop decisions, far cheaper"})
     fast_max_side: int = field(default=64, metadata={
         "help": "fast mode: long side (px) of the frames the optical flow runs on"})
+    fast_skip_loop_filter: bool = field(default=True, metadata={
+        "help": "fast mode: decode without the deblocking filter (FFmpeg skip_loop_filter=all); "
+                "docs/benchmarks.md has what it saves and moves"})
+    fast_scaler: str = field(default="opencv", metadata={
+        "choices": GRAY_SCALERS,
+        "help": "fast mode: how frames shrink to fast_max_side: opencv (luma plane, Gaussian pyramid) "
+                "or a libswscale algorithm inside FFmpeg (fast_bilinear, area, ...)"})
     # Farneback (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags) as published.
     farneback: tuple[float, int, int, int, int, float, int] = field(
         default=(0.5, 3, 15, 3, 5, 1.2, 0), init=False)
@@ -57,6 +64,8 @@ class AVAlignConfig:
             raise ValueError(f"AV-Align mode must be 'reference' or 'fast', not {self.mode!r}")
         if self.fast_max_side < 16:
             raise ValueError(f"fast_max_side must be at least 16 px, not {self.fast_max_side}")
+        if self.fast_scaler not in GRAY_SCALERS:
+            raise ValueError(f"fast_scaler must be one of {', '.join(GRAY_SCALERS)}, not {self.fast_scaler!r}")
 
 
 @dataclass
@@ -76,8 +85,10 @@ def decode_request_for(config: AVAlignConfig, signal: SignalConfig | None = None
     """What the metric needs from a clip in this mode; callers merge it with their own needs."""
     if signal is not None and signal.av_align_sr != config.sample_rate:
         raise ValueError(f"AV-Align is defined at {config.sample_rate} Hz, SignalConfig says {signal.av_align_sr}")
-    return DecodeRequest(audio_native=True, gray=True,
-                         gray_max_side=None if config.mode == "reference" else config.fast_max_side)
+    if config.mode == "reference":  # the exact full-quality path: every pixel, deblocked, OpenCV's colour path
+        return DecodeRequest(audio_native=True, gray=True)
+    return DecodeRequest(audio_native=True, gray=True, gray_max_side=config.fast_max_side,
+                         gray_scaler=config.fast_scaler, skip_loop_filter=config.fast_skip_loop_filter)
 
 
 def reference_audio(channels: np.ndarray, layout: str, native_sr: int, sample_rate: int) -> np.ndarray:

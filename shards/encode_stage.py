@@ -113,8 +113,10 @@ class SignalStage(Stage):
         if (row.get("kind") or KIND_CLIP) == KIND_CLIP:
             duration = row.get("duration_s")
             duration = float(duration) if duration is not None and not math.isnan(float(duration)) else sig.window_s
+            # frames resized to CLIP's input as they are decoded: memory follows the output, not the source
             req = DecodeRequest(start_s=float(row.get("start_s") or 0.0), duration_s=duration,
-                                audio_rates=(sig.feature_sr,), rgb_fps=sig.clip_fps)
+                                audio_rates=(sig.feature_sr,), rgb_fps=sig.clip_fps,
+                                rgb_size=self.config.clip_image_size)
             return decode(row["video_path"], req, self.config.limits)
         if self.config.render is None:
             raise ValueError(f"plan row of kind {row.get('kind')!r} but no recipe renderer was configured")
@@ -140,7 +142,7 @@ class SignalStage(Stage):
         if audio is None or audio.size == 0:
             return mark_failed(row, "no_audio: no audio in the window")
         audio = audio[: self.config.mel.num_samples]
-        row[FRAMES] = resize_crop(frames, self.config.clip_image_size)
+        row[FRAMES] = resize_crop(frames, self.config.clip_image_size)  # no-op for decoded clips, sized already
         row[WAVE] = prepare_waveform(audio, self.config.mel)
         row[MEMBER_AUDIO] = flac_bytes(audio, self.config.signal.feature_sr)
         row[AUDIO_SAMPLES] = int(audio.size)

@@ -18,9 +18,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from core.device import torch_device
+from core.frames import resize_crop
 from shards.config import MelConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -129,28 +129,6 @@ def require_complete(name: str, info: dict) -> None:
     if missing or mismatched:
         raise ModelLoadError(f"{name}: checkpoint lacks {len(missing)} weights and mismatches {len(mismatched)} "
                              f"(e.g. {(missing + mismatched)[:3]}); refusing to encode with random layers")
-
-
-def resize_crop(frames: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [T, H, W, 3] -> uint8 [T, size, size, 3]: short side to ``size`` (bicubic, antialiased
-    like PIL), then the centre crop; the same geometry as CLIP's image processor."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
-    t, h, w, _ = frames.shape
-    if t == 0:
-        return np.zeros((0, size, size, 3), np.uint8)
-    if h <= w:
-        new_h, new_w = size, int(size * w / h)
-    else:
-        new_h, new_w = int(size * h / w), size
-    # uint8 channels-last input takes torch's fast integer path (PIL's algorithm, 20x the float path)
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    if (new_h, new_w) != (h, w):
-        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(new_h, new_w), mode="bicubic",
-                          align_corners=False, antialias=True)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return x[:, :, top:top + size, left:left + size].permute(0, 2, 3, 1).contiguous().numpy()
 
 
 class ClipImageEncoder:

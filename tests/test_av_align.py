@@ -59,6 +59,34 @@ def test_fast_mode_scores_small_frames_in_native_pixels():
         score_decoded(clip, AVAlignConfig(mode="reference"))
 
 
+# fast mode as it was before its decode options (deblocked frames, luma + OpenCV pyramid): the
+# options may move a score by at most this, and must keep every keep/drop decision (docs/benchmarks.md)
+FAST_BEFORE = AVAlignConfig(fast_skip_loop_filter=False, fast_scaler="opencv")
+OPTION_TOLERANCE = 0.03
+
+
+@functools.cache
+def scored_with(path: Path, config: AVAlignConfig):
+    return score_clip(path, config)
+
+
+@pytest.mark.parametrize("name", CLIPS)
+def test_fast_decode_options_keep_scores_within_tolerance(name):
+    now = scored(name, "fast").score
+    before = scored_with(DATA / "video" / name, FAST_BEFORE).score
+    assert abs(now - before) <= OPTION_TOLERANCE, (now, before)
+    assert (now > THRESHOLD) == (PUBLISHED[name]["score"] > THRESHOLD)
+
+
+def test_reference_mode_keeps_the_full_quality_decode():
+    req = decode_request_for(AVAlignConfig(mode="reference", fast_skip_loop_filter=True, fast_scaler="area"))
+    assert req.gray_max_side is None and not req.skip_loop_filter and req.gray_scaler == "opencv"
+    fast = decode_request_for(AVAlignConfig())
+    assert fast.skip_loop_filter and fast.gray_scaler == "opencv" and fast.gray_max_side == 64
+    with pytest.raises(ValueError, match="fast_scaler"):
+        AVAlignConfig(fast_scaler="sharp")
+
+
 # ---------------------------------------------------------------------------- synthetic clips
 
 
@@ -92,6 +120,18 @@ def test_window_is_scored_from_its_start(event_clips):
     inside = [t - 2.0 for t in aligned.event_times if 2.0 <= t < 5.0]
     assert len(result.video_peak_times) == len(inside)
     np.testing.assert_allclose(result.video_peak_times, inside, atol=0.02)
+
+
+def test_fast_decode_options_make_the_reference_decisions_on_generated_clips(event_clips, tmp_path):
+    still = write_event_clip(tmp_path / "still.mp4", duration_s=4.0, fps=30.0, event_times=(1.0,), motion=False)
+    odd = write_event_clip(tmp_path / "odd.mp4", duration_s=5.0, fps=14.96, size=(320, 240),
+                           event_times=(1.0, 2.0, 3.2, 4.0))
+    for path in (*[c.path for c in event_clips], still.path, odd.path):
+        ref = scored_with(path, AVAlignConfig(mode="reference")).score
+        now = scored_with(path, AVAlignConfig()).score
+        before = scored_with(path, FAST_BEFORE).score
+        assert (now > THRESHOLD) == (ref > THRESHOLD), (path.name, now, ref)
+        assert abs(now - before) <= OPTION_TOLERANCE, (path.name, now, before)
 
 
 @pytest.mark.parametrize("mode", ["reference", "fast"])

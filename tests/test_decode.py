@@ -2,6 +2,7 @@
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -94,3 +95,107 @@ def test_timeout_stops_a_slow_decode():
         decode(FIXTURES / "0Bp8c3PfAAA_000053.mp4", DecodeRequest(audio_rates=(16000,), gray=True),
                DecodeLimits(timeout_s=0.05))
     assert err.value.reason == "decode_timeout"
+
+
+# ---------------------------------------------------------------------------- decoding only what is needed
+
+
+def test_skip_loop_filter_reaches_the_decoder_and_keeps_every_frame():
+    path = FIXTURES / "-26aVYRtEAc_000030.mp4"
+    full = decode(path, DecodeRequest(gray=True, need_audio=False))
+    fast = decode(path, DecodeRequest(gray=True, need_audio=False, skip_loop_filter=True))
+    np.testing.assert_array_equal(fast.gray_times, full.gray_times)
+    diff = np.abs(fast.gray.astype(np.int16) - full.gray)
+    assert diff.max() > 0  # the deblocking filter really was skipped...
+    assert diff.mean() < 2.0  # ...and the pictures are the same pictures
+    assert fast.duration_s == full.duration_s
+
+
+@pytest.mark.parametrize("scaler", ["fast_bilinear", "area"])
+def test_gray_scaled_inside_ffmpeg_matches_the_opencv_geometry(scaler):
+    path = FIXTURES / "0Bp8c3PfAAA_000053.mp4"
+    ref = decode(path, DecodeRequest(gray=True, gray_max_side=64, need_audio=False))
+    sws = decode(path, DecodeRequest(gray=True, gray_max_side=64, gray_scaler=scaler, need_audio=False))
+    assert sws.gray.shape == ref.gray.shape == (300, 36, 64) and sws.gray_scale == ref.gray_scale == 64 / 1280
+    np.testing.assert_array_equal(sws.gray_times, ref.gray_times)
+    # libswscale expands the limited luma range as OpenCV's BGR path does: same pictures, brighter
+    corr = np.corrcoef(sws.gray.ravel().astype(float), ref.gray.ravel().astype(float))[0, 1]
+    assert corr > 0.8  # fast_bilinear aliases (0.86 here), area does not
+
+
+def test_request_options_are_validated():
+    with pytest.raises(ValueError, match="gray_scaler"):
+        DecodeRequest(gray=True, gray_max_side=64, gray_scaler="nearest-ish")
+    with pytest.raises(ValueError, match="rgb_size"):
+        DecodeRequest(rgb_fps=2.0, rgb_size=0)
+
+
+def test_rgb_frames_sized_as_decoded_equal_the_encoders_resize():
+    from core.frames import resize_crop
+
+    path = FIXTURES / "-BAKe6QGTUk_000030.mp4"  # 640x360: the exact path, no pre-shrink
+    full = decode(path, DecodeRequest(rgb_fps=2.0, need_audio=False))
+    sized = decode(path, DecodeRequest(rgb_fps=2.0, rgb_size=224, need_audio=False))
+    np.testing.assert_array_equal(sized.rgb_times, full.rgb_times)
+    np.testing.assert_array_equal(sized.rgb, resize_crop(full.rgb, 224))
+
+
+def write_huge_clip(path: Path, side: int = 8192, seconds: int = 3, fps: int = 1) -> Path:
+    """A ``side`` x ``side`` FFV1 clip, one flat frame a second, with silent PCM audio."""
+    with av.open(str(path), "w", format="matroska") as c:
+        vs = c.add_stream("ffv1", rate=fps)
+        vs.width = vs.height = side
+        vs.pix_fmt = "yuv420p"
+        a = c.add_stream("pcm_s16le", rate=16000, layout="mono")
+        frame = av.VideoFrame(side, side, "yuv420p")
+        for i in range(seconds * fps):
+            for plane in frame.planes:
+                plane.update(np.full(plane.buffer_size, 60 + 40 * i, np.uint8))
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for p in vs.encode(frame):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        silence = av.AudioFrame.from_ndarray(np.zeros((1, seconds * 16000), np.int16), format="s16", layout="mono")
+        silence.sample_rate, silence.pts = 16000, 0
+        for p in list(a.encode(silence)) + list(a.encode()):
+            c.mux(p)
+    return path
+
+
+# Peak of the memory the encode stage's signal step allocates (tracemalloc sees every NumPy buffer),
+# in a fresh process; imports and first-use set-up happen before tracing starts.
+_PEAK_PROBE = """
+import json, sys, tracemalloc
+import numpy as np
+from core.frames import resize_crop
+from shards.encode_stage import FRAMES, EncodeStageConfig, SignalStage
+resize_crop(np.zeros((1, 8, 8, 3), np.uint8), 4)
+stage = SignalStage(EncodeStageConfig())
+tracemalloc.start()
+row = stage.process_row({"key": "k", "video_path": sys.argv[1], "start_s": 0.0, "duration_s": float(sys.argv[2])})
+print(json.dumps({"peak": tracemalloc.get_traced_memory()[1], "status": row.get("status"),
+                  "frames": list(row[FRAMES].shape)}))
+"""
+
+
+def _encode_peak(path: Path, seconds: float) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(path), str(seconds)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_huge_frames_cost_the_memory_of_a_normal_clip(tmp_path):
+    huge = _encode_peak(write_huge_clip(tmp_path / "huge.mkv"), 3.0)
+    normal = _encode_peak(FIXTURES / "-yoaSondvkw_000071.mp4", 10.0)  # 1280x720, 10 s
+    assert huge["status"] is None and huge["frames"] == [6, 224, 224, 3]
+    assert normal["frames"][1:] == [224, 224, 3]
+    # full-size RGB frames would be 6 x 201 MB; sized as decoded, the huge clip stays within 1.5x
+    assert huge["peak"] <= 1.5 * normal["peak"], (huge, normal)
