@@ -13,6 +13,7 @@ CORE = [
     "tqdm>=4.66,<5",
     "threadpoolctl>=3.1,<4",  # caps BLAS/OpenMP threads per worker (core/native_threads.py)
     "matplotlib>=3.8,<4",
+    "scipy>=1.11,<2",  # Student's t for the listening test's intervals; tests check FD against sqrtm
     "torch>=2.4",  # install the CPU build first (see Makefile) so pip does not pull CUDA
     "transformers>=4.46,<6",
     "diffusers>=0.31,<1",
@@ -33,8 +34,8 @@ setup(
     description="Curation, augmentation and feature sharding of video-to-audio training data, "
     "plus a distributed VTA-LDM trainer",
     python_requires=">=3.10",
-    packages=find_packages(include=["core*", "pipeline*", "filters*", "augment*", "shards*", "train*"]),
-    package_data={"train": ["configs/*.json"]},
+    packages=find_packages(include=["core*", "pipeline*", "filters*", "augment*", "shards*", "metrics*", "train*"]),
+    package_data={"train": ["configs/*.json", "listening_test.html"], "core": ["registry.json"]},
     install_requires=CORE,
     extras_require={"ray": RAY, "beam": BEAM, "test": TEST, "all": RAY + BEAM + TEST},
 )

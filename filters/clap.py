@@ -16,19 +16,17 @@ multiplied by ``exp(logit_scale)``, about 14-100).
 """
 from __future__ import annotations
 
-import re
-import socket
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Sequence
-from urllib.parse import urlparse
 
 import numpy as np
 
 from core.device import DeviceUnavailable, resolve_device
+from core.models import ModelUnavailable, ResolvedModel, looks_like_hub_id, resolve_pretrained
+from core.registry import default_spec
 
 CLAP_NONE = "none"
-DEFAULT_CLAP_MODEL = "laion/clap-htsat-unfused"
+DEFAULT_CLAP_MODEL = default_spec("clap")
 CLAP_SAMPLE_RATE = 48000
 
 
@@ -69,12 +67,16 @@ class ClapConfig:
         return self.template.format(label=label)
 
 
-class ClapModelUnavailable(RuntimeError):
+class ClapModelUnavailable(ModelUnavailable):
     """The requested CLAP checkpoint cannot be loaded; the run must stop before decoding anything."""
+
+    def __init__(self, spec: str, cause: str, how: bool = True):
+        self.spec, self.cause = spec, cause
+        RuntimeError.__init__(self, unavailable_message(spec, cause) if how else cause)
 
 
 def unavailable_message(model: str, cause: str) -> str:
-    hub_id = model if ("/" in model and not _looks_like_path(model)) else DEFAULT_CLAP_MODEL
+    hub_id = model if looks_like_hub_id(model) else DEFAULT_CLAP_MODEL
     return (
         f"CLAP model {model!r} could not be loaded: {cause}\n"
         "Provide it in one of these ways:\n"
@@ -136,6 +138,7 @@ class ClapScorer:
         self.feature_extractor = None
         self.tokenizer = None
         self.device = "cpu"
+        self.resolved: ResolvedModel | None = None
         self._text_cache: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -153,43 +156,40 @@ class ClapScorer:
     def load(self, device: str | None = None) -> "ClapScorer":
         """Load model and processor (idempotent). Raises ``ClapModelUnavailable`` with how to provide it.
 
-        A Hugging Face id is looked up in the local cache first; the hub is asked only when the id is
-        not cached, ``HF_HUB_OFFLINE`` is not set and the hub answers within a few seconds (a machine
-        without network otherwise spends minutes in download retries).
+        The checkpoint is found by the project's one resolver (``core.models``): a local folder, else
+        the Hugging Face cache, else the hub when ``HF_HUB_OFFLINE`` is not set, with the hub
+        client's own timeout.
         """
         if self.loaded:
             return self
         name = self.config.model
         target = _device(device or self.config.device)
-        folder = local_folder(name)
-        source = str(folder) if folder else name
         try:
-            processor, model, info = _from_pretrained(source, local_files_only=True)
+            self.resolved = resolve_pretrained(name)
+        except ModelUnavailable as e:
+            raise ClapModelUnavailable(name, e.cause) from e
+        folder = self.resolved.path
+        try:
+            processor, model, info = _from_pretrained(str(folder))
         except _LOAD_ERRORS as e:
-            if folder or _looks_like_path(name) or _hub_offline():
-                raise ClapModelUnavailable(unavailable_message(name, _cause(name, folder, e))) from e
-            if not _hub_reachable():
-                raise ClapModelUnavailable(unavailable_message(name, _cause(name, folder, e, unreachable=True))) from e
-            try:
-                processor, model, info = _from_pretrained(source, local_files_only=False)
-            except _LOAD_ERRORS as e2:
-                raise ClapModelUnavailable(unavailable_message(name, _short(e2))) from e2
+            raise ClapModelUnavailable(name, f"the folder {folder} does not hold a complete CLAP checkpoint "
+                                             f"({_short(e)})") from e
         # weights the checkpoint lacks would be random: such a model would make scores up
         params = {n for n, _ in model.named_parameters()} - {"logit_scale_a", "logit_scale_t"}
         missing = sorted(k for k in info.get("missing_keys", []) if k in params)
         if missing:
-            raise ClapModelUnavailable(unavailable_message(
+            raise ClapModelUnavailable(
                 name, f"the checkpoint has no weights for {len(missing)} parameters (e.g. {missing[0]}); "
-                      "it is not a complete CLAP checkpoint"))
+                      "it is not a complete CLAP checkpoint")
         self._attach(model, processor.feature_extractor, processor.tokenizer, target)
         return self
 
     def _attach(self, model, feature_extractor, tokenizer, device: str) -> None:
         rate = getattr(feature_extractor, "sampling_rate", None)
         if rate != CLAP_SAMPLE_RATE:
-            raise ClapModelUnavailable(unavailable_message(
+            raise ClapModelUnavailable(
                 self.config.model, f"its feature extractor expects {rate} Hz audio, the pipeline feeds "
-                                   f"{CLAP_SAMPLE_RATE} Hz (LAION CLAP)"))
+                                   f"{CLAP_SAMPLE_RATE} Hz (LAION CLAP)")
         self.device = device
         self.model = model.to(device).eval()
         self.feature_extractor = feature_extractor
@@ -319,7 +319,7 @@ def _device(preference: str) -> str:
     try:
         return resolve_device(preference, "--clap-device")
     except DeviceUnavailable as e:
-        raise ClapModelUnavailable(str(e)) from e
+        raise ClapModelUnavailable(preference, str(e), how=False) from e
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:
@@ -329,60 +329,14 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 
 
 _LOAD_ERRORS = _load_errors()
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def local_folder(name: str) -> Path | None:
-    """The local folder ``name`` names (``~`` expanded), or None when it is not one (a hub id)."""
-    path = Path(name).expanduser()
-    return path if path.is_dir() else None
-
-
-def _looks_like_path(name: str) -> bool:
-    """Not shaped like a hub id (``name`` or ``namespace/name``): ``/x``, ``./x``, ``~/x``, ``a/b/c``."""
-    return not _HUB_ID.match(name)
-
-
-def _from_pretrained(source: str, local_files_only: bool):
+def _from_pretrained(folder: str):
     from transformers import ClapModel, ClapProcessor
 
-    processor = ClapProcessor.from_pretrained(source, local_files_only=local_files_only)
-    model, info = ClapModel.from_pretrained(source, local_files_only=local_files_only, output_loading_info=True)
+    processor = ClapProcessor.from_pretrained(folder, local_files_only=True)
+    model, info = ClapModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
     return processor, model, info
-
-
-def _hub_offline() -> bool:
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    check = getattr(huggingface_hub, "is_offline_mode", None)
-    return bool(check()) if check else bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout_s``."""
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
-
-
-def _cause(name: str, folder: Path | None, error: BaseException, unreachable: bool = False) -> str:
-    from huggingface_hub import constants
-
-    if folder is not None:
-        return f"the folder {folder} does not hold a complete CLAP checkpoint ({_short(error)})"
-    if _looks_like_path(name):
-        return f"no such folder: {Path(name).expanduser()}"
-    where = f"it is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-    if unreachable:
-        return f"{where} and {constants.ENDPOINT} cannot be reached to download it"
-    return f"{where} and downloads are switched off (HF_HUB_OFFLINE is set)"
 
 
 def _short(e: BaseException) -> str:

@@ -88,14 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     sample_cmd = [py, "-m", "train.sample", "--ckpt", str(run_dir), "--video", str(video), "--out", str(wav),
                   "--mux", str(muxed), "--steps", "10"]
     _run(sample_cmd + (["--allow-random-weights"] if card.get("random_weights") else []))
-    _run([py, "-m", "train.evaluate", "--generated", str(wav.parent), "--clap-model", clap_model])
 
     print("\n== demo outputs")
     for name, path in [("ledger", clean_out / "ledger.parquet"), ("report", clean_out / "report.html"),
                        ("plan", plan), ("concat render", renders["concat"]), ("stretch render", renders["stretch"]),
                        ("shards", shards), ("dataset card", shards / "card.json"), ("training run", run_dir),
-                       ("soundtrack", wav), ("video with sound", muxed)]:
+                       ("soundtrack", wav), ("video with sound", muxed), ("evaluation", wav.parent / "eval")]:
         print(f"   {name:17s} {path}")
+    _loud("EVALUATE: PANNs / VGGish weights are used when MODELS_DIR has them (python -m core.registry check); "
+          "otherwise RANDOM weights (--allow-random-weights), flagged in the table and summary.json.")
+    _run([py, "-m", "train.evaluate", "--generated", str(wav.parent), "--clap-model", clap_model,
+          "--allow-random-weights", "--is-splits", "1"])  # the demo ends with the evaluation table
     return 0
 
 

@@ -28,6 +28,7 @@ from core.atomic import atomic_write_text
 from core.cli_config import add_config_args, from_args
 from core.config import DEFAULT_SIGNAL, DecodeLimits
 from core.fingerprint import differences
+from core.models import ModelUnavailable
 from core.stage import Row
 from pipeline.encode_models import Models, random_weights_banner, resolve_models
 from pipeline.encode_work import UsageError, Work, collect_work, fingerprint_rows
@@ -35,7 +36,6 @@ from pipeline.runners import RunnerOptions, get_runner
 from shards.card import CardError, Counts, build_card
 from shards.config import EncoderConfig, MelConfig, ShardConfig
 from shards.encode_stage import EncodeStageConfig, build_encode_stages
-from shards.encoders import ModelLoadError
 from shards.shard_writer import SampleCache, ShardAssembler, ShardError, write_index
 
 CACHE_FORMAT = 2  # 2: samples cached and shards recorded under their fingerprints
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return encode(args)
-    except (UsageError, ModelLoadError, ShardError, CardError) as e:
+    except (UsageError, ModelUnavailable, ShardError, CardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

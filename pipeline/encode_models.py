@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from shards.config import EncoderConfig
-from shards.encoders import ModelLoadError, ResolvedModel, resolve_pretrained
+from core.models import ModelUnavailable, ResolvedModel, resolve_pretrained
 from shards.random_models import build_random_clip, build_random_vae, is_random
 
 
@@ -50,7 +50,7 @@ def resolve_models(enc: EncoderConfig, work_dir: Path) -> Models:
     try:
         return Models(enc, resolve_pretrained(enc.clip_model), resolve_pretrained(enc.vae, pipeline_subfolder="vae"),
                       "")
-    except ModelLoadError as e:
+    except ModelUnavailable as e:
         if not enc.allow_random_weights:
             raise
         reason = str(e)

@@ -13,7 +13,7 @@ from typing import Any
 from core.config import DEFAULT_SIGNAL
 from core.version import code_version
 from shards.config import MEMBER_MEL, MEMBER_ORDER, EncoderConfig, MelConfig, ShardConfig, latent_shape
-from shards.encoders import ResolvedModel
+from core.models import ResolvedModel
 from shards.random_models import is_random
 
 CARD_FORMAT = "v2a-shards/1"

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from core.config import DEFAULT_SIGNAL, SignalConfig
+from core.registry import default_spec
 
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
-DEFAULT_VAE = "cvssp/audioldm-s-full-v2"  # a pipeline repo: its vae/ subfolder is used
+DEFAULT_CLIP_MODEL = default_spec("clip")
+DEFAULT_VAE = default_spec("audioldm_vae")  # owner/name/vae; a bare pipeline id uses its vae/ subfolder too
 
 # One sample's members. Everything is plain bytes a stock WebDataset reader decodes; never pickles.
 MEMBER_CLIP = "clip.npy"

@@ -1,18 +1,17 @@
 """The feature encoders of the shards: CLIP image, CLIP text and AudioLDM's VAE.
 
-Each loads from a Hugging Face id (network or local cache) or a ``save_pretrained`` folder, once
-per worker, runs on the GPU when there is one (all frames of a clip in one batch), and refuses
-checkpoints that would leave any weight randomly initialised (a feature from an uninitialised
-layer is a feature nobody computed). ``resolve_pretrained`` turns a spec into a local folder so
-that the dataset card can record the sha256 of the exact weight files that made the features.
+Each loads from a Hugging Face id (local cache, or the hub when allowed) or a ``save_pretrained``
+folder through the project's one resolver (``core.models.resolve_pretrained``), once per worker,
+runs on the GPU when there is one (all frames of a clip in one batch), and refuses checkpoints
+that would leave any weight randomly initialised (a feature from an uninitialised layer is a
+feature nobody computed). The resolved folder lets the dataset card record the sha256 of the
+exact weight files that made the features.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -21,93 +20,11 @@ import torch
 
 from core.device import torch_device
 from core.frames import resize_crop
+from core.models import ModelUnavailable, resolve_pretrained
 from shards.config import MelConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_HUB_PATTERNS = ("*.json", "*.txt", "*.safetensors")
-
-
-class ModelLoadError(Exception):
-    """Weights that cannot be used: not found offline, not a model folder, or incomplete."""
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A model spec as the user gave it and the local folder its files are in."""
-
-    spec: str
-    path: Path
-
-    def config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
-
-    def weight_files(self) -> list[Path]:
-        if not self.path.is_dir():
-            return []
-        files = sorted(p for p in self.path.iterdir() if p.suffix == ".safetensors")
-        return files or sorted(p for p in self.path.iterdir() if p.suffix == ".bin")
-
-    def weight_hashes(self) -> dict[str, str]:
-        """sha256 of every weight file the loaders read, by file name."""
-        return {p.name: file_sha256(p) for p in self.weight_files()}
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _hub_snapshot(repo: str, patterns: Sequence[str]) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        return Path(snapshot_download(repo, allow_patterns=list(patterns)))
-    except (OSError, HfHubHTTPError, ValueError) as e:
-        raise ModelLoadError(
-            f"cannot load {repo!r}: it is not a local folder, and the Hugging Face hub and cache do not "
-            f"have it ({type(e).__name__}: {' '.join(str(e).split())[:200]}). Download it on a machine with "
-            f"network (huggingface-cli download {repo}) or pass a save_pretrained folder") from e
-
-
-def resolve_pretrained(spec: str, pipeline_subfolder: str | None = None) -> ResolvedModel:
-    """A folder holding ``config.json`` and weights, for a local path, ``owner/name`` or ``owner/name/sub``.
-
-    ``pipeline_subfolder`` (e.g. ``"vae"``) is used when the spec names a diffusers pipeline (a folder
-    or repo with ``model_index.json``) rather than the model itself.
-    """
-    local = Path(spec).expanduser()
-    if local.exists():
-        folder = local
-        sub_folder = local / pipeline_subfolder if pipeline_subfolder else None
-        if sub_folder is not None and ((local / "model_index.json").is_file() or not (local / "config.json").is_file()):
-            folder = sub_folder
-        return _checked(ResolvedModel(spec, folder.resolve()))
-    parts = spec.strip("/").split("/")
-    if len(parts) < 2 or spec.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model folder {spec!r} does not exist (and it is not a Hugging Face id owner/name)")
-    repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
-    if not sub and pipeline_subfolder:
-        head = _hub_snapshot(repo, ("config.json", "model_index.json"))
-        if (head / "model_index.json").is_file():
-            sub = pipeline_subfolder
-    prefix = f"{sub}/" if sub else ""
-    root = _hub_snapshot(repo, [prefix + p for p in _HUB_PATTERNS])
-    if not ResolvedModel(spec, root / sub if sub else root).weight_files():
-        root = _hub_snapshot(repo, [prefix + "*.json", prefix + "*.bin"])  # checkpoints without safetensors
-    return _checked(ResolvedModel(spec, root / sub if sub else root))
-
-
-def _checked(model: ResolvedModel) -> ResolvedModel:
-    if not (model.path / "config.json").is_file():
-        raise ModelLoadError(f"{model.spec}: no config.json in {model.path}")
-    if not model.weight_files():
-        raise ModelLoadError(f"{model.spec}: no weight files (*.safetensors or *.bin) in {model.path}")
-    return model
 
 
 @contextmanager
@@ -127,7 +44,7 @@ def require_complete(name: str, info: dict) -> None:
     missing = list(info.get("missing_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])
     if missing or mismatched:
-        raise ModelLoadError(f"{name}: checkpoint lacks {len(missing)} weights and mismatches {len(mismatched)} "
+        raise ModelUnavailable(name, f"checkpoint lacks {len(missing)} weights and mismatches {len(mismatched)} "
                              f"(e.g. {(missing + mismatched)[:3]}); refusing to encode with random layers")
 
 
@@ -270,7 +187,7 @@ class AudioVAE:
         model, info = AutoencoderKL.from_pretrained(resolved.path, output_loading_info=True)
         require_complete(f"VAE {id_or_path}", info)
         if model.config.in_channels != 1:
-            raise ModelLoadError(f"VAE {id_or_path} takes {model.config.in_channels} input channels; "
+            raise ModelUnavailable(id_or_path, f"the VAE takes {model.config.in_channels} input channels; "
                                  f"AudioLDM's takes a 1-channel mel")
         return cls(model.to(dev, dtype).eval(), dev, dtype, batch_size)
 
@@ -329,4 +246,4 @@ def check_vae_fits_mel(vae: AudioVAE, mel: MelConfig) -> None:
     """The VAE must divide the mel evenly (1024 x 64 by 4)."""
     d = vae.downsample
     if mel.frames % d or mel.n_mels % d:
-        raise ModelLoadError(f"VAE downsamples by {d}, which does not divide the mel {mel.n_mels}x{mel.frames}")
+        raise ModelUnavailable("vae", f"VAE downsamples by {d}, which does not divide the mel {mel.n_mels}x{mel.frames}")

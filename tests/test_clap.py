@@ -172,15 +172,19 @@ def test_missing_folder_names_model_and_how_to_provide_it(tmp_path):
 def test_folder_without_checkpoint_is_rejected(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     message = _message(ClapConfig(model=str(tmp_path)))
-    assert str(tmp_path) in message and "does not hold a complete CLAP checkpoint" in message
+    assert str(tmp_path) in message and "does not hold a complete checkpoint" in message
     _names_the_three_ways(message)
 
 
-def test_hub_id_not_cached_and_offline_fails_fast(monkeypatch):
-    monkeypatch.setattr(clap_mod, "_hub_offline", lambda: False)
-    monkeypatch.setattr(clap_mod, "_hub_reachable", lambda timeout_s=3.0: False)
+def test_hub_id_not_cached_and_hub_unreachable_fails_fast(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
     message = _message(ClapConfig(model="v2a-tests/no-such-clap-checkpoint"))
     assert "'v2a-tests/no-such-clap-checkpoint'" in message and "not in the Hugging Face cache" in message
+    assert "http://127.0.0.1:9 cannot be reached" in message
     assert "hf download v2a-tests/no-such-clap-checkpoint" in message
     _names_the_three_ways(message)
 

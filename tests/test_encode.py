@@ -110,7 +110,7 @@ def test_index_is_honest_and_counts_add_up(dataset, encoded):
 
 @pytest.mark.slow
 def test_card_records_encoders_and_parameters(encoded, tiny_clip_dir, tiny_vae_dir):
-    from shards.encoders import file_sha256
+    from core.models import file_sha256
 
     card = json.loads((encoded / "card.json").read_text())
     assert card["random_weights"] is True  # the fixtures are random-weight folders, and the card says so

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from model_fixtures_encoders import TINY_CLIP_DIM, tiny_clip_dir, tiny_vae_dir  # noqa: E402,F401
 
-from shards.encoders import (AudioVAE, ClipImageEncoder, ClipTextEncoder, ModelLoadError,  # noqa: E402
-                             posterior_member, resize_crop, resolve_pretrained)
+from core.models import ModelUnavailable, resolve_pretrained  # noqa: E402
+from shards.encoders import AudioVAE, ClipImageEncoder, ClipTextEncoder, posterior_member, resize_crop  # noqa: E402
 from shards.mel import log_mel  # noqa: E402
 
 
@@ -110,12 +110,12 @@ def test_missing_and_offline_models_fail_clearly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(ModelLoadError, match="does not exist"):
+    with pytest.raises(ModelUnavailable, match="no such folder"):
         resolve_pretrained(str(tmp_path / "nowhere"))
-    with pytest.raises(ModelLoadError, match="nobody-v2a/no-such-model"):
+    with pytest.raises(ModelUnavailable, match="nobody-v2a/no-such-model"):
         ClipImageEncoder.load("nobody-v2a/no-such-model", "cpu")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="not a model folder|no config.json"):
+    with pytest.raises(ModelUnavailable, match="not a model folder|no config.json"):
         resolve_pretrained(str(tmp_path / "empty"))
 
 
@@ -128,6 +128,6 @@ def test_incomplete_checkpoint_is_refused(tmp_path, tiny_clip_dir):
     weights = load_file(broken / "model.safetensors")
     save_file({k: v for k, v in weights.items() if not k.startswith("visual_projection")},
               broken / "model.safetensors")
-    with pytest.raises(ModelLoadError, match="refusing"):
+    with pytest.raises(ModelUnavailable, match="refusing"):
         ClipImageEncoder.load(str(broken), "cpu")
     assert ClipTextEncoder.load(str(broken), "cpu").dim == TINY_CLIP_DIM

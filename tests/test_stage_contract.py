@@ -88,7 +88,7 @@ def test_clean_stages_touch_only_declared_fields(sample_root, tiny_clap_dir):
 def test_encode_stages_touch_only_declared_fields(tiny_clip_dir, tiny_vae_dir, real_clips_dir):
     from shards.config import EncoderConfig
     from shards.encode_stage import TRANSIENT, EncodeStageConfig, build_encode_stages
-    from shards.encoders import resolve_pretrained
+    from core.models import resolve_pretrained
 
     clip_cfg = resolve_pretrained(str(tiny_clip_dir)).config()
     size = int(clip_cfg.get("vision_config", clip_cfg).get("image_size", 224))

@@ -273,6 +273,7 @@ def test_evaluate_scores_av_align_both_modes_and_clap(generated, tmp_path):
     import csv
 
     from clap_fixture import build_tiny_clap
+    from core.models import file_sha256
     from filters.av_align import AVAlignConfig, score_clip
     from train.evaluate import main
 
@@ -282,7 +283,8 @@ def test_evaluate_scores_av_align_both_modes_and_clap(generated, tmp_path):
     side = json.loads((generated / "clip.json").read_text())
     (generated / "nocap.json").write_text(json.dumps(dict(side, caption=None, mux=None)))
     try:
-        assert main(["--generated", str(generated), "--out", str(tmp_path / "eval"), "--clap-model", str(clap)]) == 0
+        assert main(["--generated", str(generated), "--out", str(tmp_path / "eval"), "--clap-model", str(clap),
+                     "--no-panns", "--no-vggish", "--no-passt"]) == 0
     finally:
         (generated / "nocap.wav").unlink()
         (generated / "nocap.json").unlink()
@@ -295,7 +297,10 @@ def test_evaluate_scores_av_align_both_modes_and_clap(generated, tmp_path):
     assert rows["nocap"]["clap"] == "" and "no caption" in rows["nocap"]["reason"]
     assert float(rows["nocap"]["av_align_reference"]) == pytest.approx(ref)  # same sound, same video
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["count"] == 2 and summary["clap_scored"] == 1 and summary["random_weights"]
+    assert summary["count"] == 2 and summary["metrics"]["clap"]["n"] == 1 and summary["random_weights"]
+    assert summary["metrics"]["clap"]["value"] == pytest.approx(float(rows["clip"]["clap"]))
+    assert summary["metrics"]["clap"]["weights_sha256"] == {"model.safetensors": file_sha256(clap / "model.safetensors")}
+    assert summary["metrics"]["av_align_reference"]["value"] == pytest.approx(ref)
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from core.registry import default_spec
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 FULL_UNET_CONFIG = str(CONFIG_DIR / "vta_ldm_unet.json")
 TINY_UNET_CONFIG = str(CONFIG_DIR / "tiny_unet.json")
@@ -119,7 +121,7 @@ class SamplerConfig:
     clip_model: str = field(default="", metadata={
         "help": "CLIP id or folder (default: the one named in the run's dataset card)"})
     vae: str = field(default="", metadata={"help": "AudioLDM VAE id or folder (default: the dataset card's)"})
-    vocoder: str = field(default="cvssp/audioldm-s-full-v2", metadata={
+    vocoder: str = field(default=default_spec("audioldm_vocoder"), metadata={
         "help": "AudioLDM HiFi-GAN (SpeechT5HifiGan) id or folder; a pipeline uses its vocoder/ subfolder"})
     steps: int = field(default=50, metadata={"help": "denoising steps"})
     guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale (1: no guidance)"})
@@ -140,5 +142,32 @@ class EvalConfig:
 
     generated: str = field(default="", metadata={
         "help": "folder of sampler outputs (NAME.wav + NAME.json, NAME.mp4 when muxed)"})
+    reference: str = field(default="", metadata={
+        "help": "folder of reference clips (audio or video files), paired with generated ones by file name; "
+                "needed for FD and KL"})
     out: str = field(default="", metadata={"help": "report folder (default: GENERATED/eval)"})
     av_align: bool = field(default=True, metadata={"help": "AV-Align, reference and fast modes"})
+    panns: bool = field(default=True, metadata={"help": "FD, KL (softmax, sigmoid) and IS with PANNs CNN14 16 kHz"})
+    panns_weights: str = field(default="", metadata={
+        "help": "Cnn14_16k_mAP=0.438.pth (default: MODELS_DIR/panns_cnn14_16k/)"})
+    vggish: bool = field(default=True, metadata={"help": "FAD with VGGish (frechet_audio_distance convention)"})
+    vggish_weights: str = field(default="", metadata={
+        "help": "torchvggish vggish-10086976.pth (default: MODELS_DIR/vggish/)"})
+    passt: bool = field(default=True, metadata={"help": "FD, KL (softmax, sigmoid) and IS with PaSST-S 32 kHz"})
+    passt_weights: str = field(default="", metadata={
+        "help": "passt-s-f128-p16-s10-ap.476-swa.pt (default: MODELS_DIR/passt/)"})
+    audio_length_s: float = field(default=10.0, metadata={
+        "help": "seconds of each clip the PANNs/VGGish/PaSST metrics hear (av-benchmark's --audio_length; "
+                "0: the whole file)"})
+    models_dir: str = field(default="", metadata={
+        "help": "folder of release checkpoints (default: $V2A_MODELS or ~/.cache/v2a/models)"})
+    is_splits: int = field(default=10, metadata={"help": "Inception Score splits (AudioLDM's evaluation: 10)"})
+    device: str = field(default="cpu", metadata={"help": "device of the metric models (cpu, cuda, cuda:N)"})
+    allow_random_weights: bool = field(default=False, metadata={
+        "help": "demo only: a missing PANNs, VGGish or PaSST checkpoint is replaced by RANDOM weights (flagged)"})
+
+    def __post_init__(self) -> None:
+        if self.is_splits < 1:
+            raise ValueError(f"--is-splits must be >= 1, got {self.is_splits}")
+        if self.audio_length_s < 0:
+            raise ValueError(f"--audio-length-s must be >= 0, got {self.audio_length_s}")

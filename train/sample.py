@@ -28,9 +28,11 @@ from core.cli_config import add_config_args, from_args
 from core.decode import DecodeError, DecodeRequest, decode, probe
 from core.device import torch_device
 from core.jsonsafe import json_safe
+from core.models import ModelUnavailable, resolve_pretrained
 from core.mux import AudioTrack, VideoCopy, VideoTrack
 from core.mux import mux as mux_streams
-from shards.encoders import ClipImageEncoder, ClipTextEncoder, AudioVAE, ModelLoadError, resolve_pretrained
+from shards.config import DEFAULT_CLIP_MODEL, DEFAULT_VAE
+from shards.encoders import ClipImageEncoder, ClipTextEncoder, AudioVAE
 from shards.random_models import build_random_clip, build_random_vae, is_random
 from train.checkpoint import load_for_inference, noise_config_of
 from train.config import SamplerConfig
@@ -39,8 +41,6 @@ from train.vocoder import build_random_vocoder, load_vocoder, vocode
 
 log = logging.getLogger("train.sample")
 
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
-DEFAULT_VAE = "cvssp/audioldm-s-full-v2"
 
 
 class SamplerError(RuntimeError):
@@ -153,7 +153,7 @@ def _resolve(cfg: SamplerConfig, spec, subfolder: str | None, random_folder: Pat
     """The model folder for a spec; with ``--allow-random-weights`` a tiny random one when it cannot load."""
     try:
         return resolve_pretrained(spec(), pipeline_subfolder=subfolder)
-    except (ModelLoadError, SamplerError) as e:
+    except (ModelUnavailable, SamplerError) as e:
         if not cfg.allow_random_weights:
             raise
         log.warning("%s; --allow-random-weights: using tiny RANDOM weights instead", e)
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = from_args(SamplerConfig, parser.parse_args(argv))
     try:
         sidecar = generate(cfg)
-    except (SamplerError, ModelLoadError, FileNotFoundError) as e:
+    except (SamplerError, ModelUnavailable, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: sidecar[k] for k in ("wav", "mux", "samples", "sample_rate", "trained_steps")}))

@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 
 from core.device import torch_device
-from shards.encoders import ModelLoadError, quiet_transformers, require_complete, resolve_pretrained
+from core.models import ModelUnavailable, resolve_pretrained
+from shards.encoders import quiet_transformers, require_complete
 from shards.random_models import RANDOM_MARKER
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def vocode(vocoder, log_mel: torch.Tensor) -> torch.Tensor:
     """Log-mels [B, n_mels, frames] (``AudioVAE.decode`` layout) -> waveforms [B, samples] float32 on CPU."""
     n_mels = int(vocoder.config.model_in_dim)
     if log_mel.shape[1] != n_mels:
-        raise ModelLoadError(f"vocoder takes {n_mels} mel bands, the VAE produced {log_mel.shape[1]}")
+        raise ModelUnavailable("vocoder", f"it takes {n_mels} mel bands, the VAE produced {log_mel.shape[1]}")
     param = next(vocoder.parameters())
     wave = vocoder(log_mel.transpose(1, 2).to(param.device, param.dtype))
     return wave.reshape(log_mel.shape[0], -1).float().cpu()

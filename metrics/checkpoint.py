@@ -1,0 +1,34 @@
+"""Reading released ``.pth`` checkpoints without running pickled code.
+
+``torch.load(weights_only=True)`` only; training scripts such as PANNs' also saved their data
+sampler's state (numpy arrays and a numpy random state), so numpy's array reconstruction and
+dtypes (data, not code) are allowed on a second attempt when the first refuses them.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _numpy_globals() -> list:
+    from numpy._core.multiarray import _reconstruct
+
+    dtypes = {type(np.dtype(t)) for t in (np.int64, np.int32, np.uint32, np.float32, np.float64, np.bool_)}
+    return [_reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def load_state(path: str | Path, key: str | None = "model") -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint: ``ckpt[key]`` when the file wraps them (``{"model": ...}``), else the file."""
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    if key and isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+        ckpt = ckpt[key]
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return ckpt

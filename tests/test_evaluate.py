@@ -1,0 +1,144 @@
+"""``python -m train.evaluate``: per-clip and set metrics in one run, models resolved before any work."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_panns import _random_release  # noqa: E402
+from test_passt import _tiny_release as _tiny_passt  # noqa: E402
+from test_vggish import TINY as TINY_VGGISH  # noqa: E402
+
+from core.models import file_sha256  # noqa: E402
+from metrics.divergence import kl_sigmoid, kl_softmax  # noqa: E402
+from metrics.frechet import frechet_distance_of  # noqa: E402
+from metrics.panns import PannsScorer  # noqa: E402
+from metrics.vggish import Vggish, VggishScorer  # noqa: E402
+from metrics.passt import PasstScorer  # noqa: E402
+from train.evaluate import main, metric_audio  # noqa: E402
+
+VIDEOS = sorted((Path(__file__).parent / "data" / "vggsound" / "video").glob("*.mp4"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Four generated outputs (16 kHz wav + sidecar), references for three of them (two wav, one real
+    video), one extra reference, and a tiny PANNs checkpoint in the released layout."""
+    base = tmp_path_factory.mktemp("evaluate")
+    gen, ref = base / "generated", base / "reference"
+    gen.mkdir()
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        t = np.arange(16000 * 2) / 16000
+        audio = (0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+        sf.write(gen / f"clip{i}.wav", audio, 16000)
+        (gen / f"clip{i}.json").write_text(json.dumps({"video": str(VIDEOS[i % len(VIDEOS)]), "caption": "a dog barking",
+                                                       "random_weights": []}))
+    for i in (0, 1):  # references at 44.1 kHz stereo: resampled and mixed like any user file
+        stereo = (0.2 * rng.standard_normal((44100 * 2, 2))).astype(np.float32)
+        sf.write(ref / f"clip{i}.wav", stereo, 44100)
+    (ref / "clip2.mp4").symlink_to(VIDEOS[0])  # a real video: its audio track is the reference
+    sf.write(ref / "extra.flac", (0.1 * rng.standard_normal(16000 * 3)).astype(np.float32), 16000)
+    _random_release(base / "Cnn14_16k_mAP=0.438.pth", seed=3)
+    g = torch.Generator().manual_seed(4)
+    torch.save({k: 0.05 * torch.randn(v.shape, generator=g) for k, v in Vggish(**TINY_VGGISH).state_dict().items()},
+               base / "vggish-tiny.pth")
+    _tiny_passt(base / "passt-tiny.pt", seed=5)
+    return gen, ref, base / "Cnn14_16k_mAP=0.438.pth"
+
+
+def _run(setup, tmp_path, *extra):
+    gen, ref, weights = setup
+    return main(["--generated", str(gen), "--reference", str(ref), "--out", str(tmp_path / "eval"),
+                 "--panns-weights", str(weights), "--vggish-weights", str(weights.with_name("vggish-tiny.pth")),
+                 "--passt-weights", str(weights.with_name("passt-tiny.pt")),
+                 "--no-av-align", "--clap-model", "none", "--is-splits", "2", *extra])
+
+
+def test_set_and_clip_metrics_reproduce_their_definitions(setup, tmp_path, capsys):
+    gen, ref, weights = setup
+    assert _run(setup, tmp_path) == 0
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "eval" / "eval.csv"))}
+    assert set(rows) == {"clip0", "clip1", "clip2", "clip3"}
+    scorer = PannsScorer.load(weights)
+    g = {n: scorer.embed(metric_audio(gen / f"{n}.wav", 16000, 10.0)) for n in rows}
+    r = {p.stem: scorer.embed(metric_audio(p, 16000, 10.0)) for p in ref.iterdir()}
+    assert set(r) == {"clip0", "clip1", "clip2", "extra"}
+    for n in ("clip0", "clip1", "clip2"):
+        assert float(rows[n]["kl_softmax_panns"]) == pytest.approx(kl_softmax(g[n][1], r[n][1])[0], rel=1e-6)
+        assert float(rows[n]["kl_sigmoid_panns"]) == pytest.approx(kl_sigmoid(g[n][1], r[n][1])[0], rel=1e-6)
+    assert rows["clip3"]["kl_softmax_panns"] == "" and "no reference clip" in rows["clip3"]["reason"]
+
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    m = summary["metrics"]
+    fd = frechet_distance_of(np.stack([g[n][0] for n in sorted(g)]), np.stack([r[n][0] for n in sorted(r)]))
+    assert m["fd_panns"]["value"] == pytest.approx(fd, rel=1e-6) and m["fd_panns"]["n"] == 4
+    assert m["fd_panns"]["settings"]["reference_clips"] == 4
+    assert m["kl_softmax_panns"]["n"] == 3
+    assert m["kl_softmax_panns"]["value"] == pytest.approx(
+        np.mean([float(rows[n]["kl_softmax_panns"]) for n in ("clip0", "clip1", "clip2")]))
+    assert m["is_panns"]["value"] >= 1.0 and m["is_panns"]["settings"]["splits"] == 2
+    for name in ("fd_panns", "kl_softmax_panns", "kl_sigmoid_panns", "is_panns"):
+        assert m[name]["weights_sha256"] == file_sha256(weights) and "PANNs CNN14" in m[name]["model"]
+    vgg = VggishScorer.load(weights.with_name("vggish-tiny.pth"))
+    gen_ex = np.concatenate([vgg.embed(metric_audio(gen / f"{n}.wav", 16000, 10.0)) for n in sorted(rows)])
+    ref_ex = np.concatenate([vgg.embed(metric_audio(p, 16000, 10.0)) for p in sorted(ref.iterdir(), key=lambda p: p.stem)])
+    assert m["fad_vggish"]["value"] == pytest.approx(frechet_distance_of(gen_ex, ref_ex), rel=1e-6)
+    assert m["fad_vggish"]["settings"]["generated_examples"] == len(gen_ex) == 8  # 2 s clips: 2 examples each
+    assert m["fad_vggish"]["weights_sha256"] == file_sha256(weights.with_name("vggish-tiny.pth"))
+    passt = PasstScorer.load(weights.with_name("passt-tiny.pt"))
+    pg = {n: passt.embed(metric_audio(gen / f"{n}.wav", 32000, 10.0)) for n in rows}
+    pr = {p.stem: passt.embed(metric_audio(p, 32000, 10.0)) for p in ref.iterdir()}
+    assert float(rows["clip2"]["kl_softmax_passt"]) == pytest.approx(kl_softmax(pg["clip2"][1], pr["clip2"][1])[0],
+                                                                     rel=1e-5)
+    fd_passt = frechet_distance_of(np.stack([pg[n][0] for n in sorted(pg)]), np.stack([pr[n][0] for n in sorted(pr)]))
+    assert m["fd_passt"]["value"] == pytest.approx(fd_passt, rel=1e-5)
+    assert m["is_passt"]["value"] >= 1.0 and m["fd_passt"]["settings"]["sample_rate"] == 32000
+    assert m["clap"]["value"] is None and m["clap"]["reason"] == "clap_disabled"
+    assert summary["random_weights"] == []
+    table = capsys.readouterr().out
+    for name in ("fd_panns", "fad_vggish", "fd_passt", "kl_softmax_panns", "kl_sigmoid_panns", "kl_softmax_passt",
+                 "is_panns", "is_passt", "clap"):
+        assert name in table
+    assert f"{m['fd_panns']['value']:.4f}" in table
+
+
+def test_missing_models_stop_before_any_work_and_are_all_named(setup, tmp_path, capsys):
+    gen, ref, _ = setup
+    rc = main(["--generated", str(gen), "--reference", str(ref), "--out", str(tmp_path / "eval"),
+               "--models-dir", str(tmp_path / "no-models"), "--clap-model", str(tmp_path / "no-clap")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "panns_cnn14_16k" in err and "zenodo.org/record/3987831" in err
+    assert "vggish" in err and "torchvggish/releases" in err and "passt" in err and "kkoutini/PaSST" in err
+    assert "clap" in err and str(tmp_path / "no-clap") in err and "core.registry check" in err
+    assert not (tmp_path / "eval").exists()  # nothing was scored or written
+
+
+def test_too_few_clips_leave_is_empty_with_the_reason(setup, tmp_path):
+    assert _run(setup, tmp_path, "--is-splits", "10") == 0
+    m = json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"]
+    assert m["is_panns"]["value"] is None and "--is-splits=10" in m["is_panns"]["reason"]
+
+
+@pytest.mark.slow  # builds the full-size CNN14 (80 M parameters) with random weights
+def test_random_weights_are_flagged(setup, tmp_path, capsys):
+    gen, _, _ = setup
+    rc = main(["--generated", str(gen), "--out", str(tmp_path / "eval"), "--models-dir", str(tmp_path / "none"),
+               "--allow-random-weights", "--no-av-align", "--clap-model", "none", "--is-splits", "2"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["random_weights"] == ["PANNs", "PaSST", "VGGish"]
+    assert "RANDOM WEIGHTS" in summary["metrics"]["fad_vggish"]["model"]
+    assert "RANDOM WEIGHTS" in summary["metrics"]["is_panns"]["model"]
+    assert summary["metrics"]["fd_panns"]["value"] is None  # no --reference
+    captured = capsys.readouterr()
+    assert "RANDOM WEIGHTS" in captured.out and "RANDOM WEIGHTS" in captured.err

@@ -1,0 +1,71 @@
+"""The models of ``python -m train.evaluate``: all resolved and loaded before the first clip is read."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from core.models import ModelUnavailable, file_sha256
+from core.registry import require
+from filters.clap import ClapConfig, ClapModelUnavailable, ClapScorer
+from metrics.panns import Cnn14, PannsScorer
+from metrics.passt import Passt, PasstScorer
+from metrics.vggish import Vggish, VggishScorer
+from train.config import EvalConfig
+
+log = logging.getLogger("train.evaluate")
+
+
+@dataclass
+class Models:
+    """Everything loaded before the first clip; ``random`` names models with random weights."""
+
+    clap: ClapScorer | None = None
+    clap_reason: str = ""
+    panns: PannsScorer | None = None
+    vggish: VggishScorer | None = None
+    passt: PasstScorer | None = None
+    sha256: dict[str, str | None] = field(default_factory=dict)
+    random: list[str] = field(default_factory=list)
+
+
+# attribute, registry name, label, loader, random-weights builder
+RELEASES = (("panns", "panns_cnn14_16k", "PANNs", PannsScorer.load, lambda dev: PannsScorer(Cnn14().eval().to(dev), dev)),
+            ("vggish", "vggish", "VGGish", VggishScorer.load, lambda dev: VggishScorer(Vggish().eval().to(dev), dev)),
+            ("passt", "passt", "PaSST", PasstScorer.load, lambda dev: PasstScorer(Passt().eval().to(dev), dev)))
+
+
+def _load_release(cfg: EvalConfig, models: Models, problems: list[str], release) -> None:
+    attr, name, label, loader, random_model = release
+    try:
+        path = require({name: getattr(cfg, f"{attr}_weights") or None}, cfg.models_dir)[name].path
+        setattr(models, attr, loader(path, cfg.device))
+        models.sha256[attr] = file_sha256(path)
+    except ModelUnavailable as e:
+        if not cfg.allow_random_weights:
+            problems.append(e.cause.split("\n", 1)[-1])
+            return
+        log.warning("%s weights missing (%s); --allow-random-weights: RANDOM %s", label, e.cause, label)
+        setattr(models, attr, random_model(cfg.device))
+        models.sha256[attr] = None
+        models.random.append(label)
+    except ValueError as e:
+        problems.append(f"  - {name}: {e}")
+
+
+def load_models(cfg: EvalConfig, clap_cfg: ClapConfig) -> Models:
+    """Resolve and load every model the asked metrics need; raise one error naming all that are missing."""
+    models, problems = Models(), []
+    if clap_cfg.enabled:
+        try:
+            models.clap = ClapScorer(clap_cfg).load()
+        except ClapModelUnavailable as e:
+            problems.append(f"  - clap: {e.cause} (or --clap-model none)")
+    else:
+        models.clap_reason = "clap_disabled"
+    for release in RELEASES:
+        if getattr(cfg, release[0]):
+            _load_release(cfg, models, problems, release)
+    if problems:
+        raise ModelUnavailable("train.evaluate", "these models are needed and missing (nothing was scored):\n"
+                               + "\n".join(problems) + "\n`python -m core.registry check` lists every model.")
+    return models

@@ -1,0 +1,113 @@
+"""Set-level metrics of ``python -m train.evaluate``: each with its value, model, weights and settings."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+
+from filters.av_align import AVAlignConfig
+from filters.clap import ClapConfig
+from metrics.divergence import EPS, inception_score
+from metrics.frechet import frechet_distance_of
+from metrics.panns import SAMPLE_RATE as PANNS_SR
+from metrics.passt import SAMPLE_RATE as PASST_SR
+from metrics.vggish import SAMPLE_RATE as VGGISH_SR
+from train.config import EvalConfig
+from train.eval_models import Models
+
+MODES = ("reference", "fast")
+VGGISH_MODEL = "VGGish (torchvggish vggish-10086976)"
+# the two classifiers: model name, label, rate, what the FD features and the KL/IS logits are
+CLASSIFIERS = {
+    "panns": ("PANNs CNN14 16 kHz (Cnn14_16k_mAP=0.438)", "PANNs", PANNS_SR, "fc1 after ReLU (2048-d)",
+              "fc_audioset (527)"),
+    "passt": ("PaSST-S 32 kHz (passt-s-f128-p16-s10-ap.476-swa)", "PaSST", PASST_SR,
+              "(cls + dist) / 2 after the final norm (768-d); input made exactly 10 s", "head (527)")}
+
+
+def _metric(value, n: int, model: str, sha256, settings: dict, reason: str = "") -> dict:
+    return {"value": value, "n": n, "model": model, "weights_sha256": sha256, "settings": settings,
+            **({"reason": reason} if value is None else {})}
+
+
+def _mean_of(rows: list[dict], key: str) -> tuple[float | None, int]:
+    vals = [r[key] for r in rows if isinstance(r.get(key), float)]
+    return (float(np.mean(vals)) if vals else None), len(vals)
+
+
+def classifier_metrics(cfg: EvalConfig, models: Models, rows, gen_feats, ref_feats, attr: str) -> dict:
+    """FD, KL (means over pairs) and IS with one classifier (PANNs or PaSST), each fully described."""
+    name, label, rate, features, logits_of = CLASSIFIERS[attr]
+    model = name + (" RANDOM WEIGHTS" if label in models.random else "")
+    sha = models.sha256.get(attr)
+    front = _front(cfg, rate)
+    out = {}
+    gen = _stack([f[attr][0][None] for f in gen_feats.values() if attr in f])
+    ref = _stack([f[attr][0][None] for f in ref_feats.values() if attr in f])
+    if len(gen) >= 2 and len(ref) >= 2:
+        out[f"fd_{attr}"] = _metric(frechet_distance_of(gen, ref), len(gen), model, sha,
+                                    {**front, "features": features, "reference_clips": len(ref)})
+    else:
+        out[f"fd_{attr}"] = _metric(None, len(gen), model, sha, front,
+                                    "FD needs >= 2 generated and >= 2 reference clips (--reference)")
+    for kind in ("softmax", "sigmoid"):
+        value, n = _mean_of(rows, f"kl_{kind}_{attr}")
+        out[f"kl_{kind}_{attr}"] = _metric(value, n, model, sha, {**front, "direction": "KL(reference || generated)",
+                                                                  "eps": EPS, "mean": "over pairs"},
+                                           "" if n else "KL needs generated and reference clips of the same name")
+    logits = _stack([f[attr][1][None] for f in gen_feats.values() if attr in f])
+    settings = {**front, "splits": cfg.is_splits, "shuffle_seed": 2020, "logits": logits_of}
+    if len(logits) >= cfg.is_splits:
+        mean, std = inception_score(logits, cfg.is_splits)
+        out[f"is_{attr}"] = _metric(mean, len(logits), model, sha, {**settings, "std": std})
+    else:
+        out[f"is_{attr}"] = _metric(None, len(logits), model, sha, settings,
+                                    f"IS needs at least --is-splits={cfg.is_splits} generated clips")
+    return out
+
+
+def _front(cfg: EvalConfig, rate: int) -> dict:
+    return {"sample_rate": rate, "mono": "channel mean", "dc": "mean removed", "resampler": "soxr HQ",
+            "seconds": cfg.audio_length_s or "whole file"}
+
+
+def vggish_metrics(cfg: EvalConfig, models: Models, gen_feats, ref_feats) -> dict:
+    """FAD: the Frechet distance of all 0.96 s VGGish examples of the generated and the reference clips."""
+    model = VGGISH_MODEL + (" RANDOM WEIGHTS" if "VGGish" in models.random else "")
+    gen = _stack([f["vggish"] for f in gen_feats.values() if "vggish" in f])
+    ref = _stack([f["vggish"] for f in ref_feats.values() if "vggish" in f])
+    settings = {**_front(cfg, VGGISH_SR), "features": "128-d, no PCA, no final ReLU, one per 0.96 s example",
+                "generated_examples": len(gen), "reference_examples": len(ref)}
+    if len(gen) >= 2 and len(ref) >= 2:
+        value, reason = frechet_distance_of(gen, ref), ""
+    else:
+        value, reason = None, "FAD needs >= 2 VGGish examples (0.96 s each) on both sides (--reference)"
+    return {"fad_vggish": _metric(value, sum("vggish" in f for f in gen_feats.values()), model,
+                                  models.sha256.get("vggish"), settings, reason)}
+
+
+def _stack(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, 1))
+
+
+def clip_metrics(rows, models: Models, clap_cfg: ClapConfig) -> dict:
+    out = {}
+    for mode in MODES:
+        value, n = _mean_of(rows, f"av_align_{mode}")
+        out[f"av_align_{mode}"] = _metric(value, n, "AV-Align (Yariv et al. 2023), no learned weights", None,
+                                          {"mode": mode, **asdict(AVAlignConfig(mode=mode))}, "not computed")
+    value, n = _mean_of(rows, "clap")
+    clap = models.clap
+    out["clap"] = _metric(value, n, clap_cfg.model, clap.resolved.weight_hashes() if clap and clap.resolved else None,
+                          clap.metadata() if clap else {"model": clap_cfg.model},
+                          models.clap_reason or "no clip could be scored")
+    return out
+
+
+def table(metrics: dict) -> str:
+    lines = [f"{'metric':20s} {'value':>10s} {'n':>5s}  model"]
+    for name, m in metrics.items():
+        value = f"{m['value']:.4f}" if m["value"] is not None else "-"
+        lines.append(f"{name:20s} {value:>10s} {m['n']:>5d}  {m['model']}" + (f"  ({m['reason']})"
+                                                                              if m["value"] is None else ""))
+    return "\n".join(lines)
