@@ -26,7 +26,9 @@ CORE = [
 ]
 RAY = ["ray[data]==2.60.*"]
 BEAM = ["apache-beam==2.77.*"]
-TEST = ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "import-linter>=2.1,<3", "selenium>=4.30,<5"]
+S3 = ["s3fs>=2024.6"]  # s3:// roots, shard outputs and training streams (any S3-compatible store)
+TEST = ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "import-linter>=2.1,<3", "selenium>=4.30,<5",
+        "moto[server]>=5.1,<6"]  # a real S3 server on loopback for the object-storage tests
 
 setup(
     name="v2a-datapipe",
@@ -37,5 +39,5 @@ setup(
     packages=find_packages(include=["core*", "pipeline*", "filters*", "augment*", "shards*", "metrics*", "train*"]),
     package_data={"train": ["configs/*.json", "listening_test.html"], "core": ["registry.json"]},
     install_requires=CORE,
-    extras_require={"ray": RAY, "beam": BEAM, "test": TEST, "all": RAY + BEAM + TEST},
+    extras_require={"ray": RAY, "beam": BEAM, "s3": S3, "test": TEST, "all": RAY + BEAM + S3 + TEST},
 )

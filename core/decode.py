@@ -12,6 +12,7 @@ measures what each option costs and saves.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -26,6 +27,7 @@ import numpy as np
 import soxr
 from av.video.reformatter import Interpolation, VideoReformatter
 
+from core import storage
 from core.config import DecodeLimits
 from core.frames import resize_crop, short_side_size
 from core.native_threads import worker_threads
@@ -141,16 +143,25 @@ def _alarm(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
+@contextmanager
 def _open(path: str | Path):
-    p = Path(path)
-    if not p.exists():
-        raise DecodeError("missing_file", str(p))
-    if p.stat().st_size == 0:
-        raise DecodeError("decode_error", "empty file (0 bytes)")
+    """The open container of a local file or an object-storage URL (read through fsspec)."""
     try:
-        return av.open(str(p))
-    except av.error.FFmpegError as e:
-        raise DecodeError("decode_error", _ffmpeg_message(e)) from e
+        nbytes = storage.size(path)
+    except FileNotFoundError:
+        raise DecodeError("missing_file", str(path)) from None
+    except storage.backend_errors() as e:  # a store that refuses (credentials, endpoint) fails this clip
+        raise DecodeError("decode_error", f"cannot read {path}: {e}") from e
+    if nbytes == 0:
+        raise DecodeError("decode_error", "empty file (0 bytes)")
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(storage.open_file(path, "rb")) if storage.is_url(path) else str(path)
+        try:
+            container = av.open(source)
+        except av.error.FFmpegError as e:
+            raise DecodeError("decode_error", _ffmpeg_message(e)) from e
+        stack.callback(container.close)
+        yield container
 
 
 def _ffmpeg_message(e: Exception) -> str:
@@ -257,14 +268,11 @@ def video_threads(limits: DecodeLimits) -> int:
 def decode(path: str | Path, req: DecodeRequest, limits: DecodeLimits = DecodeLimits()) -> DecodedClip:
     """Decode one clip in a single demux pass. Raises ``DecodeError`` with a ledger reason."""
     deadline = _Deadline(limits.timeout_s)
-    with _alarm(limits.timeout_s):
-        container = _open(path)
+    with _alarm(limits.timeout_s), _open(path) as container:
         try:
             return _decode_open(container, str(path), req, limits, deadline)
         except av.error.FFmpegError as e:
             raise DecodeError("decode_error", _ffmpeg_message(e)) from e
-        finally:
-            container.close()
 
 
 @dataclass

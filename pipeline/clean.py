@@ -22,6 +22,7 @@ from filters.curation import CurationConfig, CurationFilters
 from filters.speech_music import SpeechMusicConfig
 from filters.rules import FilterConfig, apply_filters
 from pipeline.clean_stages import CleanStageConfig, build_clean_stages
+from core import storage
 from core.cli_config import add_config_args, from_args
 from core.config import DecodeLimits, SignalConfig
 from pipeline.ledger import Ledger
@@ -38,15 +39,21 @@ class UsageError(Exception):
     """A problem with the command line or the input folders, reported before any work starts."""
 
 
+def location(text: str) -> Path | str:
+    """A local path, or an object-storage URL kept as a string (``Path`` would fold ``s3://``)."""
+    return text if storage.is_url(text) else Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.clean", description=__doc__)
     p.add_argument("--dataset", choices=DATASETS, required=True)
-    p.add_argument("--root", type=Path, help="dataset folder (default: data/<dataset>)")
+    p.add_argument("--root", type=location, help="dataset folder or URL, e.g. s3://bucket/vggsound "
+                   "(default: data/<dataset>)")
     p.add_argument("--out", type=Path, help="output folder (default: out/<dataset>)")
-    p.add_argument("--csv", type=Path, help="VGGSound CSV (default: ROOT/vggsound.csv)")
-    p.add_argument("--video-dir", type=Path, help="VGGSound clips folder (default: ROOT/video)")
+    p.add_argument("--csv", type=location, help="VGGSound CSV (default: ROOT/vggsound.csv)")
+    p.add_argument("--video-dir", type=location, help="VGGSound clips folder (default: ROOT/video)")
     p.add_argument("--limit", type=int, default=0, help="only the first N manifest items (default: 0, all)")
-    p.add_argument("--exclude-ids", type=Path,
+    p.add_argument("--exclude-ids", type=location,
                    help="YouTube ids to drop as test_leak: a VGGSound CSV (its test split) or one id per line")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch handed to a worker (default: 8)")
     add_config_args(p.add_argument_group("engine"), RunnerOptions)
@@ -63,27 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+def resolve_paths(args: argparse.Namespace) -> tuple[Path | str, Path]:
     root = args.root or Path("data") / args.dataset
     out = args.out or Path("out") / args.dataset
-    if args.dataset == "sample" and not root.exists():
+    if args.dataset == "sample" and not storage.is_url(root) and not root.exists():
         from pipeline.sample import generate
 
         print(f"sample dataset not found at {root}: generating it", file=sys.stderr)
         generate(root, kind="vggsound")
-    if not root.is_dir():
+    if not storage.is_dir(root):
         raise UsageError(f"dataset folder {root} does not exist (looked there for --dataset {args.dataset}; "
                          f"pass --root DIR)")
     return root, out
 
 
-def build_manifest(args: argparse.Namespace, root: Path, signal: SignalConfig) -> list[Row]:
+def build_manifest(args: argparse.Namespace, root: Path | str, signal: SignalConfig) -> list[Row]:
     excluded = load_excluded_ids(args.exclude_ids) if args.exclude_ids else set()
     if args.dataset in ("vggsound", "sample"):
-        csv_path = args.csv or root / "vggsound.csv"
-        if not csv_path.is_file():
+        csv_path = args.csv or storage.join(root, "vggsound.csv")
+        if not storage.is_file(csv_path):
             raise UsageError(f"VGGSound CSV {csv_path} not found (pass --csv FILE)")
-        rows = vggsound_rows(csv_path, args.video_dir or root / "video", signal, excluded)
+        rows = vggsound_rows(csv_path, args.video_dir or storage.join(root, "video"), signal, excluded)
     else:
         rows = youtube_rows(root, signal, from_args(WindowConfig, args), excluded)
     return rows[: args.limit] if args.limit else rows
@@ -120,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return clean(args)
-    except (UsageError, ClapModelUnavailable) as e:
+    except (UsageError, ClapModelUnavailable, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except storage.backend_errors() as e:  # the dataset root or CSV could not be read (endpoint, credentials)
+        print(f"error: cannot read the input: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from augment.render import render_row
+from core import storage
 from core.atomic import atomic_write_text
 from core.cli_config import add_config_args, from_args
 from core.config import DEFAULT_SIGNAL, DecodeLimits
@@ -36,6 +37,7 @@ from pipeline.runners import RunnerOptions, get_runner
 from shards.card import CardError, Counts, build_card
 from shards.config import EncoderConfig, MelConfig, ShardConfig
 from shards.encode_stage import EncodeStageConfig, build_encode_stages
+from shards.publish import check_destination, publish
 from shards.shard_writer import SampleCache, ShardAssembler, ShardError, write_index
 
 CACHE_FORMAT = 2  # 2: samples cached and shards recorded under their fingerprints
@@ -46,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ledger", type=Path, required=True, help="OUT/ledger.parquet from pipeline.clean")
     p.add_argument("--plan", type=Path, help="OUT/plan.parquet from pipeline.augment (optional)")
-    p.add_argument("--out", type=Path, help="shard folder (default: shards/ next to the ledger)")
+    p.add_argument("--out", help="shard folder, or an object-storage URL such as s3://bucket/shards "
+                   "(default: shards/ next to the ledger)")
+    p.add_argument("--staging", type=Path, help="with a URL --out: the local folder where shards are assembled "
+                   "and cached before upload (default: shards-staging/ next to the ledger)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch handed to a worker")
     add_config_args(p.add_argument_group("encoders"), EncoderConfig)
     add_config_args(p.add_argument_group("shards"), ShardConfig)
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return encode(args)
-    except (UsageError, ModelUnavailable, ShardError, CardError) as e:
+    except (UsageError, ModelUnavailable, ShardError, CardError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -95,10 +100,22 @@ class EncodeRun:
     splits: dict[str, list[str]]
 
 
+def destination(args: argparse.Namespace) -> str:
+    """Where the shards end up: a local folder, or an object-storage URL they are published to."""
+    return args.out or str(args.ledger.parent / "shards")
+
+
+def local_folder(args: argparse.Namespace) -> Path:
+    """Where the shards are assembled: the output folder itself, or the staging folder of a URL."""
+    if storage.is_url(destination(args)):
+        return args.staging or args.ledger.parent / "shards-staging"
+    return Path(destination(args))
+
+
 def prepare(args: argparse.Namespace, enc: EncoderConfig, shard_cfg: ShardConfig, mel: MelConfig) -> EncodeRun:
     """Check the inputs, find the models, fingerprint every sample and set up cache and layout."""
     work = collect_work(args.ledger, args.plan)
-    out: Path = args.out or args.ledger.parent / "shards"
+    out = local_folder(args)
     out.mkdir(parents=True, exist_ok=True)
     cache = SampleCache(out)
     removed = cache.clean_partials()
@@ -179,6 +196,9 @@ def encode(args: argparse.Namespace) -> int:
     enc, shard_cfg = from_args(EncoderConfig, args), from_args(ShardConfig, args)
     options = from_args(RunnerOptions, args)
     mel = MelConfig.from_signal(DEFAULT_SIGNAL)
+    remote = destination(args) if storage.is_url(destination(args)) else ""
+    if remote:
+        check_destination(remote)  # a wrong endpoint or missing credentials fail now, not after the work
     run = prepare(args, enc, shard_cfg, mel)
     todo, seconds = run_encoders(run, args, mel, options)
 
@@ -192,6 +212,10 @@ def encode(args: argparse.Namespace) -> int:
                       run.models.random_reason)
     atomic_write_text(run.out / "card.json", card.to_json())
     summarise(run, counts, todo, seconds)
+    if remote and counts.samples:
+        sent = publish(run.out, remote, shards)
+        print(f"   published to {remote}: " + ("already there, unchanged" if sent.unchanged else
+                                               f"{sent.uploaded} shard(s), then card.json and index.json"))
     if counts.samples == 0:
         print(f"error: nothing could be encoded ({counts.failed} failed, see {run.out / 'failed.json'})",
               file=sys.stderr)

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core import storage
 from core.config import SignalConfig
 from core.decode import DecodeError, probe
 from core.keys import make_key, sanitize
@@ -46,7 +47,7 @@ def _row(**values) -> Row:
 def load_excluded_ids(path: str | Path) -> set[str]:
     """YouTube ids that must never enter a corpus: a VGGSound CSV (its test split) or one id a line."""
     ids: set[str] = set()
-    with open(path, newline="", encoding="utf-8") as f:
+    with storage.open_file(path, "r", newline="", encoding="utf-8") as f:
         for fields in csv.reader(f):
             if not fields or not fields[0].strip() or fields[0].startswith("#"):
                 continue
@@ -64,26 +65,26 @@ def _apply_exclusion(row: Row, excluded: set[str]) -> Row:
     return row
 
 
-def _index_videos(video_dir: Path) -> dict[str, Path]:
-    """Stem -> path for every clip in the folder (one listing instead of 200k stat calls)."""
-    index: dict[str, Path] = {}
-    if not video_dir.is_dir():
-        return index
-    for entry in os.scandir(video_dir):
-        stem, ext = os.path.splitext(entry.name)
+def _index_videos(video_dir: str) -> dict[str, str]:
+    """Stem -> path (or URL) for every clip in the folder (one listing instead of 200k stat calls)."""
+    index: dict[str, str] = {}
+    for path in storage.list_files(video_dir):
+        stem, ext = os.path.splitext(storage.basename(path))
         if ext.lower() in VIDEO_EXTENSIONS and (stem not in index or ext.lower() == ".mp4"):
-            index[stem] = Path(entry.path)
+            index[stem] = path
     return index
 
 
 def vggsound_rows(csv_path: str | Path, video_dir: str | Path, signal: SignalConfig = SignalConfig(),
                   excluded: set[str] = frozenset(), caption_template: str = "{label}") -> list[Row]:
-    """Rows for the official headerless ``youtube_id,start_seconds,label,split`` CSV."""
-    csv_path, video_dir = Path(csv_path), Path(video_dir)
-    videos = _index_videos(video_dir)
+    """Rows for the official headerless ``youtube_id,start_seconds,label,split`` CSV.
+
+    The CSV and the clips may be local or object-storage URLs (``s3://...``); URLs stay URLs.
+    """
+    videos = _index_videos(str(video_dir))
     rows: list[Row] = []
     seen: set[str] = set()
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with storage.open_file(csv_path, "r", newline="", encoding="utf-8") as f:
         for line_no, fields in enumerate(csv.reader(f), start=1):
             if not fields or all(not x.strip() for x in fields):
                 continue
@@ -104,10 +105,10 @@ def vggsound_rows(csv_path: str | Path, video_dir: str | Path, signal: SignalCon
                 seen.add(key)
                 path = videos.get(f"{yid}_{start:06d}")
                 if path is None:
-                    row.update(status=FAILED, reason=f"missing_file: {video_dir / f'{yid}_{start:06d}.mp4'}",
-                               video_path=str(video_dir / f"{yid}_{start:06d}.mp4"))
+                    expected = storage.join(video_dir, f"{yid}_{start:06d}.mp4")
+                    row.update(status=FAILED, reason=f"missing_file: {expected}", video_path=expected)
                 else:
-                    row["video_path"] = str(path)
+                    row["video_path"] = path
             rows.append(_apply_exclusion(row, excluded))
     return rows
 
@@ -134,13 +135,17 @@ def _parse_vggsound_fields(fields: list[str]) -> tuple[str, int, str, str] | str
     return yid, int(start_f), label, split
 
 
-def _youtube_id_for(video: Path, info: dict) -> str:
+def _stem(video: str) -> str:
+    return os.path.splitext(storage.basename(video))[0]
+
+
+def _youtube_id_for(video: str, info: dict) -> str:
     if isinstance(info.get("id"), str) and info["id"]:
         return sanitize(info["id"])
-    m = _YTDLP_ID_SUFFIX.search(video.stem)
+    m = _YTDLP_ID_SUFFIX.search(_stem(video))
     if m:
         return m.group(1)
-    return sanitize(video.stem)
+    return sanitize(_stem(video))
 
 
 def _caption_from_info(info: dict) -> str:
@@ -151,13 +156,13 @@ def _caption_from_info(info: dict) -> str:
     return title or ", ".join(tags)
 
 
-def _read_info(video: Path) -> dict:
+def _read_info(video: str, files: set[str]) -> dict:
     """The yt-dlp sidecar, if any. A broken sidecar only costs the caption, never the video."""
-    sidecar = video.with_suffix(".info.json")
-    if not sidecar.exists():
+    sidecar = os.path.splitext(video)[0] + ".info.json"
+    if sidecar not in files:
         return {}
     try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
+        data = json.loads((storage.read_bytes(sidecar) or b"").decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -180,22 +185,24 @@ def windows_for(duration_s: float, signal: SignalConfig, windows: WindowConfig) 
 
 def youtube_rows(root: str | Path, signal: SignalConfig = SignalConfig(), windows: WindowConfig = WindowConfig(),
                  excluded: set[str] = frozenset()) -> list[Row]:
-    """Rows for every window of every video below ``root`` (the window list is part of the manifest)."""
-    root = Path(root)
-    videos = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    """Rows for every window of every video below ``root`` (local or a URL; the window list is part
+    of the manifest)."""
+    files = storage.list_files(root, recursive=True)
+    videos = [p for p in files if os.path.splitext(p)[1].lower() in VIDEO_EXTENSIONS]
+    listed = set(files)
     rows: list[Row] = []
     seen: set[str] = set()
     for video in videos:
-        info = _read_info(video)
+        info = _read_info(video, listed)
         yid = _youtube_id_for(video, info)
         caption = _caption_from_info(info)
-        common = dict(source="youtube", youtube_id=yid, video_path=str(video), caption=caption,
+        common = dict(source="youtube", youtube_id=yid, video_path=video, caption=caption,
                       label="", split="train")
         try:
             facts = probe(video)
         except DecodeError as e:
             key = make_key("youtube", yid, "000000")
-            rows.append(_row(key=key if key not in seen else make_key(key, sanitize(video.name)), **common,
+            rows.append(_row(key=key if key not in seen else make_key(key, sanitize(storage.basename(video))), **common,
                              status=FAILED, reason=e.ledger_reason))
             seen.add(rows[-1]["key"])
             continue
@@ -203,7 +210,7 @@ def youtube_rows(root: str | Path, signal: SignalConfig = SignalConfig(), window
             key = make_key("youtube", yid, f"{int(start):06d}")
             row = _row(key=key, **common, start_s=start, duration_s=length)
             if key in seen:
-                row.update(key=make_key(key, sanitize(video.name)), status=FAILED,
+                row.update(key=make_key(key, sanitize(storage.basename(video))), status=FAILED,
                            reason=f"duplicate_id: {yid} window {int(start)} already taken by another file")
             seen.add(row["key"])
             rows.append(_apply_exclusion(row, excluded))

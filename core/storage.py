@@ -1,0 +1,128 @@
+"""Local paths and object-storage URLs (``s3://``, ``gs://``, ...) behind one small interface.
+
+Clips may be read from a bucket (``--root s3://...``) and shards published to one (``--out
+s3://...``). A URL is kept a string end to end (``pathlib.Path`` would fold ``s3://b`` into
+``s3:/b``, a local folder) and opened through fsspec, so the endpoint and credentials come from
+the backend's standard configuration: for S3 (s3fs/botocore) ``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` or an instance role, which covers AWS, MinIO and
+any S3-compatible store. Local paths keep using the standard library.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlparse
+
+PathLike = str | Path
+
+
+class StorageError(OSError):
+    """A URL that cannot be used: no fsspec backend for its scheme, or the store refused."""
+
+
+def backend_errors() -> tuple[type[BaseException], ...]:
+    """What a store raises for an unreachable endpoint, bad credentials or a refused request:
+    ``OSError`` (fsspec's mapping), plus botocore's own errors, which s3fs lets through."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return tuple(errors)
+    return (*errors, BotoCoreError, ClientError)
+
+
+def is_url(path: PathLike) -> bool:
+    """True for ``scheme://...`` other than ``file://`` (which is a local path)."""
+    text = str(path)
+    return "://" in text and urlparse(text).scheme not in ("", "file")
+
+
+def local_path(path: PathLike) -> str:
+    """A local path as a string (``file://`` stripped)."""
+    text = str(path)
+    return urlparse(text).path if text.startswith("file://") else text
+
+
+def join(base: PathLike, *names: str) -> str:
+    """``base/name/...`` for a local folder or a URL (URLs keep their ``//``)."""
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *(n.strip("/") for n in names)])
+    return str(Path(local_path(base), *names))
+
+
+def basename(path: PathLike) -> str:
+    return posixpath.basename(str(path).rstrip("/")) if is_url(path) else os.path.basename(str(path))
+
+
+def filesystem(url: str):
+    """The fsspec filesystem of a URL and the URL's path inside it."""
+    try:
+        import fsspec
+
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:  # e.g. s3fs or gcsfs not installed
+        scheme = urlparse(url).scheme
+        raise StorageError(f"cannot open {url}: {e} (install the fsspec backend for {scheme}://, "
+                           f"e.g. pip install s3fs)") from e
+
+
+def open_file(path: PathLike, mode: str = "rb", **kwargs) -> IO:
+    """An open file object: the built-in ``open`` locally, fsspec for a URL."""
+    if not is_url(path):
+        return open(local_path(path), mode, **kwargs)
+    fs, inner = filesystem(str(path))
+    return fs.open(inner, mode, **kwargs)
+
+
+def is_file(path: PathLike) -> bool:
+    if not is_url(path):
+        return os.path.isfile(local_path(path))
+    fs, inner = filesystem(str(path))
+    return fs.isfile(inner)
+
+
+def is_dir(path: PathLike) -> bool:
+    if not is_url(path):
+        return os.path.isdir(local_path(path))
+    fs, inner = filesystem(str(path))
+    return fs.isdir(inner)
+
+
+def size(path: PathLike) -> int:
+    """Size in bytes; ``FileNotFoundError`` when there is no such file."""
+    if not is_url(path):
+        return os.stat(local_path(path)).st_size
+    fs, inner = filesystem(str(path))
+    return int(fs.info(inner)["size"])
+
+
+def list_files(folder: PathLike, recursive: bool = False) -> list[str]:
+    """Files in a folder (below it when ``recursive``), as paths or URLs like ``folder``; sorted."""
+    if not is_url(folder):
+        root = Path(local_path(folder))
+        if not root.is_dir():
+            return []
+        found = root.rglob("*") if recursive else root.iterdir()
+        return [str(p) for p in sorted(p for p in found if p.is_file())]
+    fs, inner = filesystem(str(folder))
+    if not fs.isdir(inner):
+        return []
+    names = fs.find(inner) if recursive else [e["name"] for e in fs.ls(inner, detail=True) if e["type"] == "file"]
+    return sorted((fs.unstrip_protocol(n) for n in names), key=lambda u: u.split("/"))  # folder by folder
+
+
+def put_file(local: PathLike, url: str) -> None:
+    """Upload one local file to ``url`` (one PUT or multipart upload: it appears whole or not at all)."""
+    fs, inner = filesystem(url)
+    fs.put_file(str(local), inner)
+
+
+def read_bytes(path: PathLike) -> bytes | None:
+    """A whole file, or None when it does not exist."""
+    try:
+        with open_file(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,185 @@
+"""Object storage end to end against a real S3 server on loopback (moto's server mode).
+
+Clips are read from ``--root s3://...``, shards are published with ``pipeline.encode --out
+s3://...`` (index uploaded last) and read back through fsspec as training reads them; every
+result equals the one made from and to local disk. Endpoint and credentials reach s3fs only
+through the standard AWS environment variables.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pandas.testing import assert_frame_equal
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cluster_fixtures import environ, free_port, s3_server  # noqa: E402
+from model_fixtures_encoders import DATA, ledger_row, tiny_clip_dir, tiny_vae_dir, write_ledger  # noqa: E402,F401
+
+from core import storage  # noqa: E402
+from pipeline.ledger import read_ledger  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+CLIPS = {"0DCit2EBtjs": ("30", "playing acoustic guitar"), "-BAKe6QGTUk": ("30", "playing drum kit")}
+MISSING = "zzzzzzzzzzz,10,dog barking,train"  # a CSV row whose clip was never uploaded
+BUCKET = "s3://v2a-test"
+
+
+def _csv() -> str:
+    return "".join(f"{yid},{start},{label},train\n" for yid, (start, label) in CLIPS.items()) + MISSING + "\n"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """The S3 server, a bucket holding a VGGSound root, and the same root on local disk."""
+    tmp = tmp_path_factory.mktemp("s3")
+    local = tmp / "vggsound"
+    (local / "video").mkdir(parents=True)
+    (local / "vggsound.csv").write_text(_csv())
+    for yid, (start, _) in CLIPS.items():
+        shutil.copy(DATA / "video" / f"{yid}_{int(start):06d}.mp4", local / "video")
+    with s3_server(tmp) as env, environ(env):
+        fs, _ = storage.filesystem(BUCKET)
+        fs.mkdir(BUCKET.removeprefix("s3://"))
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            storage.put_file(path, f"{BUCKET}/vggsound/{path.relative_to(local).as_posix()}")
+        yield {"env": env, "local": local, "root": f"{BUCKET}/vggsound", "tmp": tmp}
+
+
+def _quiet(main, args: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(args)
+    return code, out.getvalue()
+
+
+def test_clean_reads_clips_from_an_s3_root_as_from_disk(s3, tmp_path):
+    from pipeline.clean import main
+
+    common = ["--dataset", "vggsound", "--clap-model", "none", "--workers", "1", "--batch-size", "2"]
+    assert _quiet(main, common + ["--root", str(s3["local"]), "--out", str(tmp_path / "local")])[0] == 0
+    code, output = _quiet(main, common + ["--root", s3["root"], "--out", str(tmp_path / "s3")])
+    assert code == 0, output
+    local, _ = read_ledger(tmp_path / "local" / "ledger.parquet")
+    remote, meta = read_ledger(tmp_path / "s3" / "ledger.parquet")
+    assert meta["root"] == s3["root"]
+    assert remote["video_path"].str.startswith(f"{s3['root']}/video/").all()  # URLs stay URLs
+    missing = remote.set_index("key").loc["vggsound-zzzzzzzzzzz-000010"]
+    assert missing["status"] == "failed"
+    assert missing["reason"] == f"missing_file: {s3['root']}/video/zzzzzzzzzzz_000010.mp4"
+    assert (remote["status"] != "failed").sum() == len(CLIPS)  # both real clips decoded from the bucket
+    for frame, root in ((local, str(s3["local"])), (remote, s3["root"])):
+        for col in ("video_path", "reason"):
+            frame[col] = frame[col].str.replace(root, "ROOT", regex=False)
+    assert_frame_equal(remote, local)  # the same scores from the same bytes
+
+
+@pytest.fixture(scope="module")
+def ledgers(s3):
+    """One ledger whose clips are local files, one whose clips are the same files in the bucket."""
+    def write(folder: Path, root: str) -> Path:
+        rows = [ledger_row(f"vggsound-{yid}-{int(start):06d}", storage.join(root, "video", f"{yid}_{int(start):06d}.mp4"),
+                           label=label) for yid, (start, label) in CLIPS.items()]
+        return write_ledger(folder, rows)
+    return {"local": write(s3["tmp"] / "ledger-local", str(s3["local"])),
+            "s3": write(s3["tmp"] / "ledger-s3", s3["root"])}
+
+
+def _encode_args(ledger: Path, out: str, clip: Path, vae: Path, *extra: str) -> list[str]:
+    return ["--ledger", str(ledger), "--out", out, "--clip-model", str(clip), "--vae", str(vae), "--device", "cpu",
+            "--workers", "1", "--shard-size", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def published(s3, ledgers, tiny_clip_dir, tiny_vae_dir):
+    """Shards encoded from local clips to disk, and from bucket clips to the bucket (uploads recorded)."""
+    from pipeline.encode import main
+
+    local_out = s3["tmp"] / "shards-local"
+    assert _quiet(main, _encode_args(ledgers["local"], str(local_out), tiny_clip_dir, tiny_vae_dir))[0] == 0
+    uploads: list[str] = []
+    real_put = storage.put_file
+
+    def recording_put(local, url):
+        uploads.append(url)
+        real_put(local, url)
+
+    url = f"{BUCKET}/shards"
+    staging = s3["tmp"] / "staging"
+    storage.put_file = recording_put
+    try:
+        code, output = _quiet(main, _encode_args(ledgers["s3"], url, tiny_clip_dir, tiny_vae_dir,
+                                                 "--staging", str(staging)))
+    finally:
+        storage.put_file = real_put
+    assert code == 0, output
+    return {"local": local_out, "url": url, "uploads": uploads, "output": output, "staging": staging}
+
+
+def test_encode_publishes_the_same_bytes_to_s3_index_last(published):
+    local, url = published["local"], published["url"]
+    assert not Path("s3:").exists(), "a local folder named s3: was written"
+    names = sorted(p.name for p in local.iterdir() if p.is_file())
+    assert [n for n in names if n.endswith(".tar")] == ["train-000000.tar", "train-000001.tar"]
+    remote = sorted(storage.basename(u) for u in storage.list_files(url))
+    assert remote == names
+    for name in names:
+        assert storage.read_bytes(storage.join(url, name)) == (local / name).read_bytes(), name
+    uploads = [storage.basename(u) for u in published["uploads"]]
+    assert uploads[-1] == "index.json" and uploads.count("index.json") == 1
+    assert set(uploads[:2]) == {"train-000000.tar", "train-000001.tar"}  # every shard before any metadata
+    assert f"published to {url}: 2 shard(s)" in published["output"]
+
+
+def test_training_reader_streams_the_s3_shards_like_local_ones(published):
+    from shards.reader import decode_sample, find_shards, shard_samples
+
+    remote, card = find_shards(published["url"])
+    local, local_card = find_shards(str(published["local"]))
+    assert card == local_card and card["samples"] == len(CLIPS)
+    assert [s.url for s in remote] == [f"{published['url']}/train-00000{i}.tar" for i in range(2)]
+    for r, l in zip(remote, local):
+        a, b = list(shard_samples(r.url)), list(shard_samples(l.url))
+        assert [s["__key__"] for s in a] == [s["__key__"] for s in b] and len(a) == 1
+        assert {k: v for k, v in a[0].items() if k != "__url__"} == {k: v for k, v in b[0].items() if k != "__url__"}
+        assert decode_sample(a[0])["latent"].shape[0] == 2
+
+
+def test_republish_is_idempotent_and_another_shard_set_is_refused(s3, ledgers, published, tiny_clip_dir,
+                                                                   tiny_vae_dir, tmp_path):
+    from pipeline.encode import main
+
+    again = _encode_args(ledgers["s3"], published["url"], tiny_clip_dir, tiny_vae_dir,
+                         "--staging", str(published["staging"]))
+    code, output = _quiet(main, again)
+    assert code == 0 and "already there, unchanged" in output
+    other = _encode_args(ledgers["s3"], published["url"], tiny_clip_dir, tiny_vae_dir,
+                         "--staging", str(tmp_path / "staging"))
+    other[other.index("--shard-size") + 1] = "2"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert _quiet(main, other)[0] == 2
+    assert "already holds a different shard set" in err.getvalue()
+    index = json.loads(storage.read_bytes(f"{published['url']}/index.json"))
+    assert len(index["shards"]) == 2  # the published set is untouched
+
+
+def test_endpoint_comes_from_the_environment(s3, ledgers, tiny_clip_dir, tiny_vae_dir, tmp_path):
+    """With the endpoint variable pointing at a closed port the command fails at once, clearly."""
+    env = {**s3["env"], "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_MAX_ATTEMPTS": "1"}
+    done = subprocess.run([sys.executable, "-m", "pipeline.encode",
+                           *_encode_args(ledgers["local"], f"{BUCKET}/elsewhere", tiny_clip_dir, tiny_vae_dir,
+                                         "--staging", str(tmp_path / "staging"))],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"cannot reach {BUCKET}/elsewhere" in done.stderr
+    assert not (tmp_path / "staging").exists()  # nothing was encoded for a destination it cannot reach
