@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import threading
 import uuid
@@ -150,6 +151,8 @@ def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, bat
     temp_location = pipeline_options.get_all_options().get("temp_location") or ""
     progress_dir = tempfile.mkdtemp(prefix="v2a-beam-progress-") if on_batch else ""
     staged = _stage_input(rows, batch_size, temp_location) if temp_location else ""
+    if staged:
+        print(f"beam: {len(rows)} rows staged in {staged} for the workers", file=sys.stderr, flush=True)
     try:
         pipeline = beam.Pipeline(runner=options.beam_runner or FnApiRunner(), options=pipeline_options)
         if staged:

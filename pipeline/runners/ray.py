@@ -31,7 +31,7 @@ from core.stage import Row, Stage, drop_fields, transient_fields
 
 _ROW = "row"
 _SCHEMA = pa.schema([("key", pa.string()), (_ROW, pa.binary())])
-_SHIPPED_PACKAGES = ("pipeline", "filters", "augment", "shards")
+_SHIPPED_PACKAGES = ("core", "pipeline", "filters", "augment", "shards")
 BLOCKS_PER_WORKER = 4
 MAX_BATCHES_PER_BLOCK = 16
 # (run token, stage index) -> set-up stage, for stages that run as Ray tasks: a task worker

@@ -1,0 +1,80 @@
+"""Beam's portable runner end to end: a job service and an SDK worker pool, each its own process.
+
+``pipeline.clean --runner beam --beam-runner PortableRunner`` submits the job to Beam's job
+service (``local_job_service_main``), which runs it on SDK workers that an external worker pool
+(``worker_pool_main``, ``environment_type=EXTERNAL``) starts as separate processes: the path a
+Flink or Spark job server takes. The manifest is staged in ``temp_location`` and the workers
+journal the rows; the ledger must equal the local runner's.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pandas.testing import assert_frame_equal
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cluster_fixtures import free_port, start, stop, wait_for_port  # noqa: E402
+
+from pipeline.ledger import read_ledger  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[1]
+LIMIT = "10"  # manifest rows: clips and broken rows of the sample
+
+
+@pytest.fixture(scope="module")
+def beam_services(tmp_path_factory):
+    """The job service and the worker pool; the workers get the code as a worker image would have it."""
+    tmp = tmp_path_factory.mktemp("beam-services")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    job_port, pool_port = free_port(), free_port()
+    pool = start([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+                  "--service_port", str(pool_port)], tmp / "pool.log", env=env, cwd=tmp)
+    job = start([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
+                 "--port", str(job_port), "--staging_dir", str(tmp / "staging")], tmp / "job.log", env=env, cwd=tmp)
+    try:
+        wait_for_port(pool_port, 120, pool, tmp / "pool.log")
+        wait_for_port(job_port, 120, job, tmp / "job.log")
+        yield {"job": f"localhost:{job_port}", "pool": f"localhost:{pool_port}", "tmp": tmp}
+    finally:
+        stop(job)
+        stop(pool)
+
+
+def _args(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--dataset", "vggsound", "--root", str(root), "--out", str(out), "--clap-model", "none",
+            "--batch-size", "2", "--limit", LIMIT, *extra]
+
+
+def test_portable_runner_with_external_workers_gives_the_local_ledger(beam_services, sample_root, tmp_path):
+    from pipeline.clean import main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(_args(sample_root, tmp_path / "local", "--workers", "1")) == 0
+    reference, _ = read_ledger(tmp_path / "local" / "ledger.parquet")
+
+    temp_location = tmp_path / "beam-temp"
+    temp_location.mkdir()
+    options = ",".join([f"job_endpoint={beam_services['job']}", "environment_type=EXTERNAL",
+                        f"environment_config={beam_services['pool']}", f"temp_location={temp_location}",
+                        "sdk_worker_parallelism=1"])
+    done = subprocess.run([sys.executable, "-m", "pipeline.clean",
+                           *_args(sample_root, tmp_path / "beam", "--runner", "beam",
+                                  "--beam-runner", "PortableRunner", "--beam-option", options)],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert f"rows staged in {temp_location}" in done.stderr
+    assert not list(temp_location.glob("v2a-input-*.jsonl"))  # the staged manifest is removed afterwards
+    ledger, meta = read_ledger(tmp_path / "beam" / "ledger.parquet")
+    assert meta["runner"] == "beam"
+    assert_frame_equal(ledger, reference)
+    pool_log = (beam_services["tmp"] / "pool.log").read_text(errors="replace")
+    assert "Starting worker" in pool_log or "sdk_worker_main" in pool_log, pool_log[-2000:]
