@@ -7,13 +7,16 @@ the same stages (``build_clean_stages``), through the same runner entry point th
 must journal the same rows (checked at the end).
 
 Printed: wall time and clips/s per engine started cold (pool, Ray or Beam workers started by the
-runner, as ``python -m pipeline.clean`` does), engine overhead as a ratio to local; Ray on an
+runner, as ``python -m pipeline.clean`` does), engine overhead as a ratio to local; a real
+multi-node Ray cluster (a head and two one-CPU worker nodes started with ``ray start`` on
+loopback, the code shipped through the runtime env, as ``--ray-address`` does) against the same
+local run; Ray on an
 already running 2-CPU Ray with 1 and with 2 workers (scaling ratio; goal >= 1.7x on 2 cores),
 and the same stages in 1 and 2 plain processes without any engine (what the machine allows at
 that moment: on a shared machine other users' load caps every ratio), alternated so that a change
 in the machine's load hits both alike, best of ``--repeat`` each.
 
-    .venv/bin/python bench/engines.py [--clips 64] [--batch-size 8] [--repeat 2]
+    .venv/bin/python bench/engines.py [--clips 64] [--batch-size 8] [--repeat 2] [--no-cluster]
 """
 from __future__ import annotations
 
@@ -147,11 +150,33 @@ def bare_seconds(rows: list[dict], workers: int, batch_size: int, limits: Decode
     return seconds
 
 
+def cluster_run(tmp: Path, record) -> float:
+    """The clean stages on a head and two one-CPU worker nodes (``ray start``, loopback), joined by
+    address as ``--ray-address`` does; the nodes are started before the clock and stopped after."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import ray_loopback  # noqa: F401  (keeps this driver's Ray on 127.0.0.1, as the nodes are)
+    from cluster_fixtures import RayCluster, environ
+
+    print("multi-node (a Ray cluster of separate raylets, started once):", flush=True)
+    cluster = RayCluster(tmp / "cluster")
+    (tmp / "cluster").mkdir()
+    try:
+        cluster.start_head()
+        cluster.add_worker("worker1")
+        cluster.add_worker("worker2")
+        auth = {k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        with environ(auth):
+            return record(RunnerOptions(runner="ray", workers=WORKERS, ray_address=cluster.address))
+    finally:
+        cluster.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=64, help="rows of real clips on top of the sample")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeat", type=int, default=2, help="scaling runs per worker count (best is kept)")
+    p.add_argument("--no-cluster", action="store_true", help="skip the multi-node Ray cluster run")
     p.add_argument("--decode-threads", type=int, default=DecodeLimits().decode_threads,
                    help="FFmpeg threads per decode (0: the worker's share of the cores, as in the CLI)")
     args = p.parse_args(argv)
@@ -181,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         local = record("local process pool", WORKERS, RunnerOptions(runner="local", workers=WORKERS))
         ray_cold = record("ray (starts local Ray)", WORKERS, RunnerOptions(runner="ray", workers=WORKERS))
         beam = record("beam (FnApiRunner, processes)", WORKERS, RunnerOptions(runner="beam", workers=WORKERS))
+        cluster = None if args.no_cluster else cluster_run(tmp, lambda o: record("ray cluster (head + 2 nodes)",
+                                                                                WORKERS, o))
 
         print("warm (Ray already running, stages set up in a warm-up run; 1 and 2 workers alternated ABBA):")
         ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
@@ -217,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   ray   {ray_cold:.1f} s ({n / ray_cold:.2f} clips/s): overhead {ray_cold / local:.2f}x local "
               f"(incl. starting Ray); warm 2 workers {ray_w[WORKERS] / local:.2f}x local")
         print(f"   beam  {beam:.1f} s ({n / beam:.2f} clips/s): overhead {beam / local:.2f}x local")
+        if cluster is not None:
+            print(f"   ray cluster, 2 worker nodes of 1 CPU (--ray-address, code shipped): {cluster:.1f} s "
+                  f"({n / cluster:.2f} clips/s) = {cluster / local:.2f}x local (nodes already running)")
         print(f"   ray scaling 1 -> {WORKERS} workers: {ray_w[1] / ray_w[WORKERS]:.2f}x (goal >= 1.7x); "
               f"the same stages in plain processes, no engine: {bare_w[1] / bare_w[WORKERS]:.2f}x")
         print(f"   ledgers identical to local: {len(agree)}/{len(journals)} runs")

@@ -69,6 +69,26 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
             return
 
 
+def descendants(pid: int) -> list[int]:
+    """Child processes, recursively (torchrun starts its ranks in sessions of their own)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found += [child] + descendants(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started, leaves first: a crash, no chance to clean up."""
+    for p in reversed([pid] + descendants(pid)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)

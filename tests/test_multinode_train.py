@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cluster_fixtures import LOOPBACK, environ, free_port, s3_server  # noqa: E402
+from cluster_fixtures import LOOPBACK, environ, free_port, kill_tree, s3_server  # noqa: E402
 from shards_fixture import write_shards  # noqa: E402
 
 from core import storage  # noqa: E402
@@ -74,35 +74,31 @@ def _nodes(args: list[str], logs: Path) -> list[subprocess.Popen]:
         cmd = TORCHRUN + ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
                           "--rdzv_endpoint", f"{LOOPBACK}:{port}", "--rdzv_id", job,
                           "--rdzv_conf", f"is_host={int(node == 0)}", "--local_addr", LOOPBACK, *args]
-        with open(logs / f"node{node}-{job}.log", "w") as log:
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+        log_path = logs / f"node{node}-{job}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        proc.log_path = log_path
+        procs.append(proc)
     return procs
 
 
-def _wait_all(procs: list[subprocess.Popen], logs: Path, timeout: float = 400) -> str:
+def _wait_all(procs: list[subprocess.Popen], timeout: float = 400) -> str:
     deadline = time.monotonic() + timeout
     try:
         for proc in procs:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         _kill(procs)
-    output = "".join(p.read_text() for p in sorted(logs.glob("node*.log")))
+    output = "".join(p.log_path.read_text() for p in procs)
     assert all(p.returncode == 0 for p in procs), output[-6000:]
     return output
 
 
 def _kill(procs: list[subprocess.Popen]) -> None:
-    """SIGKILL each agent's whole session (its ranks and data-loader workers): a crash, no clean-up."""
-    import signal
-
+    """SIGKILL each agent and everything it started (its ranks, data-loader workers): a crash."""
     for proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        kill_tree(proc.pid)
+        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +127,7 @@ def test_two_nodes_stream_s3_shards_killed_and_resumed(s3_shards, reference, tmp
     killed_at = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     assert killed_at < STEPS, "the killed run got too far to test resuming"
 
-    output = _wait_all(_nodes(_train_args(s3_shards["url"], run, STEPS), logs), logs)
+    output = _wait_all(_nodes(_train_args(s3_shards["url"], run, STEPS), logs))
     assert f"resuming at step {killed_at}" in output
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["resumed_from"] == killed_at
