@@ -33,7 +33,9 @@ LIMIT = "10"  # manifest rows: clips and broken rows of the sample
 def beam_services(tmp_path_factory):
     """The job service and the worker pool; the workers get the code as a worker image would have it."""
     tmp = tmp_path_factory.mktemp("beam-services")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # the pool starts SDK workers as `python -c ...` from PATH: this interpreter, as in a worker image
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": path}
     job_port, pool_port = free_port(), free_port()
     pool = start([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
                   "--service_port", str(pool_port)], tmp / "pool.log", env=env, cwd=tmp)
@@ -77,4 +79,4 @@ def test_portable_runner_with_external_workers_gives_the_local_ledger(beam_servi
     assert meta["runner"] == "beam"
     assert_frame_equal(ledger, reference)
     pool_log = (beam_services["tmp"] / "pool.log").read_text(errors="replace")
-    assert "Starting worker" in pool_log or "sdk_worker_main" in pool_log, pool_log[-2000:]
+    assert "Starting worker with command" in pool_log, pool_log[-2000:]  # SDK workers were the pool's processes
