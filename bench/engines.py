@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import resource
 import sys
 import tempfile
@@ -150,25 +151,43 @@ def bare_seconds(rows: list[dict], workers: int, batch_size: int, limits: Decode
     return seconds
 
 
-def cluster_run(tmp: Path, record) -> float:
-    """The clean stages on a head and two one-CPU worker nodes (``ray start``, loopback), joined by
-    address as ``--ray-address`` does; the nodes are started before the clock and stopped after."""
+def _cluster_child(rows: list[dict], batch_size: int, limits: DecodeLimits, tmp: Path, results) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
-    import ray_loopback  # noqa: F401  (keeps this driver's Ray on 127.0.0.1, as the nodes are)
-    from cluster_fixtures import RayCluster, environ
+    from cluster_fixtures import RayCluster
 
-    print("multi-node (a Ray cluster of separate raylets, started once):", flush=True)
-    cluster = RayCluster(tmp / "cluster")
-    (tmp / "cluster").mkdir()
+    cluster = RayCluster(tmp)
+    os.environ.update({k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})  # before Ray is imported
+    import ray_loopback  # noqa: F401  (keeps this driver's Ray on 127.0.0.1, as the nodes are)
+
     try:
         cluster.start_head()
         cluster.add_worker("worker1")
         cluster.add_worker("worker2")
-        auth = {k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-        with environ(auth):
-            return record(RunnerOptions(runner="ray", workers=WORKERS, ray_address=cluster.address))
+        options = RunnerOptions(runner="ray", workers=WORKERS, ray_address=cluster.address)
+        results.put(timed_run(rows, options, tmp / "out", batch_size, limits))
     finally:
         cluster.close()
+
+
+def cluster_run(rows: list[dict], batch_size: int, limits: DecodeLimits, tmp: Path) -> Timing:
+    """The clean stages on a head and two one-CPU worker nodes (``ray start``, loopback), joined by
+    address as ``--ray-address`` does; the nodes are started before the clock and stopped after.
+    The driver is a fresh process: Ray caches its auth token per process, and this one already
+    talked to a local Ray of its own."""
+    tmp.mkdir()
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_cluster_child, args=(rows, batch_size, limits, tmp, results))
+    proc.start()
+    try:
+        while True:
+            try:
+                return results.get(timeout=5)
+            except queue.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"the cluster run exited with {proc.exitcode} before reporting") from None
+    finally:
+        proc.join(timeout=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,8 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         local = record("local process pool", WORKERS, RunnerOptions(runner="local", workers=WORKERS))
         ray_cold = record("ray (starts local Ray)", WORKERS, RunnerOptions(runner="ray", workers=WORKERS))
         beam = record("beam (FnApiRunner, processes)", WORKERS, RunnerOptions(runner="beam", workers=WORKERS))
-        cluster = None if args.no_cluster else cluster_run(tmp, lambda o: record("ray cluster (head + 2 nodes)",
-                                                                                WORKERS, o))
+        cluster = None
+        if not args.no_cluster:
+            print("multi-node (a Ray cluster of separate raylets, started once):", flush=True)
+            t = cluster_run(rows, args.batch_size, limits, tmp / "cluster")
+            cluster, journals["ray cluster (head + 2 nodes)"] = t.seconds, t.journal
+            print(f"  {'ray cluster (head + 2 nodes)':<30} workers {WORKERS} {t.seconds:6.1f} s "
+                  f"{n / t.seconds:6.2f} clips/s   machine {100 * t.machine_busy:3.0f}% busy (all users)", flush=True)
 
         print("warm (Ray already running, stages set up in a warm-up run; 1 and 2 workers alternated ABBA):")
         ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)

@@ -114,7 +114,7 @@ def local_clean(sample_root, tmp_path_factory) -> tuple[pd.DataFrame, Path]:
 
 def _encode_args(ledger: Path, out: Path, clip: Path, vae: Path, *extra: str) -> list[str]:
     return ["--ledger", str(ledger), "--out", str(out), "--clip-model", str(clip), "--vae", str(vae),
-            "--device", "cpu", "--shard-size", "2", "--batch-size", "1", *extra]
+            "--device", "cpu", "--shard-size", "1", "--batch-size", "1", *extra]
 
 
 def test_encode_on_the_cluster_writes_the_local_runs_shards(cluster, local_clean, tiny_clip_dir, tiny_vae_dir,
@@ -126,8 +126,8 @@ def test_encode_on_the_cluster_writes_the_local_runs_shards(cluster, local_clean
     from pipeline.encode import main
 
     ledger, _ = local_clean
-    ok = ledger[ledger["status"] == "ok"].head(4)
-    assert len(ok) == 4
+    ok = ledger[ledger["status"] == "ok"].head(2)
+    assert len(ok) == 2
     ledger_path = write_ledger(tmp_path / "ledger", ok.to_dict("records"))
     local = tmp_path / "shards-local"
     with contextlib.redirect_stdout(io.StringIO()):
