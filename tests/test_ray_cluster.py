@@ -15,17 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from pandas.testing import assert_frame_equal
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cluster_fixtures import RAY_LOOPBACK, RayCluster  # noqa: E402
-from model_fixtures_encoders import tiny_clip_dir, tiny_vae_dir, write_ledger  # noqa: E402,F401
+from model_fixtures_encoders import assert_same_samples, tiny_clip_dir, tiny_vae_dir  # noqa: E402,F401
 
-from pipeline.ledger import read_ledger  # noqa: E402
-from shards.shard_writer import read_tar_samples  # noqa: E402
+from pipeline.ledger import Ledger, read_ledger  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -128,7 +126,7 @@ def test_encode_on_the_cluster_writes_the_local_runs_shards(cluster, local_clean
     ledger, _ = local_clean
     ok = ledger[ledger["status"] == "ok"].head(2)
     assert len(ok) == 2
-    ledger_path = write_ledger(tmp_path / "ledger", ok.to_dict("records"))
+    ledger_path = Ledger(tmp_path / "ledger").write_final(ok, {"dataset": "vggsound"})
     local = tmp_path / "shards-local"
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(_encode_args(ledger_path, local, tiny_clip_dir, tiny_vae_dir, "--workers", "2")) == 0
@@ -139,16 +137,7 @@ def test_encode_on_the_cluster_writes_the_local_runs_shards(cluster, local_clean
     names = sorted(p.name for p in local.iterdir() if p.is_file())
     assert "train-000001.tar" in names and names == sorted(p.name for p in remote.iterdir() if p.is_file())
     for name in sorted(n for n in names if n.endswith(".tar")):
-        ours, ref = list(read_tar_samples(remote / name)), list(read_tar_samples(local / name))
-        assert [k for k, _ in ours] == [k for k, _ in ref], name
-        for (key, a), (_, b) in zip(ours, ref):
-            assert a.keys() == b.keys(), key
-            for member in a:
-                if member.endswith(".npy"):
-                    x, y = (np.load(io.BytesIO(m[member])).astype(np.float32) for m in (a, b))
-                    np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-3, err_msg=f"{key}.{member}")
-                else:
-                    assert a[member] == b[member], f"{key}.{member}"
+        assert_same_samples(remote / name, local / name)
     if machine_share(2) == 1:  # the same threads per worker as the nodes: the same bytes
         for name in names:
             assert (remote / name).read_bytes() == (local / name).read_bytes(), name

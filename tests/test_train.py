@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster_fixtures import kill_tree
 from shards_fixture import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,28 +41,6 @@ def _torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProc
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
-
-
-def _descendants(pid: int) -> list[int]:
-    """Child processes, recursively (torchrun starts its workers in their own sessions)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in map(int, children):
-            found += [child] + _descendants(child)
-    return found
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and everything it started, leaves first: a crash, no chance to clean up."""
-    for p in reversed([pid] + _descendants(pid)):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _rows(run: Path) -> dict[int, dict]:
@@ -115,7 +93,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(uneven_shards, stra
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.02)
     finally:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         proc.wait()
     killed_at = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     assert killed_at < STEPS, "the killed run got too far to test resuming"
