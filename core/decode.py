@@ -13,6 +13,7 @@ measures what each option costs and saves.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -124,6 +125,8 @@ class _Deadline:
 
 @contextmanager
 def _alarm(seconds: float):
+    """SIGALRM after ``seconds`` (+1 s) on the main thread; the caller's own timer and handler are
+    restored afterwards, with the time this decode took already counted off."""
     usable = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM")
     if not usable:
         yield
@@ -133,16 +136,21 @@ def _alarm(seconds: float):
         raise DecodeError("decode_timeout", f"exceeded {seconds:.0f}s")
 
     old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds + 1.0)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds + 1.0)
+    started = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        if old_delay > 0:  # the caller's timer was running: it fires when it would have (at once if due)
+            remaining = old_delay - (time.monotonic() - started)
+            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-6), old_interval)
 
 
 def _open(path: str | Path):
-    p = Path(path)
+    # always an absolute file path: a relative "pipe:0.mp4" would otherwise be read as an FFmpeg protocol
+    p = Path(os.path.abspath(path))
     if not p.exists():
         raise DecodeError("missing_file", str(p))
     if p.stat().st_size == 0:

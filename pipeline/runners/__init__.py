@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
+from core.cli_config import check_count, check_finite
 from core.native_threads import limit_native_threads
 from core.stage import Row, Stage, check_chain, drop_fields, mark_failed, transient_fields
 
@@ -35,6 +36,15 @@ class RunnerOptions:
     beam_option: tuple[str, ...] = field(
         default=(), metadata={"help": "Beam pipeline options key=value, comma-separated"}
     )
+    max_error_share: float = field(default=0.5, metadata={
+        "help": "stop the run when more than this share of the first --error-window rows are stage_error "
+                "(a systematic bug, not a bad file); 1 disables"})
+    error_window: int = field(default=64, metadata={"help": "rows the --max-error-share breaker watches"})
+
+    def __post_init__(self) -> None:
+        check_count("workers", self.workers)
+        check_finite("max_error_share", self.max_error_share, lo=0.0, hi=1.0)
+        check_count("error_window", self.error_window, minimum=1)
 
 
 def stage_error_reason(stage: Stage, error: Exception) -> str:
