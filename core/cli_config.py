@@ -106,5 +106,7 @@ def from_args(cls: type[T], ns: argparse.Namespace, prefix: str = "", **override
         return cls(**values)
     except ConfigError as e:
         raise FlagError(f"{_flag(e.field, prefix)}: {e}") from e
-    except (TypeError, ValueError) as e:
+    except ValueError as e:
+        if type(e) is not ValueError:  # a typed error (e.g. AugmentConfigError) is the caller's to report
+            raise
         raise FlagError(f"invalid {cls.__name__} settings: {e}") from e
