@@ -49,6 +49,7 @@ class FolderLock:
         self.path = self.folder / LOCK_NAME
         self.purpose = purpose or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]
         self._mine: dict | None = None
+        self._created = False  # the folder did not exist: a run that wrote nothing leaves nothing behind
 
     def _create(self) -> bool:
         record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -65,6 +66,7 @@ class FolderLock:
         return True
 
     def acquire(self) -> "FolderLock":
+        self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a holder may release, or a stale lock be removed, between our steps
             if self._create():
@@ -99,6 +101,8 @@ class FolderLock:
     def release(self) -> None:
         if self._mine is not None and _read(self.path) == self._mine:
             self.path.unlink(missing_ok=True)
+            if self._created and not any(self.folder.iterdir()):
+                self.folder.rmdir()
         self._mine = None
 
     def __enter__(self) -> "FolderLock":

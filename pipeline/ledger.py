@@ -229,7 +229,7 @@ def read_ledger(path: str | Path, required: Iterable[str] = CORE_COLUMNS) -> tup
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
-        raise LedgerError(f"{path} is not a readable Parquet ledger ({' '.join(str(e).split())[:200]}); "
+        raise LedgerError(f"{path} is not a readable ledger ({' '.join(str(e).split())[:200]}); "
                           f"rerun python -m pipeline.clean to rebuild it from its journal") from e
     meta_raw = (table.schema.metadata or {}).get(b"v2a_run")
     try:
@@ -242,7 +242,7 @@ def read_ledger(path: str | Path, required: Iterable[str] = CORE_COLUMNS) -> tup
                           f"rerun python -m pipeline.clean with this version to rewrite it")
     missing = [c for c in required if c not in table.column_names]
     if missing:
-        raise LedgerError(f"{path} lacks the ledger column(s) {', '.join(missing)} "
+        raise LedgerError(f"{path} is missing columns {', '.join(missing)} "
                           f"(format {found or 'unversioned'}); it was not written by pipeline.clean of this "
                           f"version: rerun python -m pipeline.clean to rewrite it")
     return table.to_pandas(), meta

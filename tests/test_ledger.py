@@ -118,7 +118,7 @@ def test_read_ledger_checks_columns_and_format(tmp_path):
     from pipeline.ledger import LedgerError
 
     pq.write_table(pa.table({"key": ["a"], "status": ["ok"]}), tmp_path / "partial.parquet")
-    with pytest.raises(LedgerError, match="lacks the ledger column.*video_path"):
+    with pytest.raises(LedgerError, match="missing columns.*video_path"):
         read_ledger(tmp_path / "partial.parquet")
     table = pa.table({c: ["x"] for c in COLUMNS}).replace_schema_metadata(
         {b"v2a_run": b'{"ledger_format": "v2a-ledger/9"}'})
@@ -126,5 +126,5 @@ def test_read_ledger_checks_columns_and_format(tmp_path):
     with pytest.raises(LedgerError, match="v2a-ledger/9"):
         read_ledger(tmp_path / "future.parquet")
     (tmp_path / "torn.parquet").write_bytes(b"PAR1 not really")
-    with pytest.raises(LedgerError, match="not a readable Parquet ledger"):
+    with pytest.raises(LedgerError, match="not a readable ledger"):
         read_ledger(tmp_path / "torn.parquet")

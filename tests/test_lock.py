@@ -22,6 +22,9 @@ def test_second_holder_refused_naming_the_first(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()
     with FolderLock(tmp_path):  # free again
         pass
+    with FolderLock(tmp_path / "new"):  # a folder the lock made is removed again when nothing was written
+        pass
+    assert not (tmp_path / "new").exists()
 
 
 def test_stale_lock_taken_over_only_on_this_host(tmp_path):
