@@ -283,6 +283,7 @@ def test_second_run_into_a_held_folder_refuses_and_a_stale_lock_is_taken_over(sa
     from core.lock import LOCK_NAME, FolderLock
 
     out = tmp_path / "locked"
+    out.mkdir()
     with FolderLock(out, purpose="another clean"):
         assert _clean(sample_root, out, "--limit", "2") == 2
     err = capsys.readouterr().err
