@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from core.cli_config import check_count, check_finite, check_positive
+
 
 @dataclass(frozen=True)
 class SignalConfig:
@@ -41,6 +43,12 @@ class DecodeLimits:
     trimmed_slack_s: float = field(
         default=0.5, metadata={"help": "a file at most window+slack long counts as already trimmed"}
     )
+
+    def __post_init__(self) -> None:
+        check_positive("timeout_s", self.timeout_s)
+        check_finite("min_duration_s", self.min_duration_s, lo=0.0)
+        check_count("decode_threads", self.decode_threads)
+        check_finite("trimmed_slack_s", self.trimmed_slack_s, lo=0.0)
 
 
 DEFAULT_SIGNAL = SignalConfig()

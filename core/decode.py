@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import time
@@ -126,6 +127,8 @@ class _Deadline:
 
 @contextmanager
 def _alarm(seconds: float):
+    """SIGALRM after ``seconds`` (+1 s) on the main thread; the caller's own timer and handler are
+    restored afterwards, with the time this decode took already counted off."""
     usable = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM")
     if not usable:
         yield
@@ -135,17 +138,27 @@ def _alarm(seconds: float):
         raise DecodeError("decode_timeout", f"exceeded {seconds:.0f}s")
 
     old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds + 1.0)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds + 1.0)
+    started = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        if old_delay > 0:  # the caller's timer was running: it fires when it would have (at once if due)
+            remaining = old_delay - (time.monotonic() - started)
+            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-6), old_interval)
 
 
 @contextmanager
 def _open(path: str | Path):
-    """The open container of a local file or an object-storage URL (read through fsspec)."""
+    """The open container of a local file or an object-storage URL (read through fsspec).
+
+    A local file is always opened by its absolute path: a relative "pipe:0.mp4" would otherwise be
+    read by FFmpeg as a protocol.
+    """
+    if not storage.is_url(path):
+        path = os.path.abspath(path)
     try:
         nbytes = storage.size(path)
     except FileNotFoundError:

@@ -10,14 +10,65 @@ capped too.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
+from pathlib import Path
 
 # Read by OpenMP, OpenBLAS and MKL when they start: covers libraries loaded after the call.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 _cap: int | None = None  # set by limit_native_threads in this process
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """The CPU quota of this process's cgroup in cores (v2 ``cpu.max``, v1 ``cfs_quota_us``), or None."""
+    try:
+        quota, _, period = (root / "cpu.max").read_text().strip().partition(" ")
+        if quota != "max":
+            return int(quota) / int(period or 100000)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def available_cpus(root: Path = CGROUP_ROOT) -> int:
+    """Cores this process may use: its CPU affinity, capped by its cgroup quota (whole cores, >= 1).
+
+    ``os.cpu_count()`` counts the machine's cores, so a batch job given 4 of 64 cores would start 64
+    workers. A fractional quota (1.5 cores) rounds down: half a core more would be oversubscribed.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API on this platform
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_limit(root)
+    if quota is not None:
+        cores = min(cores, max(1, math.floor(quota)))
+    return max(1, cores)
+
+
+def visible_gpus() -> list[str]:
+    """Device ids of the GPUs this process may use (``CUDA_VISIBLE_DEVICES``, else what torch sees)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        ids = [d.strip() for d in env.split(",") if d.strip()]
+        return [] if not ids or ids[0] == "-1" else ids
+    try:
+        import torch
+    except ImportError:
+        return []
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
 def worker_threads() -> int | None:
@@ -32,7 +83,7 @@ def threads_per_worker(cpus: float) -> int:
 
 def machine_share(workers: int) -> int:
     """Threads for each of ``workers`` workers that split this machine's cores."""
-    return threads_per_worker((os.cpu_count() or 1) / max(1, workers))
+    return threads_per_worker(available_cpus() / max(1, workers))
 
 
 def limit_native_threads(threads: int) -> None:

@@ -25,6 +25,7 @@ from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
 
+from core.cli_config import check_finite
 from filters.clap import ClapScorer, cosine
 
 SPEECH = "speech"
@@ -85,6 +86,8 @@ class SpeechMusicConfig:
             prompts = getattr(self, name)
             if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
                 raise ValueError(f"{name} must be a non-empty tuple of non-empty strings, got {prompts!r}")
+        check_finite("speech_music_margin", self.speech_music_margin, lo=-2.0, hi=2.0)
+        check_finite("speech_music_min", self.speech_music_min, lo=-1.0, hi=1.0)
 
     def enabled_for(self, dataset: str) -> bool:
         """Whether the rule drops clips for this dataset (``auto``: only web corpora without labels)."""
@@ -119,22 +122,28 @@ def embed_prompts(scorer: ClapScorer, config: SpeechMusicConfig) -> PromptSets:
     )
 
 
-def verdict(speech_score: float | None, music_score: float | None, event_score: float | None,
-            config: SpeechMusicConfig, kinds: tuple[str, ...] = (SPEECH, MUSIC)) -> str:
-    """The drop rule on stored scores: ``"speech"``, ``"music"`` or ``""`` (keep). See the module doc.
+def verdicts(speech, music, event, config: SpeechMusicConfig, kinds: tuple[str, ...] = (SPEECH, MUSIC)) -> np.ndarray:
+    """The drop rule on arrays of stored scores: ``"speech"``, ``"music"`` or ``""`` (keep) per clip.
 
     ``kinds`` are the verdicts the rule may return: the clean pipeline passes ``(MUSIC,)``, since
     speech is decided by the VAD (``filters.curation``) and the CLAP speech score is only recorded.
-    A missing score (None or NaN: CLAP skipped or the row failed) never drops a clip.
+    A missing score (None or NaN: CLAP skipped or the row failed) never drops a clip. A tie between
+    speech and music goes to speech.
     """
-    candidates = {SPEECH: speech_score, MUSIC: music_score}
-    scores = [candidates[k] for k in kinds] + [event_score]
-    if any(s is None or not np.isfinite(s) for s in scores):
-        return ""
-    kind, top = max(((k, candidates[k]) for k in kinds), key=lambda kv: (kv[1], kv[0] == SPEECH))
-    if top > event_score + config.speech_music_margin and top >= config.speech_music_min:
-        return kind
-    return ""
+    s, m, e = (np.asarray(x, dtype=np.float64) for x in (speech, music, event))
+    if SPEECH in kinds and MUSIC in kinds:
+        top, kind, finite = np.maximum(s, m), np.where(s >= m, SPEECH, MUSIC), np.isfinite(s) & np.isfinite(m)
+    else:
+        top = s if SPEECH in kinds else m
+        kind, finite = np.full(top.shape, SPEECH if SPEECH in kinds else MUSIC), np.isfinite(top)
+    drop = finite & np.isfinite(e) & (top > e + config.speech_music_margin) & (top >= config.speech_music_min)
+    return np.where(drop, kind, "").astype(object)
+
+
+def verdict(speech_score: float | None, music_score: float | None, event_score: float | None,
+            config: SpeechMusicConfig, kinds: tuple[str, ...] = (SPEECH, MUSIC)) -> str:
+    """:func:`verdicts` for one clip. See the module doc."""
+    return str(verdicts([speech_score], [music_score], [event_score], config, kinds)[0])
 
 
 def _best(audio_emb: np.ndarray, prompts: np.ndarray) -> float:

@@ -25,7 +25,7 @@ from augment.render import render_mp4
 from core.cli_config import add_config_args, from_args
 from core.config import DecodeLimits
 from core.decode import DecodeError
-from pipeline.ledger import read_ledger
+from pipeline.ledger import LedgerError as ReadLedgerError, read_ledger
 from core.version import code_version
 
 _FIELDS = {f.name: f for f in AugmentConfig.__dataclass_fields__.values()}
@@ -90,7 +90,7 @@ def plan_command(args: argparse.Namespace) -> int:
         raise LedgerError(f"ledger not found: {args.ledger} (run python -m pipeline.clean first)")
     try:
         ledger, _ = read_ledger(args.ledger)
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowInvalid, OSError, ReadLedgerError) as e:
         raise LedgerError(f"{args.ledger} is not a readable ledger: {e}") from e
     out = args.out or args.ledger.with_name("plan.parquet")
     recipes, summary = build_plan(ledger, cfg, progress=True)

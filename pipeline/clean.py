@@ -1,7 +1,10 @@
 """``python -m pipeline.clean``: manifest -> decode -> score -> filter -> ``OUT/ledger.parquet``.
 
 Writes ``OUT/ledger.parquet`` (one row per input item), ``OUT/run.json`` (parameters and counts),
-``OUT/report.html`` and the journal ``OUT/ledger.parts/`` that makes reruns resume.
+``OUT/report.html`` and the journal ``OUT/ledger.parts/`` that makes reruns resume. Every journaled
+row carries the fingerprint of the scoring settings that made it: a rerun with other scoring
+settings stops before any decoding (``--rescore`` recomputes those rows; threshold changes never
+rescore). One run at a time holds OUT (``OUT/.v2a.lock``). See docs/resume.md.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -23,12 +26,14 @@ from filters.speech_music import SpeechMusicConfig
 from filters.rules import FilterConfig, apply_filters
 from pipeline.clean_stages import CleanStageConfig, build_clean_stages
 from core import storage
-from core.cli_config import add_config_args, from_args
+from core.cli_config import FlagError, add_config_args, check_count, from_args
 from core.config import DecodeLimits, SignalConfig
-from pipeline.ledger import Ledger
+from core.fingerprint import SettingsRegistry, differences, fingerprint
+from core.lock import FolderLock, FolderLocked
+from pipeline.ledger import MANIFEST_REASONS, RETRYABLE, Ledger
 from pipeline.report import write_report
 from pipeline.manifest import WindowConfig, load_excluded_ids, vggsound_rows, youtube_rows
-from pipeline.runners import RunnerOptions, get_runner
+from pipeline.runners import FailureRateExceeded, RunnerOptions, get_runner
 from core.version import code_version
 from core.stage import FAILED, FILTERED, OK, Row, is_pending
 
@@ -44,6 +49,20 @@ def location(text: str) -> Path | str:
     return text if storage.is_url(text) else Path(text)
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """How much of the manifest this run takes and how it treats rows scored with other settings."""
+
+    limit: int = field(default=0, metadata={"help": "only the first N manifest items (0: all)"})
+    batch_size: int = field(default=8, metadata={"help": "rows per batch handed to a worker"})
+    rescore: bool = field(default=False, metadata={
+        "help": "recompute journaled rows that were scored with other scoring settings (else the run refuses)"})
+
+    def __post_init__(self) -> None:
+        check_count("limit", self.limit)
+        check_count("batch_size", self.batch_size, minimum=1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.clean", description=__doc__)
     p.add_argument("--dataset", choices=DATASETS, required=True)
@@ -52,10 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: out/<dataset>)")
     p.add_argument("--csv", type=location, help="VGGSound CSV (default: ROOT/vggsound.csv)")
     p.add_argument("--video-dir", type=location, help="VGGSound clips folder (default: ROOT/video)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N manifest items (default: 0, all)")
     p.add_argument("--exclude-ids", type=location,
                    help="YouTube ids to drop as test_leak: a VGGSound CSV (its test split) or one id per line")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per batch handed to a worker (default: 8)")
+    add_config_args(p.add_argument_group("run"), RunConfig)
     add_config_args(p.add_argument_group("engine"), RunnerOptions)
     add_config_args(p.add_argument_group("thresholds"), FilterConfig)
     add_config_args(p.add_argument_group("AV-Align"), AVAlignConfig, prefix="av_align_")
@@ -93,7 +111,7 @@ def build_manifest(args: argparse.Namespace, root: Path | str, signal: SignalCon
         rows = vggsound_rows(csv_path, args.video_dir or storage.join(root, "video"), signal, excluded)
     else:
         rows = youtube_rows(root, signal, from_args(WindowConfig, args), excluded)
-    return rows[: args.limit] if args.limit else rows
+    return rows[: args.limit] if args.limit > 0 else rows
 
 
 def summarize(ledger: pd.DataFrame, processed: int, seconds: float, video_s: float) -> dict:
@@ -127,37 +145,109 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return clean(args)
-    except (UsageError, ClapModelUnavailable, storage.StorageError) as e:
+    except (UsageError, ClapModelUnavailable, FlagError, FolderLocked, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except storage.backend_errors() as e:  # the dataset root or CSV could not be read (endpoint, credentials)
         print(f"error: cannot read the input: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except FailureRateExceeded as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def scoring_settings(args: argparse.Namespace, stage_config: CleanStageConfig) -> dict:
+    """Every setting that changes a stored score or decision of a row (thresholds excluded)."""
+    clap, sm = stage_config.clap, stage_config.speech_music
+    return {
+        "signal": asdict(stage_config.signal),
+        "av_align": asdict(stage_config.av_align),
+        "decode": {k: getattr(stage_config.limits, k) for k in ("min_duration_s", "trimmed_slack_s")},
+        "clap": None if clap is None else {k: getattr(clap, k) for k in ("model", "template", "window")},
+        "speech_music_prompts": None if sm is None else {
+            k: getattr(sm, k) for k in ("speech_prompts", "music_prompts", "event_prompts")},
+        "windows": asdict(from_args(WindowConfig, args)) if args.dataset == "youtube" else None,
+        "curation": asdict(stage_config.curation) if stage_config.curation is not None else None,
+    }
+
+
+def check_settings(scan: pd.DataFrame, settings: dict, registry: SettingsRegistry, out: Path, rescore: bool) -> int:
+    """Refuse to resume over rows scored with other settings, unless ``--rescore``; count those rows."""
+    fp = fingerprint(settings)
+    redone = (scan["status"] == FAILED) & scan["reason"].str.startswith(RETRYABLE + MANIFEST_REASONS)
+    stale = scan[(scan["settings_fp"] != fp) & ~redone]
+    if stale.empty or rescore:
+        return len(stale)
+    lines = []
+    for old_fp, n in stale["settings_fp"].value_counts().items():
+        old = registry.get(old_fp) if old_fp else None
+        what = ("\n".join(f"     {d}" for d in differences(old, settings)) if old is not None
+                else "     (settings not recorded: journaled by an older version)")
+        lines.append(f"   {n} row(s) with settings {old_fp or 'unknown'}, which differ in:\n{what}")
+    raise UsageError(
+        f"{out} holds {len(stale)} row(s) scored with other scoring settings; nothing was decoded.\n"
+        + "\n".join(lines) + "\nWays forward:\n"
+        "   --rescore   recompute those rows with the new settings, into this folder\n"
+        "   --out DIR   write the new results to another folder, keeping these\n"
+        "   or rerun with the old settings to resume (threshold changes never need a rescore)")
+
+
+def plan_resume(rows: list[Row], scan: pd.DataFrame, fp: str) -> tuple[list[Row], list[Row]]:
+    """Rows to journal as decided by the manifest, and rows to score; the rest are already done.
+
+    A row counts as done when journaled with these settings and not a retryable failure. Manifest
+    decisions (missing file, bad line, ...) are re-made every run: a file may have appeared since.
+    """
+    mine = scan[scan["settings_fp"] == fp]
+    redo = (mine["status"] == FAILED) & mine["reason"].str.startswith(RETRYABLE + MANIFEST_REASONS)
+    done = set(mine.loc[~redo, "key"])
+    journaled = dict(zip(mine["key"], zip(mine["status"], mine["reason"])))
+    decided = [r for r in rows if not is_pending(r) and journaled.get(r["key"]) != (r["status"], r["reason"])]
+    pending = [r for r in rows if is_pending(r) and r["key"] not in done]
+    return decided, pending
 
 
 def clean(args: argparse.Namespace) -> int:
     signal = SignalConfig()
+    run_cfg = from_args(RunConfig, args)
     clap = from_args(ClapConfig, args, prefix="clap_")
     speech_music = from_args(SpeechMusicConfig, args)
-    root, out = resolve_paths(args)
-    check_available(clap)  # a missing model stops the run here, before anything is decoded
     filters = from_args(FilterConfig, args)
     options = from_args(RunnerOptions, args)
     stage_config = CleanStageConfig(signal=signal, limits=from_args(DecodeLimits, args),
                                     av_align=from_args(AVAlignConfig, args, prefix="av_align_"),
                                     clap=clap if clap.enabled else None,
                                     speech_music=speech_music if clap.enabled else None,
-                                    curation=from_args(CurationConfig, args), batch_size=args.batch_size)
+                                    curation=from_args(CurationConfig, args), batch_size=run_cfg.batch_size)
     curation = from_args(CurationFilters, args)
+    root, out = resolve_paths(args)
+    check_available(clap)  # a missing model stops the run here, before anything is decoded
+    with FolderLock(out, purpose=f"pipeline.clean --dataset {args.dataset}"):
+        return _clean_locked(args, root, out, run_cfg, stage_config, (filters, curation), options, clap,
+                             speech_music)
+
+
+def _clean_locked(args, root: Path, out: Path, run_cfg: RunConfig, stage_config: CleanStageConfig,
+                  rules: tuple[FilterConfig, CurationFilters], options: RunnerOptions, clap: ClapConfig,
+                  speech_music: SpeechMusicConfig) -> int:
+    """The run itself, with OUT locked: check settings, resume, score, filter, finalize."""
+    signal = stage_config.signal
+    filters, curation = rules
+    settings = scoring_settings(args, stage_config)
+    fp = fingerprint(settings)
+    ledger = Ledger(out, settings_fp=fp)
+    registry = SettingsRegistry(ledger.parts_dir / "settings.json")
+    scan = ledger.scan()
+    stale = check_settings(scan, settings, registry, out, run_cfg.rescore)
+    registry.record(settings)
     rule = speech_music if speech_music.enabled_for(args.dataset) else None
     rows = build_manifest(args, root, signal)
-    ledger = Ledger(out)
-    done = ledger.done_keys()
-    todo = [r for r in rows if r["key"] not in done]
-    decided = [r for r in todo if not is_pending(r)]
-    pending = [r for r in todo if is_pending(r)]
-    if done:
-        print(f"resuming: {len(rows) - len(todo)} of {len(rows)} items already in {ledger.parts_dir}")
+    decided, pending = plan_resume(rows, scan, fp)
+    skipped = len(rows) - len(decided) - len(pending)
+    if stale:
+        print(f"rescoring: {stale} journaled row(s) were scored with other settings and are recomputed")
+    if skipped:
+        print(f"resuming: {skipped} of {len(rows)} items already in {ledger.parts_dir}")
     ledger.append(decided)
 
     bar = tqdm(total=len(pending), desc="clean", unit="clip", dynamic_ncols=True)
@@ -166,13 +256,15 @@ def clean(args: argparse.Namespace) -> int:
         bar.update(len(batch))
 
     t0 = time.perf_counter()
-    get_runner(options.runner)(pending, build_clean_stages, stage_config, ledger.append,
-                               batch_size=args.batch_size, options=options, on_batch=on_batch)
+    try:
+        get_runner(options.runner)(pending, build_clean_stages, stage_config, ledger.append,
+                                   batch_size=run_cfg.batch_size, options=options, on_batch=on_batch)
+    finally:
+        bar.close()
     seconds = time.perf_counter() - t0
-    bar.close()
 
     keys = {r["key"] for r in rows}
-    journal = ledger.read_journal()
+    journal = ledger.compact()
     journal = journal[journal["key"].isin(keys)]
     # hours from the journal, not from on_batch: remote Beam workers journal batches the driver never sees
     ran = journal[journal["key"].isin({r["key"] for r in pending}) & (journal["status"] == OK)]
@@ -190,7 +282,8 @@ def clean(args: argparse.Namespace) -> int:
         "curation": asdict(stage_config.curation),
         "curation_rules": {**asdict(curation), "enabled": {name: curation.enabled(name, args.dataset)
                                                            for name in ("speech", "silent", "static")}},
-        "code_version": code_version(), "counts": {k: summary[k] for k in ("total", "ok", "filtered", "failed")},
+        "settings_fp": fp, "code_version": code_version(),
+        "counts": {k: summary[k] for k in ("total", "ok", "filtered", "failed")},
         "reasons": summary["reasons"],
     }
     ledger.write_final(final, meta)

@@ -26,13 +26,15 @@ from tqdm import tqdm
 from augment.render import render_row
 from core import storage
 from core.atomic import atomic_write_text
-from core.cli_config import add_config_args, from_args
+from core.cli_config import FlagError, add_config_args, from_args
 from core.config import DEFAULT_SIGNAL, DecodeLimits
 from core.fingerprint import differences
+from core.lock import FolderLock, FolderLocked
 from core.models import ModelUnavailable
 from core.stage import Row
 from pipeline.encode_models import Models, random_weights_banner, resolve_models
 from pipeline.encode_work import UsageError, Work, collect_work, fingerprint_rows
+from pipeline.ledger import LedgerError
 from pipeline.runners import RunnerOptions, get_runner
 from shards.card import CardError, Counts, build_card
 from shards.config import EncoderConfig, MelConfig, ShardConfig
@@ -62,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return encode(args)
-    except (UsageError, ModelUnavailable, ShardError, CardError, storage.StorageError) as e:
+        with FolderLock(local_folder(args), purpose="pipeline.encode"):  # the local folder the shards are built in
+            return encode(args)
+    except (UsageError, ModelUnavailable, ShardError, CardError, LedgerError, FolderLocked, FlagError,
+            storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

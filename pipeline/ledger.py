@@ -1,15 +1,26 @@
-"""The ledger: one row per input item, written so that nothing is ever lost.
+"""The ledger: one row per input item, written so that nothing is ever lost or silently mixed.
 
-Scored rows are appended to a journal (``OUT/ledger.parts/part-*.parquet``), each part written
-under a temporary name and renamed, so a run killed at any moment loses at most the batch in
-flight. ``finalize`` merges the journal, re-applies the thresholds to the stored scores ("score
-once, filter many") and writes ``OUT/ledger.parquet`` atomically. A rerun with the same output
-folder skips every key already in the journal.
+Scored rows are appended to a journal (``OUT/ledger.parts/part-RUN-SEQ-TOKEN.parquet``), each part
+written atomically and durably (``core.atomic``: fsync of the file and its folder), so a run killed
+at any moment, even by a power loss, loses at most the batch in flight. "Last record wins" follows
+the per-run sequence in the part names (run number, then the writer's own sequence), never wall
+clocks, so clock skew between workers cannot keep a stale record. A part that cannot be read (a
+torn or empty file) is set aside as ``*.corrupt`` with a warning and its rows are recomputed.
+
+Parts are compacted into one (at finalize, and every ``COMPACT_EVERY`` parts during a long run),
+so a resume of 200k rows reads one file, not 25k. ``finalize`` re-applies the thresholds to the
+stored scores ("score once, filter many") and writes ``OUT/ledger.parquet`` atomically with its
+format version; :func:`read_ledger` checks that version and the columns before anyone uses it.
+Every row carries ``settings_fp``, the fingerprint of the scoring settings that produced it
+(``core.fingerprint``), so a rerun with other settings can refuse to mix them.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import uuid
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -18,8 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.atomic import atomic_write_table, atomic_write_text
-from core.stage import Row
+from core.stage import FAILED, Row
 
+LEDGER_FORMAT = "v2a-ledger/1"
+COMPACT_EVERY = 512  # parts a driver appends between two compactions
 SCHEMA = pa.schema([
     ("key", pa.string()),
     ("source", pa.string()),
@@ -49,69 +62,157 @@ SCHEMA = pa.schema([
     ("motion_max", pa.float64()),
     ("motion_mean", pa.float64()),
     ("line", pa.int64()),
+    ("settings_fp", pa.string()),
 ])
 COLUMNS = SCHEMA.names
 # failures worth retrying on resume: a hung decode or an unexpected error may not repeat
-RETRYABLE = ("decode_timeout", "stage_error")
+RETRYABLE = ("decode_timeout", "stage_error", "worker_crashed")
+# decided by the manifest on every run (a file may have appeared since): never skipped on resume
+MANIFEST_REASONS = ("missing_file", "bad_csv_row", "duplicate_id", "test_leak")
+# what every ledger since the first version holds; readers needing more pass ``required``
+CORE_COLUMNS = ("key", "source", "video_path", "label", "caption", "split", "start_s", "duration_s", "status",
+                "reason")
+SCAN_COLUMNS = ["key", "status", "reason", "settings_fp"]
+_PART = re.compile(r"^part-(\d{6})-(\d{9})-([A-Za-z0-9]+)\.parquet$")
 _STRING_COLUMNS = {f.name for f in SCHEMA if pa.types.is_string(f.type)}
 
 
-def to_table(rows: Iterable[Row]) -> pa.Table:
+def to_table(rows: Iterable[Row], settings_fp: str = "") -> pa.Table:
     """Rows (dicts) to an Arrow table with the ledger schema; extra keys are dropped."""
     cols: dict[str, list] = {name: [] for name in COLUMNS}
     for row in rows:
         for name in COLUMNS:
             value = row.get(name)
+            if name == "settings_fp" and not value:
+                value = settings_fp
             if name in _STRING_COLUMNS and value is None:
                 value = ""
             cols[name].append(value)
     return pa.Table.from_pydict(cols, schema=SCHEMA)
 
 
-class Ledger:
-    """Journal of scored rows under ``out_dir`` plus the finalized ``ledger.parquet``."""
+def _order(path: Path) -> tuple:
+    """Journal order: run number, then sequence, then writer token; old timestamp names first."""
+    m = _PART.match(path.name)
+    return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else (-1, 0, path.name)
 
-    def __init__(self, out_dir: str | Path):
+
+def set_aside(path: Path, problem: str) -> Path:
+    """Rename an unreadable journal part out of the way (kept for inspection) and warn."""
+    target = path.with_name(path.name + ".corrupt")
+    os.replace(path, target)
+    warnings.warn(f"journal part {path} cannot be read ({problem}); set aside as {target.name}, "
+                  f"its rows will be recomputed", RuntimeWarning, stacklevel=3)
+    return target
+
+
+class Ledger:
+    """Journal of scored rows under ``out_dir`` plus the finalized ``ledger.parquet``.
+
+    ``settings_fp`` is stamped on every appended row that carries none. Pickled to remote workers
+    (Beam), a copy appends under its own token; only the process that created the ledger compacts.
+    """
+
+    def __init__(self, out_dir: str | Path, settings_fp: str = "", compact_every: int = COMPACT_EVERY):
         self.out_dir = Path(out_dir)
         self.parts_dir = self.out_dir / "ledger.parts"
         self.path = self.out_dir / "ledger.parquet"
         self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self.settings_fp = settings_fp
+        self.compact_every = compact_every
+        self.run = max((_order(p)[0] for p in self._parts()), default=0) + 1
+        self._owner = os.getpid()
+        self._seq = 0
+        self._since_compact = 0
+        self._compactions = 0
+        self._token_pid = -1
+        self._token = ""
 
     def _parts(self) -> list[Path]:
-        return sorted(self.parts_dir.glob("part-*.parquet"))
+        return sorted(self.parts_dir.glob("part-*.parquet"), key=_order)
+
+    def _writer_token(self) -> str:
+        if self._token_pid != os.getpid():  # a pickled copy in another process: its own name space
+            self._token_pid, self._token, self._seq = os.getpid(), uuid.uuid4().hex[:12], 0
+        return self._token
+
+    def _read_parts(self, columns: list[str] | None = None) -> tuple[list[Path], list[pa.Table]]:
+        paths, tables = [], []
+        for p in self._parts():
+            try:
+                table = pq.read_table(p, columns=columns, schema=SCHEMA)
+            except (pa.ArrowInvalid, OSError) as e:
+                if p.exists():
+                    set_aside(p, " ".join(str(e).split())[:200])
+                continue
+            paths.append(p)
+            tables.append(table)
+        return paths, tables
+
+    def _merged(self, columns: list[str] | None = None) -> tuple[list[Path], pd.DataFrame]:
+        paths, tables = self._read_parts(columns)
+        schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
+        table = pa.concat_tables(tables) if tables else schema.empty_table()
+        df = table.to_pandas()
+        for name in df.columns.intersection(list(_STRING_COLUMNS)):  # parts from before a column existed
+            df[name] = df[name].fillna("")
+        # a key journaled twice (a retried failure, a resumed batch) keeps its latest record
+        return paths, df.drop_duplicates("key", keep="last").reset_index(drop=True)
 
     def read_journal(self) -> pd.DataFrame:
-        parts = self._parts()
-        if not parts:
-            return to_table([]).to_pandas()
-        table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in parts])
-        df = table.to_pandas()
-        # a key journaled twice (two runs racing, or a resumed batch) keeps its last record
-        return df.drop_duplicates("key", keep="last").reset_index(drop=True)
+        return self._merged()[1]
 
-    def done_keys(self, retry_reasons: tuple[str, ...] = RETRYABLE) -> set[str]:
-        """Keys a rerun skips: every journaled key except failures that may pass on a retry."""
-        done: set[str] = set()
-        for p in self._parts():
-            table = pq.read_table(p, columns=["key", "status", "reason"]).to_pydict()
-            for key, status, reason in zip(table["key"], table["status"], table["reason"]):
-                if status == "failed" and reason.startswith(retry_reasons):
-                    done.discard(key)
-                else:
-                    done.add(key)
-        return done
+    def scan(self) -> pd.DataFrame:
+        """``key, status, reason, settings_fp`` of every journaled key (latest record), read cheaply."""
+        return self._merged(SCAN_COLUMNS)[1]
+
+    def done_keys(self, retry_reasons: tuple[str, ...] = RETRYABLE, settings_fp: str | None = None) -> set[str]:
+        """Keys a rerun skips: journaled, not a failure that may pass on a retry, and (when
+        ``settings_fp`` is given) made with those settings."""
+        scan = self.scan()
+        skip = (scan["status"] == FAILED) & scan["reason"].str.startswith(retry_reasons)
+        if settings_fp is not None:
+            skip |= scan["settings_fp"] != settings_fp
+        return set(scan.loc[~skip, "key"])
 
     def append(self, rows: list[Row]) -> None:
         if not rows:
             return
-        name = f"part-{pd.Timestamp.now('UTC').strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.parquet"
-        atomic_write_table(to_table(rows), self.parts_dir / name)
+        token = self._writer_token()
+        self._seq += 1
+        name = f"part-{self.run:06d}-{self._seq:09d}-{token}.parquet"
+        atomic_write_table(to_table(rows, self.settings_fp), self.parts_dir / name)
+        if os.getpid() == self._owner:
+            self._since_compact += 1
+            if self.compact_every and self._since_compact >= self.compact_every:
+                self.compact()
+
+    def compact(self) -> pd.DataFrame:
+        """Merge every readable part into one (latest record per key); returns the merged journal.
+
+        The merged part is written durably before the parts it replaces are removed, and it sorts
+        after every earlier run and before this run's later parts, so a crash in between changes
+        nothing.
+        """
+        paths, df = self._merged()
+        self._since_compact = 0
+        if len(paths) <= 1:
+            return df
+        self._compactions += 1
+        name = f"part-{self.run:06d}-{0:09d}-c{self._compactions:06d}{self._writer_token()}.parquet"
+        target = self.parts_dir / name
+        atomic_write_table(pa.Table.from_pandas(df[COLUMNS], schema=SCHEMA, preserve_index=False), target)
+        for p in paths:
+            if p != target:
+                p.unlink(missing_ok=True)
+        return df
 
     def write_final(self, df: pd.DataFrame, meta: dict) -> Path:
         """Write ``ledger.parquet`` (sorted by key) with the run metadata, plus ``run.json``."""
         df = df.sort_values("key", kind="stable").reset_index(drop=True)
         # a column no stage of this run produced (an older journal, a hand-built frame) is missing, not made up
         df = df.assign(**{c: pd.Series([None] * len(df), index=df.index, dtype=object) for c in COLUMNS if c not in df})
+        meta = {**meta, "ledger_format": LEDGER_FORMAT}
         table = pa.Table.from_pandas(df[COLUMNS], schema=SCHEMA, preserve_index=False)
         table = table.replace_schema_metadata({b"v2a_run": json.dumps(meta, sort_keys=True).encode()})
         atomic_write_table(table, self.path)
@@ -119,8 +220,29 @@ class Ledger:
         return self.path
 
 
-def read_ledger(path: str | Path) -> tuple[pd.DataFrame, dict]:
-    """Read a finalized ledger and its run metadata."""
-    table = pq.read_table(path)
+class LedgerError(ValueError):
+    """A ledger file that this version cannot use (wrong format, missing columns, unreadable)."""
+
+
+def read_ledger(path: str | Path, required: Iterable[str] = CORE_COLUMNS) -> tuple[pd.DataFrame, dict]:
+    """Read a finalized ledger and its run metadata, after checking its format version and columns."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise LedgerError(f"{path} is not a readable ledger ({' '.join(str(e).split())[:200]}); "
+                          f"rerun python -m pipeline.clean to rebuild it from its journal") from e
     meta_raw = (table.schema.metadata or {}).get(b"v2a_run")
-    return table.to_pandas(), (json.loads(meta_raw) if meta_raw else {})
+    try:
+        meta = json.loads(meta_raw) if meta_raw else {}
+    except json.JSONDecodeError as e:
+        raise LedgerError(f"{path}: its run metadata is not valid JSON ({e})") from e
+    found = meta.get("ledger_format")
+    if found is not None and found != LEDGER_FORMAT:
+        raise LedgerError(f"{path} is ledger format {found!r}; this version reads {LEDGER_FORMAT!r}: "
+                          f"rerun python -m pipeline.clean with this version to rewrite it")
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise LedgerError(f"{path} is missing columns {', '.join(missing)} "
+                          f"(format {found or 'unversioned'}); it was not written by pipeline.clean of this "
+                          f"version: rerun python -m pipeline.clean to rewrite it")
+    return table.to_pandas(), meta

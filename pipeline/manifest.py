@@ -11,9 +11,12 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Iterator
 
 from core import storage
+from core.cli_config import check_count, check_finite
 from core.config import SignalConfig
 from core.decode import DecodeError, probe
 from core.keys import make_key, sanitize
@@ -33,8 +36,8 @@ class WindowConfig:
     )
 
     def __post_init__(self):
-        if self.stride_s < 1:
-            raise ValueError("stride_s must be >= 1 second")
+        check_count("stride_s", self.stride_s, minimum=1)
+        check_finite("min_last_window_s", self.min_last_window_s, lo=0.0)
 
 
 def _row(**values) -> Row:
@@ -47,9 +50,9 @@ def _row(**values) -> Row:
 def load_excluded_ids(path: str | Path) -> set[str]:
     """YouTube ids that must never enter a corpus: a VGGSound CSV (its test split) or one id a line."""
     ids: set[str] = set()
-    with storage.open_file(path, "r", newline="", encoding="utf-8") as f:
-        for fields in csv.reader(f):
-            if not fields or not fields[0].strip() or fields[0].startswith("#"):
+    with storage.open_file(path, "r", newline="", encoding="utf-8-sig", errors="replace") as f:
+        for _, fields in csv_records(f):
+            if isinstance(fields, str) or not fields or not fields[0].strip() or fields[0].startswith("#"):
                 continue
             if len(fields) >= 4:
                 if fields[-1].strip() == "test":
@@ -75,42 +78,98 @@ def _index_videos(video_dir: str) -> dict[str, str]:
     return index
 
 
+# the csv module refuses longer fields; such a line is one bad row, never the end of the run
+MAX_FIELD_CHARS = 131072
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
+_INTEGER = re.compile(r"\+?[0-9]+")
+
+
+def csv_records(f) -> Iterator[tuple[int, list[str] | str]]:
+    """``(physical line, fields)`` for every record of an open CSV, or ``(line, problem)`` for a record
+    the csv module cannot parse. The line is where the record starts, also after multi-line labels."""
+    reader = csv.reader(f)
+    while True:
+        line = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield line, f"unparseable CSV record ({e})"
+            continue
+        yield line, fields
+
+
+def _check_text(fields: list[str]) -> str:
+    """What makes a record's text unusable (bytes that are not UTF-8, an oversized field), or ""."""
+    for i, text in enumerate(fields, start=1):
+        if _UNDECODABLE.search(text):
+            return f"field {i} is not valid UTF-8"
+        if len(text) > MAX_FIELD_CHARS:
+            return f"field {i} is {len(text)} characters long (limit {MAX_FIELD_CHARS})"
+    return ""
+
+
 def vggsound_rows(csv_path: str | Path, video_dir: str | Path, signal: SignalConfig = SignalConfig(),
                   excluded: set[str] = frozenset(), caption_template: str = "{label}") -> list[Row]:
     """Rows for the official headerless ``youtube_id,start_seconds,label,split`` CSV.
 
     The CSV and the clips may be local or object-storage URLs (``s3://...``); URLs stay URLs.
+    Every record becomes one row, whatever its bytes: a record that cannot be used is a failed
+    ``bad_csv_row`` with its physical line number. A UTF-8 byte-order mark is skipped.
     """
     videos = _index_videos(str(video_dir))
     rows: list[Row] = []
     seen: set[str] = set()
-    with storage.open_file(csv_path, "r", newline="", encoding="utf-8") as f:
-        for line_no, fields in enumerate(csv.reader(f), start=1):
-            if not fields or all(not x.strip() for x in fields):
+    with storage.open_file(csv_path, "r", newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        for line_no, fields in csv_records(f):
+            if isinstance(fields, list) and (not fields or all(not x.strip() for x in fields)):
                 continue
-            parsed = _parse_vggsound_fields(fields)
+            parsed = fields if isinstance(fields, str) else (_check_text(fields) or _parse_vggsound_fields(fields))
             if isinstance(parsed, str):
                 rows.append(_row(key=make_key("vggsound", "badrow", f"L{line_no:06d}"), source="vggsound",
                                  status=FAILED, reason=f"bad_csv_row: {parsed}", line=line_no))
                 continue
-            yid, start, label, split = parsed
-            key = make_key("vggsound", yid, f"{start:06d}")
-            row = _row(key=key, source="vggsound", youtube_id=yid, label=label,
-                       caption=caption_template.format(label=label), split=split,
-                       start_s=float(start), duration_s=signal.window_s, line=line_no)
-            if key in seen:
-                row.update(key=make_key(key, f"dupL{line_no:06d}"), status=FAILED,
-                           reason=f"duplicate_id: {yid} {start} repeats an earlier line")
-            else:
-                seen.add(key)
-                path = videos.get(f"{yid}_{start:06d}")
-                if path is None:
-                    expected = storage.join(video_dir, f"{yid}_{start:06d}.mp4")
-                    row.update(status=FAILED, reason=f"missing_file: {expected}", video_path=expected)
-                else:
-                    row["video_path"] = path
-            rows.append(_apply_exclusion(row, excluded))
+            rows.append(_apply_exclusion(_clip_row(parsed, line_no, videos, str(video_dir), signal, seen,
+                                                   caption_template), excluded))
     return rows
+
+
+def _clip_row(parsed: tuple[str, int, str, str], line_no: int, videos: dict[str, str], video_dir: str,
+              signal: SignalConfig, seen: set[str], caption_template: str) -> Row:
+    yid, start, label, split = parsed
+    key = make_key("vggsound", yid, f"{start:06d}")
+    row = _row(key=key, source="vggsound", youtube_id=yid, label=label,
+               caption=caption_template.format(label=label), split=split,
+               start_s=float(start), duration_s=signal.window_s, line=line_no)
+    if key in seen:
+        row.update(key=make_key(key, f"dupL{line_no:06d}"), status=FAILED,
+                   reason=f"duplicate_id: {yid} {start} repeats an earlier line")
+        return row
+    seen.add(key)
+    path = videos.get(f"{yid}_{start:06d}")
+    if path is None:
+        expected = storage.join(video_dir, f"{yid}_{start:06d}.mp4")
+        row.update(status=FAILED, reason=f"missing_file: {expected}", video_path=expected)
+    else:
+        row["video_path"] = str(path)
+    return row
+
+
+def parse_start(text: str) -> int | str:
+    """A start time in whole seconds, parsed exactly (no float rounding of long digit strings);
+    or a description of why it is not one (NaN, infinities, 1e400, fractions, negatives)."""
+    if _INTEGER.fullmatch(text):
+        return int(text)
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        return f"start_seconds {text[:40]!r} is not a number"
+    if not value.is_finite() or value < 0 or value != value.to_integral_value():
+        return f"start_seconds {text[:40]!r} is not a non-negative integer"
+    if value.adjusted() > 12:  # 1e400 is an integer, but no video is 10^12 s long
+        return f"start_seconds {text[:40]!r} is out of range"
+    return int(value)
 
 
 def _parse_vggsound_fields(fields: list[str]) -> tuple[str, int, str, str] | str:
@@ -121,18 +180,15 @@ def _parse_vggsound_fields(fields: list[str]) -> tuple[str, int, str, str] | str
     yid, start_text, split = fields[0].strip(), fields[1].strip(), fields[-1].strip()
     label = ",".join(fields[2:-1]).strip()
     if not yid or sanitize(yid) != yid:
-        return f"youtube_id {yid!r} has characters outside [A-Za-z0-9_-]"
-    try:
-        start_f = float(start_text)
-    except ValueError:
-        return f"start_seconds {start_text!r} is not a number"
-    if start_f < 0 or start_f != int(start_f):
-        return f"start_seconds {start_text!r} is not a non-negative integer"
+        return f"youtube_id {yid[:40]!r} has characters outside [A-Za-z0-9_-]"
+    start = parse_start(start_text)
+    if isinstance(start, str):
+        return start
     if not label:
         return "empty label"
     if split not in ("train", "test"):
-        return f"split {split!r} is not train or test"
-    return yid, int(start_f), label, split
+        return f"split {split[:40]!r} is not train or test"
+    return yid, start, label, split
 
 
 def _stem(video: str) -> str:

@@ -132,14 +132,19 @@ def forbid_decoding(monkeypatch) -> list[str]:
     return patched
 
 
-def test_the_decoding_guard_intercepts_the_clean_stages(sample_root, tmp_path, monkeypatch):
-    """The guard below must catch a decode: with CLAP skipped the same run decodes, and every clip fails."""
+def test_the_decoding_guard_intercepts_the_clean_stages(sample_root, monkeypatch):
+    """The guard below must catch a decode by the clean stages in this process (the driver, where every
+    check before decoding runs; the local runner's workers are separate processes, so the tests that
+    use the guard also check that nothing was journaled)."""
+    from pipeline.clean_stages import CleanStageConfig, build_clean_stages
+    from pipeline.manifest import vggsound_rows
+    from pipeline.runners import run_chain
+
     patched = forbid_decoding(monkeypatch)
     assert {"pipeline.clean_stages.decode", "pipeline.clean_stages.probe", "core.decode.decode"} <= set(patched)
-    assert main(["--dataset", "sample", "--root", str(sample_root), "--out", str(tmp_path / "o"),
-                 "--clap-model", "none", "--workers", "1", "--limit", "6"]) == 0
-    ledger, _ = read_ledger(tmp_path / "o" / "ledger.parquet")
-    assert ledger["reason"].str.contains("decoding started").any(), ledger["reason"].tolist()
+    rows = [r for r in vggsound_rows(sample_root / "vggsound.csv", sample_root / "video") if not r["status"]][:3]
+    done = run_chain(build_clean_stages(CleanStageConfig()), rows)
+    assert len(done) == 3 and all("decoding started" in r["reason"] for r in done), [r["reason"] for r in done]
 
 
 def test_missing_clap_model_stops_before_decoding(sample_root, tmp_path, monkeypatch, capsys):
@@ -228,3 +233,64 @@ def test_youtube_corpus_end_to_end_through_the_cli(youtube_root, sample_root, ti
             assert (full["av_align"] < 0.2).all(), (f["file"], full["av_align"].tolist())
     assert len(ledger) == expected_rows
     assert (out / "report.html").is_file() and "Clean run report: youtube" in (out / "report.html").read_text()
+
+
+def test_rerun_with_other_scoring_settings_stops_before_decoding(clean_out, sample_root, monkeypatch, capsys):
+    parts = sorted(p.name for p in (clean_out / "ledger.parts").iterdir())
+    forbid_decoding(monkeypatch)
+    code = _clean(sample_root, clean_out, "--av-align-mode", "reference")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "scored with other scoring settings" in err and "av_align.mode: 'fast' -> 'reference'" in err
+    assert "--rescore" in err and "--out DIR" in err
+    assert sorted(p.name for p in (clean_out / "ledger.parts").iterdir()) == parts
+    _, meta = read_ledger(clean_out / "ledger.parquet")
+    assert meta["av_align"]["mode"] == "fast"  # run.json still describes the scores it holds
+
+
+def test_rescore_recomputes_rows_made_with_other_settings(sample_root, tmp_path, capsys):
+    out = tmp_path / "rescore"
+    assert _clean(sample_root, out, "--limit", "4") == 0
+    first, meta_first = read_ledger(out / "ledger.parquet")
+    capsys.readouterr()
+    assert _clean(sample_root, out, "--limit", "4", "--av-align-fast-max-side", "32", "--rescore") == 0
+    printed = capsys.readouterr().out
+    after, meta = read_ledger(out / "ledger.parquet")
+    scored = int(first["av_align"].notna().sum())
+    assert scored >= 1 and f"rescoring: {scored} journaled row(s)" in printed and f"this run: {scored} clips" in printed
+    assert meta["av_align"]["fast_max_side"] == 32 and meta["settings_fp"] != meta_first["settings_fp"]
+    assert (after["settings_fp"] == meta["settings_fp"]).all()
+    assert _clean(sample_root, out, "--limit", "4", "--av-align-fast-max-side", "32", "--clap-min", "0.5") == 0
+    assert "this run: 0 clips" in capsys.readouterr().out  # a threshold change never rescores
+
+
+@pytest.mark.parametrize("flag,value", [("--limit", "-3"), ("--av-align-min", "nan"), ("--av-align-min", "2"),
+                                        ("--clap-min", "inf"), ("--timeout-s", "-1"), ("--workers", "-1"),
+                                        ("--batch-size", "0"), ("--min-duration-s", "nan")])
+def test_bad_flag_is_one_line_error_and_exit_2(flag, value, sample_root, tmp_path, monkeypatch, capsys):
+    forbid_decoding(monkeypatch)
+    out = tmp_path / "o"
+    code = main(["--dataset", "sample", "--root", str(sample_root), "--out", str(out), "--clap-model", "none",
+                 flag, value])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {flag}:"), err
+    assert not out.exists()
+
+
+def test_second_run_into_a_held_folder_refuses_and_a_stale_lock_is_taken_over(sample_root, tmp_path, capsys):
+    import socket
+
+    from core.lock import LOCK_NAME, FolderLock
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    with FolderLock(out, purpose="another clean"):
+        assert _clean(sample_root, out, "--limit", "2") == 2
+    err = capsys.readouterr().err
+    assert f"in use by PID {os.getpid()} on this host" in err and "another clean" in err
+    assert not (out / "ledger.parts").exists()  # refused before anything was written
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "command": "x"}))
+    with pytest.warns(RuntimeWarning, match="stale lock"):
+        assert _clean(sample_root, out, "--limit", "2") == 0
+    assert not (out / LOCK_NAME).exists()  # released at the end

@@ -199,3 +199,34 @@ def test_huge_frames_cost_the_memory_of_a_normal_clip(tmp_path):
     assert normal["frames"][1:] == [224, 224, 3]
     # full-size RGB frames would be 6 x 201 MB; sized as decoded, the huge clip stays within 1.5x
     assert huge["peak"] <= 1.5 * normal["peak"], (huge, normal)
+
+
+def test_caller_itimer_survives_a_decode():
+    """A decode arms its own SIGALRM, then gives the caller back its timer, minus the time spent."""
+    import signal
+
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 100.0, 5.0)
+    try:
+        decode(FIXTURES / "-26aVYRtEAc_000030.mp4", DecodeRequest(audio_rates=(16000,), need_video=False))
+        delay, interval = signal.getitimer(signal.ITIMER_REAL)
+        assert 90.0 < delay <= 100.0 and interval == 5.0
+        assert signal.getsignal(signal.SIGALRM) is not None and not fired
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.timeout(60)
+def test_file_named_like_an_ffmpeg_protocol_is_read_as_a_file(tmp_path, monkeypatch):
+    import shutil
+
+    from pipeline.manifest import youtube_rows
+
+    shutil.copy(FIXTURES / "-26aVYRtEAc_000030.mp4", tmp_path / "pipe:0.mp4")
+    monkeypatch.chdir(tmp_path)
+    rows = youtube_rows(Path("."))  # a relative root: the path is the bare name "pipe:0.mp4"
+    assert [r["video_path"] for r in rows] == ["pipe:0.mp4"] and rows[0]["status"] == ""
+    clip = decode("pipe:0.mp4", DecodeRequest(audio_rates=(16000,), need_video=False))
+    assert clip.duration_s > 9.0 and probe("pipe:0.mp4").has_video

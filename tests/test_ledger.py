@@ -59,3 +59,72 @@ def test_final_ledger_sorted_with_metadata(tmp_path):
     df, meta = read_ledger(tmp_path / "ledger.parquet")
     assert list(df["key"]) == ["a", "b"] and meta["filters"]["av_align_min"] == 0.2
     assert (tmp_path / "run.json").exists()
+
+
+def test_truncated_or_empty_part_is_set_aside_and_its_rows_recomputed(tmp_path):
+    import pytest
+
+    ledger = Ledger(tmp_path)
+    ledger.append([_row("a", av=0.5)])
+    ledger.append([_row("b", av=0.5)])
+    ledger.append([_row("c", av=0.5)])
+    parts = sorted((tmp_path / "ledger.parts").glob("part-*.parquet"))
+    parts[1].write_bytes(parts[1].read_bytes()[:50])  # a power loss tore this one
+    parts[2].write_bytes(b"")
+    with pytest.warns(RuntimeWarning, match="set aside"):
+        assert Ledger(tmp_path).done_keys() == {"a"}
+    assert sorted(p.name for p in (tmp_path / "ledger.parts").glob("*.corrupt")) == sorted(
+        p.name + ".corrupt" for p in parts[1:])
+    again = Ledger(tmp_path)
+    again.append([_row("b", av=0.7)])
+    assert again.read_journal().set_index("key")["av_align"].to_dict() == {"a": 0.5, "b": 0.7}
+
+
+def test_latest_record_follows_run_sequence_not_wall_clock(tmp_path, monkeypatch):
+    """A writer whose clock is behind (skew between workers) still wins when it wrote later."""
+    import time
+
+    clock = iter([2_000_000_000.0, 1_000_000_000.0, 500_000_000.0])
+    monkeypatch.setattr(time, "time", lambda: next(clock, 100.0))
+    monkeypatch.setattr(pd.Timestamp, "now", classmethod(lambda cls, tz=None: pd.Timestamp(time.time(), unit="s", tz=tz)))
+    Ledger(tmp_path).append([_row("a", av=0.1)])
+    Ledger(tmp_path).append([_row("a", av=0.2)])  # a later run, with an earlier clock
+    later = Ledger(tmp_path)
+    later.append([_row("a", av=0.3)])
+    later.append([_row("b", av=0.3)])
+    assert later.read_journal().set_index("key").loc["a", "av_align"] == 0.3
+
+
+def test_compaction_merges_parts_keeping_the_latest_records(tmp_path):
+    ledger = Ledger(tmp_path, compact_every=4)
+    for i in range(10):
+        ledger.append([_row(f"k{i % 6}", av=i / 10)])
+    parts = list((tmp_path / "ledger.parts").glob("part-*.parquet"))
+    assert len(parts) < 10  # compacted during the run, after every 4 parts
+    merged = ledger.compact()
+    assert len(list((tmp_path / "ledger.parts").glob("part-*.parquet"))) == 1
+    assert merged.set_index("key")["av_align"].to_dict() == {f"k{i}": (i + 6) / 10 if i < 4 else i / 10
+                                                             for i in range(6)}
+    resumed = Ledger(tmp_path)
+    resumed.append([_row("k0", av=0.99)])  # a later run still wins over the compacted part
+    assert resumed.read_journal().set_index("key").loc["k0", "av_align"] == 0.99
+
+
+def test_read_ledger_checks_columns_and_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from pipeline.ledger import LedgerError
+
+    pq.write_table(pa.table({"key": ["a"], "status": ["ok"]}), tmp_path / "partial.parquet")
+    with pytest.raises(LedgerError, match="missing columns.*video_path"):
+        read_ledger(tmp_path / "partial.parquet")
+    table = pa.table({c: ["x"] for c in COLUMNS}).replace_schema_metadata(
+        {b"v2a_run": b'{"ledger_format": "v2a-ledger/9"}'})
+    pq.write_table(table, tmp_path / "future.parquet")
+    with pytest.raises(LedgerError, match="v2a-ledger/9"):
+        read_ledger(tmp_path / "future.parquet")
+    (tmp_path / "torn.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(LedgerError, match="not a readable ledger"):
+        read_ledger(tmp_path / "torn.parquet")

@@ -92,3 +92,43 @@ def test_youtube_rows_windows_sidecars_and_broken_files(tmp_path):
     assert by_id["BBBBBBBBBBB"]["caption"] == "Guitar (music, live)"
     assert by_id["BBBBBBBBBBB"]["status"] == "filtered" and by_id["BBBBBBBBBBB"]["reason"] == "test_leak"
     assert by_id["broken"]["status"] == "failed" and by_id["broken"]["reason"].startswith("decode_error")
+
+
+def test_any_malformed_record_is_one_bad_row_with_its_physical_line(tmp_path):
+    """nan/inf/1e400 starts, bytes that are not UTF-8, an oversized field, a BOM, multi-line labels:
+    each record is one row at the physical line it starts on, and the lines after it still count."""
+    video = tmp_path / "video"
+    video.mkdir()
+    shutil.copy(FIXTURES / "video" / "-26aVYRtEAc_000030.mp4", video / "aaaaaaaaaaa_000010.mp4")
+    lines = [
+        b"\xef\xbb\xbfaaaaaaaaaaa,10,dog barking,train",      # 1: BOM before the first record
+        b"bbbbbbbbbbb,nan,cat,train",                         # 2
+        b"ccccccccccc,inf,cat,train",                         # 3
+        b"ddddddddddd,1e400,cat,train",                       # 4
+        b"eeeeeeeeeee,5,caf\xe9 noise,train",                 # 5: Latin-1 byte
+        b'fffffffffff,6,"two\nline label",train',             # 6-7: one record over two lines
+        b"ggggggggggg,7," + b"x" * 140000 + b",train",       # 8: a field over 131072 characters
+        b"hhhhhhhhhhh,99999999999999999999,cat,train",        # 9: exact integer, no float rounding
+        b"iiiiiiiiiii,-inf,cat,train",                        # 10
+        b"jjjjjjjjjjj,3.0,cat,train",                         # 11: an integral decimal is accepted
+    ]
+    csv_path = tmp_path / "vggsound.csv"
+    csv_path.write_bytes(b"\n".join(lines) + b"\n")
+    rows = vggsound_rows(csv_path, video)
+    by_line = {r["line"]: r for r in rows}
+    assert sorted(by_line) == [1, 2, 3, 4, 5, 6, 8, 9, 10, 11]
+    assert by_line[1]["key"] == "vggsound-aaaaaaaaaaa-000010" and by_line[1]["status"] == ""
+    for line in (2, 3, 4, 5, 8, 10):
+        assert by_line[line]["status"] == "failed" and by_line[line]["reason"].startswith("bad_csv_row"), line
+    assert "UTF-8" in by_line[5]["reason"] and "field" in by_line[8]["reason"]
+    assert by_line[6]["label"] == "two\nline label" and by_line[6]["reason"].startswith("missing_file")
+    assert by_line[9]["key"] == "vggsound-hhhhhhhhhhh-99999999999999999999"
+    assert by_line[9]["video_path"].endswith("hhhhhhhhhhh_99999999999999999999.mp4")
+    assert by_line[11]["start_s"] == 3.0
+    assert len({r["key"] for r in rows}) == len(rows)
+
+
+def test_excluded_ids_survive_a_bom_and_bad_bytes(tmp_path):
+    path = tmp_path / "ids.txt"
+    path.write_bytes(b"\xef\xbb\xbf0Bp8c3PfAAA\nbad\xff\n")
+    assert "0Bp8c3PfAAA" in load_excluded_ids(path)

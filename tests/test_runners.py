@@ -200,7 +200,9 @@ def test_model_stage_is_set_up_once_per_worker_not_per_batch(toy_run):
 @pytest.mark.slow
 def test_workers_native_thread_pools_capped_to_their_share_of_cores(toy_run):
     """OpenBLAS and OpenCV threads beyond a worker's cores only slow its neighbours down."""
-    share = 1 if toy_run["runner"] == "ray" else max(1, (os.cpu_count() or 1) // WORKERS)  # Ray: num_cpus=1
+    from core.native_threads import available_cpus
+
+    share = 1 if toy_run["runner"] == "ray" else max(1, available_cpus() // WORKERS)  # Ray: num_cpus=1
     for row in toy_run["seen"]:
         assert row["threads"] == {"cv2": share, "blas": share}, row["key"]
 

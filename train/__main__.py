@@ -7,11 +7,13 @@ last checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 
 from core.cli_config import add_config_args, from_args
+from core.lock import FolderLock, FolderLocked
 from train.config import ModelConfig, NoiseConfig, TrainConfig
 
 
@@ -35,7 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     if not tcfg.shards or not tcfg.out:
         build_parser().error("--shards and --out are required")
     from train.trainer import train
-    train(tcfg, from_args(ModelConfig, args), from_args(NoiseConfig, args), args.vae_scaling_factor)
+    # rank 0 holds the run folder for the whole job; if it refuses, torchrun stops the other ranks
+    lock = FolderLock(tcfg.out, purpose="python -m train") if rank == "0" else contextlib.nullcontext()
+    try:
+        with lock:
+            train(tcfg, from_args(ModelConfig, args), from_args(NoiseConfig, args), args.vae_scaling_factor)
+    except FolderLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,9 +11,12 @@ logic; stages import no engine.
 from __future__ import annotations
 
 import logging
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
+from core.cli_config import check_count, check_finite
+from core.cli_config import check_count, check_finite
 from core.native_threads import limit_native_threads
 from core.stage import Row, Stage, check_chain, drop_fields, mark_failed, transient_fields
 
@@ -35,6 +38,66 @@ class RunnerOptions:
     beam_option: tuple[str, ...] = field(
         default=(), metadata={"help": "Beam pipeline options key=value, comma-separated"}
     )
+    max_error_share: float = field(default=0.5, metadata={
+        "help": "stop the run when more than this share of the first --error-window rows are stage_error "
+                "(a systematic bug, not a bad file); 1 disables"})
+    error_window: int = field(default=64, metadata={"help": "rows the --max-error-share breaker watches"})
+
+    def __post_init__(self) -> None:
+        check_count("workers", self.workers)
+        check_finite("max_error_share", self.max_error_share, lo=0.0, hi=1.0)
+        check_count("error_window", self.error_window, minimum=1)
+
+
+TRACEBACK = "error_traceback"  # the traceback of a stage_error row, for the breaker; never journaled
+STAGE_ERROR = "stage_error"
+
+
+class FailureRateExceeded(RuntimeError):
+    """Too many rows failed with an unexpected error early on: a systematic bug, not bad files."""
+
+
+class FailureBreaker:
+    """Stops a run when more than ``max_error_share`` of its first ``error_window`` finished rows
+    (or of all its rows, for a shorter run) are ``stage_error`` rows, with the first traceback.
+
+    Runners call :meth:`observe` on each finished batch on the driver, after the sink journaled it
+    (those rows are retried on resume, once the bug is fixed). ``max_error_share`` 1 never trips.
+    """
+
+    def __init__(self, options: "RunnerOptions", total_rows: int):
+        self.window = max(1, min(options.error_window, total_rows))
+        self.share = options.max_error_share
+        self.seen = self.errors = 0
+        self.first: tuple[str, str] | None = None  # (reason, traceback) of the first stage_error
+
+    def observe(self, rows: list[Row]) -> None:
+        for row in rows:
+            tb = row.pop(TRACEBACK, None)
+            if self.seen >= self.window:
+                continue
+            self.seen += 1
+            if str(row.get("reason", "")).startswith(STAGE_ERROR):
+                self.errors += 1
+                if self.first is None:
+                    self.first = (str(row.get("reason")), tb or "")
+        if self.errors > self.share * self.window:
+            reason, tb = self.first or ("", "")
+            raise FailureRateExceeded(
+                f"stopped: {self.errors} of the first {self.seen} rows failed with stage_error (more than "
+                f"{self.share:g} of {self.window}); this looks like a bug or a broken set-up, not bad input. "
+                f"First error: {reason}\n{tb}".rstrip()
+                + "\nThese rows are journaled as failed and are retried by a rerun once the cause is fixed "
+                  "(--max-error-share 1 disables this check).")
+    max_error_share: float = field(default=0.5, metadata={
+        "help": "stop the run when more than this share of the first --error-window rows are stage_error "
+                "(a systematic bug, not a bad file); 1 disables"})
+    error_window: int = field(default=64, metadata={"help": "rows the --max-error-share breaker watches"})
+
+    def __post_init__(self) -> None:
+        check_count("workers", self.workers)
+        check_finite("max_error_share", self.max_error_share, lo=0.0, hi=1.0)
+        check_count("error_window", self.error_window, minimum=1)
 
 
 def stage_error_reason(stage: Stage, error: Exception) -> str:
@@ -70,16 +133,21 @@ def run_stage(stage: Stage, rows: list[Row]) -> list[Row]:
         return stage.process_batch(rows)
     except Exception as batch_error:  # isolation boundary: one bad row must not lose its batch
         if len(before) == 1:
-            _log.warning("stage %s failed on %s", stage.name, before[0].get("key"), exc_info=True)
-            return [mark_failed(before[0], stage_error_reason(stage, batch_error))]
+            return [_stage_failed(stage, before[0], batch_error)]
     out: list[Row] = []
     for row in before:
         try:
             out.extend(stage.process_batch([dict(row)]))
         except Exception as e:  # same boundary, now for exactly one row
-            _log.warning("stage %s failed on %s", stage.name, row.get("key"), exc_info=True)
-            out.append(mark_failed(row, stage_error_reason(stage, e)))
+            out.append(_stage_failed(stage, row, e))
     return out
+
+
+def _stage_failed(stage: Stage, row: Row, error: Exception) -> Row:
+    _log.warning("stage %s failed on %s", stage.name, row.get("key"), exc_info=error)
+    mark_failed(row, stage_error_reason(stage, error))
+    row[TRACEBACK] = "".join(traceback.format_exception(error))[-4000:]
+    return row
 
 
 def run_chain(stages: list[Stage], rows: list[Row]) -> list[Row]:

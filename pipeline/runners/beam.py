@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 from core.jsonsafe import json_safe
-from core.native_threads import machine_share, threads_per_worker
-from pipeline.runners import RunnerOptions, Sink, StageBuilder, build_chain, run_stage, set_up
+from core.native_threads import available_cpus, machine_share, threads_per_worker
+from pipeline.runners import FailureBreaker, RunnerOptions, Sink, StageBuilder, build_chain, run_stage, set_up
 from pipeline.runners.local import batches
 from core.stage import Row, Stage, drop_fields, transient_fields
 
@@ -48,7 +48,7 @@ def beam_flags(options: RunnerOptions) -> list[str]:
         flags.append(f"--{key}={value}" if sep else f"--{key}")
     if not options.beam_runner:  # the in-process FnApiRunner: real parallel workers, no services
         if "direct_num_workers" not in given:
-            flags.append(f"--direct_num_workers={options.workers or os.cpu_count() or 1}")
+            flags.append(f"--direct_num_workers={options.workers or available_cpus()}")
         if "direct_running_mode" not in given:
             flags.append("--direct_running_mode=multi_processing")
     return flags
@@ -137,10 +137,18 @@ def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, bat
     """Run the stage chain over ``rows`` as a Beam pipeline; ``sink`` runs on the workers.
 
     ``on_batch`` is called on the driver, in this thread, for batches finished by workers on this
-    machine (the local FnApiRunner); on a remote runner progress shows in that runner's UI.
+    machine (the local FnApiRunner); on a remote runner progress shows in that runner's UI. The
+    failure-rate breaker watches the same batches, so it acts on local runs only.
     """
     if not rows:
         return
+    if on_batch is not None:
+        breaker, shown = FailureBreaker(options, len(rows)), on_batch
+
+        def on_batch(done: list[Row]) -> None:
+            breaker.observe(done)
+            shown(done)
+
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions

@@ -26,7 +26,7 @@ from typing import Callable
 import pyarrow as pa
 
 from core.native_threads import threads_per_worker
-from pipeline.runners import RunnerOptions, Sink, StageBuilder, build_chain, run_stage, set_up
+from pipeline.runners import FailureBreaker, RunnerOptions, Sink, StageBuilder, build_chain, run_stage, set_up
 from core.stage import Row, Stage, drop_fields, transient_fields
 
 _ROW = "row"
@@ -157,6 +157,7 @@ def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, bat
         blocks = _block_count(len(rows), batch_size, options.workers or int(ray.cluster_resources().get("CPU", 1)))
         ds = ray.data.from_items([_envelope(r) for r in rows], override_num_blocks=blocks)
         token = uuid.uuid4().hex
+        breaker = FailureBreaker(options, len(rows))
         drop = transient_fields(stages)
         for index, stage in enumerate(stages):
             ds = _map_step(ds, stage, build, config, index, drop if index == len(stages) - 1 else (), options, token)
@@ -165,6 +166,7 @@ def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, bat
             if not done:
                 continue
             sink(done)
+            breaker.observe(done)
             if on_batch:
                 on_batch(done)
     finally:
