@@ -32,6 +32,14 @@ Resampler = Literal["torchaudio", "soxr_hq"]
 RESAMPLERS: tuple[str, ...] = ("torchaudio", "soxr_hq")
 LOWPASS_FILTER_WIDTH = 6
 ROLLOFF = 0.99
+# what a dataset card says about each choice
+RESAMPLER_NOTES = {
+    "torchaudio": {"name": "torchaudio", "definition": "torchaudio.functional.resample at its defaults "
+                   "(sinc_interp_hann, lowpass_filter_width 6, rolloff 0.99), as AudioLDM's read_wav_file and "
+                   "VTA-LDM", "implementation": "core/resample.py (numpy, float64 kernel)"},
+    "soxr_hq": {"name": "soxr_hq", "definition": "soxr HQ quality (librosa.load's default)",
+                "implementation": "python-soxr"},
+}
 
 
 @lru_cache(maxsize=16)

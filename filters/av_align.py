@@ -145,6 +145,20 @@ class AVAlignResult:
         return out
 
 
+def select_version(table, version: str):
+    """A ledger table (pandas) whose ``av_align`` and ``video_peaks`` are ``version``'s stored columns.
+
+    Rows scored before both revisions were stored (no per-revision value) keep what they have."""
+    if version not in VERSIONS:
+        raise ValueError(f"AV-Align version must be one of {', '.join(VERSIONS)}, not {version!r}")
+    out = table.copy()
+    for column in ("av_align", "video_peaks"):
+        chosen = f"{column}_{version}"
+        if chosen in out:
+            out[column] = out[chosen].where(out[chosen].notna(), out[column])
+    return out
+
+
 def decode_request_for(config: AVAlignConfig, signal: SignalConfig | None = None) -> DecodeRequest:
     """What the metric needs from a clip in this mode; callers merge it with their own needs."""
     if signal is not None and signal.av_align_sr != config.sample_rate:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from filters.av_align import AVAlignConfig
+from filters.av_align import AVAlignConfig, select_version
+from filters.av_align import run_metadata as av_align_metadata
 from filters.clap import ClapConfig, ClapModelUnavailable, check_available, run_metadata
 from filters.curation import CurationConfig, CurationFilters
 from filters.speech_music import SpeechMusicConfig
@@ -140,7 +141,7 @@ def clean(args: argparse.Namespace) -> int:
     clap = from_args(ClapConfig, args, prefix="clap_")
     speech_music = from_args(SpeechMusicConfig, args)
     root, out = resolve_paths(args)
-    check_available(clap)  # a missing model stops the run here, before anything is decoded
+    clap_meta = check_available(clap)  # a missing model stops the run here, before anything is decoded
     filters = from_args(FilterConfig, args)
     options = from_args(RunnerOptions, args)
     stage_config = CleanStageConfig(signal=signal, limits=from_args(DecodeLimits, args),
@@ -177,6 +178,8 @@ def clean(args: argparse.Namespace) -> int:
     # hours from the journal, not from on_batch: remote Beam workers journal batches the driver never sees
     ran = journal[journal["key"].isin({r["key"] for r in pending}) & (journal["status"] == OK)]
     video_s = float(ran["duration_s"].fillna(0.0).sum())
+    # both revisions are stored: the selected one becomes av_align, so switching re-filters without rescoring
+    journal = select_version(journal, stage_config.av_align.version)
     final = apply_filters(journal, filters, rule, curation, args.dataset)
     missing = keys - set(final["key"])
     if missing:  # every input item must be accounted for; a gap means a runner lost rows
@@ -185,7 +188,9 @@ def clean(args: argparse.Namespace) -> int:
     meta = {
         "dataset": args.dataset, "root": str(root), "runner": options.runner,
         "filters": asdict(filters), "av_align": asdict(stage_config.av_align),
-        "signal": asdict(signal), "clap": run_metadata(clap), "clap_skipped": not clap.enabled,
+        "av_align_version": stage_config.av_align.version,
+        "av_align_revisions": av_align_metadata(stage_config.av_align)["revisions"],
+        "signal": asdict(signal), "clap": {**run_metadata(clap), **(clap_meta or {})}, "clap_skipped": not clap.enabled,
         "speech_music": {**asdict(speech_music), "enabled": rule is not None},
         "curation": asdict(stage_config.curation),
         "curation_rules": {**asdict(curation), "enabled": {name: curation.enabled(name, args.dataset)

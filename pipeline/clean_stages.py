@@ -88,8 +88,7 @@ class DecodeScoreStage(Stage):
             return None
         audio = clip.audio[VAD_SAMPLE_RATE]
         row.update(start_s=clip.start_s, duration_s=clip.duration_s, video_fps=clip.video_fps,
-                   av_align=float(result.score), audio_peaks=int(result.audio_peaks),
-                   video_peaks=int(result.video_peaks), status=OK, reason="",
+                   **result.ledger_fields(), status=OK, reason="",
                    scene_cuts=scene_cut_times(clip.gray, clip.gray_times, clip.video_fps, self.config.curation),
                    **silence_scores(audio, VAD_SAMPLE_RATE, self.config.curation.silent_frame_db),
                    **motion_scores(result.motion))
