@@ -39,6 +39,25 @@ def timed(path: Path, config: AVAlignConfig):
     return result, result.seconds, time.process_time() - cpu
 
 
+def print_decisions(scores: dict, n: int, threshold: float) -> None:
+    """Per revision: fast mode against reference mode and the published numbers; then the revisions'
+    disagreements at the threshold."""
+    keep = {key: np.asarray(vals, float) > threshold for key, vals in scores.items()}
+    for v in VERSIONS:
+        ref_s, fast_s, pub_s = (np.asarray(scores[v, m], float) for m in ("ref", "fast", "publ"))
+        r = float(np.corrcoef(ref_s, fast_s)[0, 1]) if n > 1 else float("nan")
+        known = ~np.isnan(pub_s)
+        exact = int(np.sum(np.round(ref_s[known], 6) == pub_s[known]))
+        print(f"revision {v}: fast makes {int(np.sum(keep[v, 'fast'] == keep[v, 'ref']))}/{n} of the "
+              f"reference's decisions at {threshold}; Pearson r = {r:.3f}; max |fast - reference| = "
+              f"{np.max(np.abs(fast_s - ref_s)):.3f}; reference equals the published number (6 decimals) on "
+              f"{exact}/{int(known.sum())} clips")
+    differ = int(np.sum(keep["2025", "ref"] != keep["2023", "ref"]))
+    print(f"revisions 2025 and 2023 disagree on {differ}/{n} keep/drop decisions at {threshold} "
+          f"(reference mode; fast mode: {int(np.sum(keep['2025', 'fast'] != keep['2023', 'fast']))}); "
+          f"load average now {os.getloadavg()[0]:.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=Path, default=CLIPS, help="folder of video files with sound")
@@ -90,20 +109,7 @@ def main(argv: list[str] | None = None) -> int:
           f"all clips {totals[0] / totals[1]:.1f}x ({totals[0]:.1f}s vs {totals[1]:.2f}s)")
     print(f"speed reference/fast, CPU:  min {min(cpu_x):.1f}x, median {statistics.median(cpu_x):.1f}x, "
           f"all clips {totals[2] / totals[3]:.1f}x ({totals[2]:.1f}s vs {totals[3]:.2f}s)")
-    keep = {key: np.asarray(vals, float) > threshold for key, vals in scores.items()}
-    for v in VERSIONS:
-        ref_s, fast_s, pub_s = (np.asarray(scores[v, m], float) for m in ("ref", "fast", "publ"))
-        r = float(np.corrcoef(ref_s, fast_s)[0, 1]) if len(files) > 1 else float("nan")
-        known = ~np.isnan(pub_s)
-        exact = int(np.sum(np.round(ref_s[known], 6) == pub_s[known]))
-        print(f"revision {v}: fast makes {int(np.sum(keep[v, 'fast'] == keep[v, 'ref']))}/{len(files)} of the "
-              f"reference's decisions at {threshold}; Pearson r = {r:.3f}; max |fast - reference| = "
-              f"{np.max(np.abs(fast_s - ref_s)):.3f}; reference equals the published number (6 decimals) on "
-              f"{exact}/{int(known.sum())} clips")
-    differ = int(np.sum(keep["2025", "ref"] != keep["2023", "ref"]))
-    print(f"revisions 2025 and 2023 disagree on {differ}/{len(files)} keep/drop decisions at {threshold} "
-          f"(reference mode; fast mode: {int(np.sum(keep['2025', 'fast'] != keep['2023', 'fast']))}); "
-          f"load average now {os.getloadavg()[0]:.1f}")
+    print_decisions(scores, len(files), threshold)
     return 0
 
 

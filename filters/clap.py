@@ -240,9 +240,15 @@ class ClapScorer:
         """The model input for audio windows of at most 10 s at 48 kHz: LAION's int16 round trip,
         then the checkpoint's mel with LAION's truncation and padding, passed explicitly."""
         self._require_loaded()
-        # a list always takes the feature extractor's batched (float64) path: batch == one-by-one
-        feats = self.feature_extractor([laion_quantize(w) for w in windows], sampling_rate=CLAP_SAMPLE_RATE,
-                                       truncation=self.truncation, padding=self.padding, return_tensors="np")
+        # for fused checkpoints the extractor draws a "longer" clip from NumPy's global generator
+        # (the scorer ignores it): keep that state as it was, so nothing else's randomness moves
+        rng_state = np.random.get_state()
+        try:
+            # a list always takes the feature extractor's batched (float64) path: batch == one-by-one
+            feats = self.feature_extractor([laion_quantize(w) for w in windows], sampling_rate=CLAP_SAMPLE_RATE,
+                                           truncation=self.truncation, padding=self.padding, return_tensors="np")
+        finally:
+            np.random.set_state(rng_state)
         return feats["input_features"]
 
     def audio_embeddings(self, audios: Sequence[np.ndarray], sample_rate: int = CLAP_SAMPLE_RATE) -> np.ndarray:

@@ -312,7 +312,9 @@ def test_laion_quantize_truncates_toward_zero_and_clips():
 def test_fused_checkpoint_uses_fusion_and_repeatpad(tiny_clap_fused):
     scorer = ClapScorer(ClapConfig(model=str(tiny_clap_fused))).load(device="cpu")
     assert (scorer.truncation, scorer.padding) == ("fusion", "repeatpad")
+    np.random.seed(7)
     feats = scorer.input_features([_noise(4.0, 11)])
+    assert np.random.randint(1 << 30) == np.random.RandomState(7).randint(1 << 30)  # global RNG untouched
     assert feats.shape[1] == 4 and np.array_equal(feats[0, 0], feats[0, 3])  # four copies for <= 10 s
     meta = scorer.metadata()
     assert meta["clap_truncation"] == "fusion" and meta["clap_padding"] == "repeatpad"
