@@ -58,6 +58,9 @@ class Revision:
 
 REVISIONS: dict[str, Revision] = {"2025": Revision(peak_floor=0.1, one_to_one=True),
                                   "2023": Revision(peak_floor=None, one_to_one=False)}
+# the ledger columns a result fills (AVAlignResult.ledger_fields): the selected revision, then each one
+LEDGER_FIELDS: tuple[str, ...] = ("av_align", "audio_peaks", "video_peaks",
+                                  *(f"{c}_{v}" for v in VERSIONS for c in ("av_align", "video_peaks")))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 
 from augment.render import write_mp4
-from filters.av_align import (REVISIONS, VERSIONS, AVAlignConfig, av_align_score, audio_onsets, decode_request_for,
+from filters.av_align import (LEDGER_FIELDS, REVISIONS, VERSIONS, AVAlignConfig, av_align_score, audio_onsets, decode_request_for,
                               match_peaks, reference_audio, run_metadata, score_clip, score_decoded, video_motion,
                               video_peaks)
 from filters.rules import FilterConfig
@@ -321,7 +321,7 @@ def test_selected_version_picks_the_score_and_both_are_kept(event_clips):
         assert new.revisions[v].score == old.revisions[v].score
     fields = old.ledger_fields()
     assert fields["av_align"] == fields["av_align_2023"] and fields["video_peaks"] == fields["video_peaks_2023"]
-    assert {"av_align_2025", "video_peaks_2025", "audio_peaks"} <= set(fields)
+    assert set(fields) == set(LEDGER_FIELDS) and {"av_align_2025", "video_peaks_2023"} <= set(fields)
 
 
 # ---------------------------------------------------------------------------- CLI
