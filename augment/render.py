@@ -57,6 +57,7 @@ class RenderRequest:
     gray_fps: float | None = None  # None: the recipe's native output rate (video_fps)
     gray_max_side: int | None = None  # as in DecodeRequest: None keeps native resolution
     stretch_method: str | None = None  # None: the recipe's own method
+    resampler: str = "soxr_hq"  # how audio_rates are made from the source rate, as DecodeRequest.resampler
 
 
 def as_recipe(recipe: Recipe | Mapping[str, Any]) -> Recipe:
@@ -136,7 +137,8 @@ def _decode_segment(recipe: Recipe, i: int, req: RenderRequest, limits: DecodeLi
     end = max(ends)
     dreq = DecodeRequest(start_s=start, duration_s=end - start, audio_rates=tuple(req.audio_rates),
                          audio_native=req.audio_native, gray=req.gray, gray_max_side=req.gray_max_side,
-                         rgb_fps=src_rgb_fps, need_audio=want_audio, need_video=bool(req.gray or req.rgb_fps))
+                         rgb_fps=src_rgb_fps, need_audio=want_audio, need_video=bool(req.gray or req.rgb_fps),
+                         resampler=req.resampler)
     try:
         clip = decode(seg.video_path, dreq, dataclasses.replace(limits, min_duration_s=0.0))
     except DecodeError as e:
@@ -289,14 +291,15 @@ def render(recipe: Recipe | Mapping[str, Any], req: RenderRequest, limits: Decod
 
 def render_row(row: Mapping[str, Any], *, audio_rates: tuple[int, ...] | None = None, rgb_fps: float | None = None,
                gray: bool = False, gray_max_side: int | None = None, signal: SignalConfig = DEFAULT_SIGNAL,
-               limits: DecodeLimits = DecodeLimits()) -> DecodedClip:
+               limits: DecodeLimits = DecodeLimits(), resampler: str = "soxr_hq") -> DecodedClip:
     """Render a plan row (as stored, or as a runner passes it): the encode stage's entry point.
 
-    Unset rates default to the feature signal: audio at ``signal.feature_sr``, RGB at ``signal.clip_fps``.
+    Unset rates default to the feature signal: audio at ``signal.feature_sr``, RGB at ``signal.clip_fps``;
+    ``resampler`` makes them from the source rate (the encode stage passes its mel's).
     """
     req = RenderRequest(audio_rates=tuple(audio_rates) if audio_rates is not None else (signal.feature_sr,),
                         rgb_fps=rgb_fps if rgb_fps is not None else signal.clip_fps, gray=gray,
-                        gray_max_side=gray_max_side)
+                        gray_max_side=gray_max_side, resampler=resampler)
     return render(Recipe.from_row(row), req, limits)
 
 

@@ -3,9 +3,11 @@
     python bench/av_align.py [--clips DIR] [--fast-max-side N] [--repeat K] [--cv-threads T]
 
 Per clip it prints both modes' wall time (decode + compute, as ``score_clip`` measures it) and
-CPU time (all threads of this process), their ratios, both scores and whether both modes make the
-same keep/drop decision at the AV-Align threshold of ``FilterConfig``; then the Pearson r of the
-scores and the ratios overall. Each clip is scored in both modes back to back, so load on the
+CPU time (all threads of this process), their ratios, and for each published revision (2025,
+2023) the reference score, the fast score and the published number when the clip has one
+(``av_align_reference.json`` beside the clips); then, per revision, the Pearson r and whether
+fast mode makes the reference's keep/drop decisions at the AV-Align threshold of ``FilterConfig``,
+and on how many clips the two revisions' decisions disagree (reference mode). Each clip is scored in both modes back to back, so load on the
 machine hits both alike; fast mode runs ``--repeat`` times and its median counts. On a shared
 machine the CPU ratio is the steadier figure. OpenCV runs one thread by default, as in a clean
 worker (one worker per core).
@@ -23,10 +25,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from filters.av_align import AVAlignConfig, score_clip, warm_up
+from filters.av_align import VERSIONS, AVAlignConfig, score_clip, warm_up
 from filters.rules import FilterConfig
 
 CLIPS = Path(__file__).resolve().parents[1] / "tests" / "data" / "vggsound" / "video"
+PUBLISHED_KEY = {"2025": "score", "2023": "score_2023"}  # the fixture's field per revision
 
 
 def timed(path: Path, config: AVAlignConfig):
@@ -34,6 +37,25 @@ def timed(path: Path, config: AVAlignConfig):
     cpu = time.process_time()
     result = score_clip(path, config)
     return result, result.seconds, time.process_time() - cpu
+
+
+def print_decisions(scores: dict, n: int, threshold: float) -> None:
+    """Per revision: fast mode against reference mode and the published numbers; then the revisions'
+    disagreements at the threshold."""
+    keep = {key: np.asarray(vals, float) > threshold for key, vals in scores.items()}
+    for v in VERSIONS:
+        ref_s, fast_s, pub_s = (np.asarray(scores[v, m], float) for m in ("ref", "fast", "publ"))
+        r = float(np.corrcoef(ref_s, fast_s)[0, 1]) if n > 1 else float("nan")
+        known = ~np.isnan(pub_s)
+        exact = int(np.sum(np.round(ref_s[known], 6) == pub_s[known]))
+        print(f"revision {v}: fast makes {int(np.sum(keep[v, 'fast'] == keep[v, 'ref']))}/{n} of the "
+              f"reference's decisions at {threshold}; Pearson r = {r:.3f}; max |fast - reference| = "
+              f"{np.max(np.abs(fast_s - ref_s)):.3f}; reference equals the published number (6 decimals) on "
+              f"{exact}/{int(known.sum())} clips")
+    differ = int(np.sum(keep["2025", "ref"] != keep["2023", "ref"]))
+    print(f"revisions 2025 and 2023 disagree on {differ}/{n} keep/drop decisions at {threshold} "
+          f"(reference mode; fast mode: {int(np.sum(keep['2025', 'fast'] != keep['2023', 'fast']))}); "
+          f"load average now {os.getloadavg()[0]:.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"AV-Align reference vs fast (max side {args.fast_max_side}px), cv2 threads {args.cv_threads}, "
           f"threshold {threshold}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    cols = " ".join(f"{v + ' ' + k:>9s}" for v in VERSIONS for k in ("ref", "fast", "publ."))
     print(f"{'clip':24s} {'ref s':>7s} {'fast s':>6s} {'wall x':>6s} {'ref cpu':>7s} {'fast cpu':>8s} {'cpu x':>5s} "
-          f"{'ref':>6s} {'fast':>6s} {'publ.':>6s} {'A/V ref':>7s} {'V fast':>6s} same")
-    ref_scores, fast_scores, wall_x, cpu_x, agree = [], [], [], [], []
+          f"{cols} {'A':>3s}")
+    scores = {(v, m): [] for v in VERSIONS for m in ("ref", "fast", "publ")}
+    wall_x, cpu_x = [], []
     totals = np.zeros(4)  # ref wall, fast wall, ref cpu, fast cpu
     for f in files:
         ref, ref_wall, ref_cpu = timed(f, ref_cfg)
@@ -69,27 +93,23 @@ def main(argv: list[str] | None = None) -> int:
         fast = runs[0][0]
         fast_wall = statistics.median(r[1] for r in runs)
         fast_cpu = statistics.median(r[2] for r in runs)
-        same = (ref.score > threshold) == (fast.score > threshold)
-        pub = published.get(f.name, {}).get("score")
+        cells = []
+        for v in VERSIONS:
+            pub = published.get(f.name, {}).get(PUBLISHED_KEY[v])
+            for m, value in (("ref", ref.revisions[v].score), ("fast", fast.revisions[v].score), ("publ", pub)):
+                scores[v, m].append(np.nan if value is None else value)
+                cells.append(f"{'-' if value is None else f'{value:.6f}':>9s}")
         print(f"{f.name:24s} {ref_wall:7.2f} {fast_wall:6.3f} {ref_wall / fast_wall:6.1f} {ref_cpu:7.2f} "
-              f"{fast_cpu:8.3f} {ref_cpu / fast_cpu:5.1f} {ref.score:6.3f} {fast.score:6.3f} "
-              f"{'' if pub is None else f'{pub:6.3f}':>6s} {f'{ref.audio_peaks}/{ref.video_peaks}':>7s} "
-              f"{fast.video_peaks:6d} {'yes' if same else 'NO'}", flush=True)
-        ref_scores.append(ref.score)
-        fast_scores.append(fast.score)
+              f"{fast_cpu:8.3f} {ref_cpu / fast_cpu:5.1f} {' '.join(cells)} {ref.audio_peaks:3d}", flush=True)
         wall_x.append(ref_wall / fast_wall)
         cpu_x.append(ref_cpu / fast_cpu)
-        agree.append(same)
         totals += (ref_wall, fast_wall, ref_cpu, fast_cpu)
 
-    r = float(np.corrcoef(ref_scores, fast_scores)[0, 1]) if len(files) > 1 else float("nan")
     print(f"\nspeed reference/fast, wall: min {min(wall_x):.1f}x, median {statistics.median(wall_x):.1f}x, "
           f"all clips {totals[0] / totals[1]:.1f}x ({totals[0]:.1f}s vs {totals[1]:.2f}s)")
     print(f"speed reference/fast, CPU:  min {min(cpu_x):.1f}x, median {statistics.median(cpu_x):.1f}x, "
           f"all clips {totals[2] / totals[3]:.1f}x ({totals[2]:.1f}s vs {totals[3]:.2f}s)")
-    print(f"decisions at {threshold}: {sum(agree)}/{len(agree)} agree; Pearson r (fast vs reference) = {r:.3f}; "
-          f"max |fast - reference| = {max(abs(a - b) for a, b in zip(ref_scores, fast_scores)):.3f}; "
-          f"load average now {os.getloadavg()[0]:.1f}")
+    print_decisions(scores, len(files), threshold)
     return 0
 
 

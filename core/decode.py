@@ -3,7 +3,8 @@
 Time is presentation time (``pts * time_base``) of each stream, so variable frame rates,
 non-zero start times and odd rates (14.96, 21.5 fps) are handled by timestamps, never by frame
 counting. Audio is mixed to mono at its native rate, cut to the window by its timestamps, then
-resampled with soxr (``HQ``, the same quality librosa's default ``soxr_hq`` uses).
+resampled by ``core.resample`` with the request's ``resampler`` (default soxr ``HQ``, the quality
+librosa's default ``soxr_hq`` uses; ``torchaudio`` for AudioLDM's mel input).
 
 A request asks only for the work its consumer needs: small greyscale frames made from the luma
 plane (or by libswscale inside FFmpeg), the deblocking filter skipped for frames that are shrunk
@@ -25,13 +26,13 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-import soxr
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from core import storage
 from core.config import DecodeLimits
 from core.frames import resize_crop, short_side_size
 from core.native_threads import worker_threads
+from core.resample import resample
 
 # Planar YUV formats whose first plane is luma: the fast greyscale path reads it directly.
 _LUMA_FORMATS = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12", "yuv420p10le"}
@@ -75,6 +76,7 @@ class DecodeRequest:
     audio_native: bool = False  # also keep the window's audio at its native rate, channels unmixed, unpadded
     need_audio: bool = True
     need_video: bool = True
+    resampler: str = "soxr_hq"  # how audio_rates are made from the native rate (core.resample.RESAMPLERS)
 
     def __post_init__(self) -> None:
         if self.gray_scaler not in GRAY_SCALERS:
@@ -442,8 +444,7 @@ class _AudioChunks:
             mono = np.concatenate([np.zeros(lead, np.float32), mono])
             clip.audio_lead_s = lead / sr
         for rate in req.audio_rates:
-            clip.audio[rate] = (mono.copy() if rate == sr
-                                else soxr.resample(mono, sr, rate, quality="HQ").astype(np.float32, copy=False))
+            clip.audio[rate] = resample(mono, sr, rate, req.resampler)
         return mono.size / sr
 
 

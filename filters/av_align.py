@@ -3,17 +3,28 @@
 The published metric (``av_align.py`` in the authors' TempoTokens repository) scores one file:
 audio onsets from librosa's defaults at 22050 Hz, video motion as the mean Farneback optical-flow
 magnitude between consecutive native-resolution greyscale frames, motion peaks as strict local
-maxima of at least 0.1 at ``i / fps``, and an intersection over union where each video peak
-matches at most one audio peak lying within one frame of it.
+maxima at ``i / fps``, and an intersection over union of onsets and motion peaks matched within
+one frame. Two revisions of that file are published and both are computed here, in one pass
+(they share the onsets and the motion trajectory; docs/metrics.md says what differs):
+
+- ``2025`` (2025-02-13, the current file): motion peaks must be >= 0.1, and each video peak
+  matches at most one onset;
+- ``2023`` (2023-10, the original, what VTA-LDM-era papers ran): no floor, and an onset matches
+  the first video peak within one frame even when another onset already did (it reads an
+  undefined ``n``, taken as ``len(arr)``). Its "IoU" can therefore exceed 1.
 
 ``reference`` mode reproduces the published numbers: the audio is the file's own audio track
-downmixed the way FFmpeg does by default and clipped like a 16-bit WAV (what the reference WAVs
-hold), the frames are decoded through OpenCV's colour path. ``fast`` mode (the default for
-cleaning) changes only the video: luma decoded straight to a small size, Farneback there, the
-magnitudes divided by the scale so the 0.1 floor keeps its meaning. ``bench/av_align.py``
-measures how closely the two agree and how much faster ``fast`` is.
+mixed to mono by the channel mean and resampled with soxr HQ, exactly what ``librosa.load``
+does to a lossless float WAV of it (nothing clips), and the frames are decoded through OpenCV's
+colour path. ``fast`` mode (the default for cleaning) changes only the video: small luma frames,
+Farneback there, the magnitudes divided by the scale so the 0.1 floor keeps its meaning.
+``bench/av_align.py`` measures how closely the two agree and how much faster ``fast`` is.
 
-``python -m filters.av_align [--mode reference|fast] FILE...`` prints one JSON line per file.
+One deliberate difference: the published code divides by zero when a clip has neither onsets
+nor motion peaks; here that clip scores 0.
+
+``python -m filters.av_align [--mode reference|fast] [--version 2025|2023] FILE...`` prints one
+JSON line per file, with both revisions' scores.
 """
 from __future__ import annotations
 
@@ -22,19 +33,34 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Literal
+from pathlib import Path
 
-import av
 import cv2
 import librosa
 import numpy as np
-import soxr
 
 from core.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
 from core.decode import GRAY_SCALERS, DecodedClip, DecodeError, DecodeRequest, decode
 
 Mode = Literal["reference", "fast"]
+Version = Literal["2025", "2023"]
+VERSIONS: tuple[str, ...] = ("2025", "2023")
+
+
+@dataclass(frozen=True)
+class Revision:
+    """What one published revision of ``av_align.py`` does differently."""
+
+    peak_floor: float | None  # motion peaks below this (px/frame) are ignored; None: no floor
+    one_to_one: bool  # each video peak matches at most one onset
+
+
+REVISIONS: dict[str, Revision] = {"2025": Revision(peak_floor=0.1, one_to_one=True),
+                                  "2023": Revision(peak_floor=None, one_to_one=False)}
+# the ledger columns a result fills (AVAlignResult.ledger_fields): the selected revision, then each one
+LEDGER_FIELDS: tuple[str, ...] = ("av_align", "audio_peaks", "video_peaks",
+                                  *(f"{c}_{v}" for v in VERSIONS for c in ("av_align", "video_peaks")))
 
 
 @dataclass(frozen=True)
@@ -44,6 +70,10 @@ class AVAlignConfig:
     mode: Mode = field(default="fast", metadata={
         "help": "reference: native-resolution flow, reproduces the published numbers; "
                 "fast: flow on small luma frames, same keep/drop decisions, far cheaper"})
+    version: Version = field(default="2025", metadata={
+        "help": "which published revision of av_align.py the score (and the av_align filter) follows: "
+                "2025 (peaks >= 0.1, one-to-one matching) or 2023 (the original, used by VTA-LDM-era "
+                "papers); both are computed and stored either way"})
     fast_max_side: int = field(default=64, metadata={
         "help": "fast mode: long side (px) of the frames the optical flow runs on"})
     fast_skip_loop_filter: bool = field(default=True, metadata={
@@ -56,29 +86,80 @@ class AVAlignConfig:
     # Farneback (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags) as published.
     farneback: tuple[float, int, int, int, int, float, int] = field(
         default=(0.5, 3, 15, 3, 5, 1.2, 0), init=False)
-    peak_floor: float = field(default=0.1, init=False)  # motion peaks below this (px/frame) are ignored
     sample_rate: int = field(default=DEFAULT_SIGNAL.av_align_sr, init=False)  # librosa's default rate
 
     def __post_init__(self) -> None:
         if self.mode not in ("reference", "fast"):
             raise ValueError(f"AV-Align mode must be 'reference' or 'fast', not {self.mode!r}")
+        if self.version not in VERSIONS:
+            raise ValueError(f"AV-Align version must be one of {', '.join(VERSIONS)}, not {self.version!r}")
         if self.fast_max_side < 16:
             raise ValueError(f"fast_max_side must be at least 16 px, not {self.fast_max_side}")
         if self.fast_scaler not in GRAY_SCALERS:
             raise ValueError(f"fast_scaler must be one of {', '.join(GRAY_SCALERS)}, not {self.fast_scaler!r}")
 
+    @property
+    def revision(self) -> Revision:
+        return REVISIONS[self.version]
+
+
+def run_metadata(config: AVAlignConfig) -> dict:
+    """What a run records about the metric: the selected revision and what each revision does."""
+    return {"version": config.version, "mode": config.mode, "fast_max_side": config.fast_max_side,
+            "farneback": list(config.farneback), "sample_rate": config.sample_rate,
+            "revisions": {v: {"peak_floor": r.peak_floor, "one_to_one": r.one_to_one} for v, r in REVISIONS.items()},
+            "ledger_columns": {"av_align": f"the {config.version} revision",
+                               **{f"av_align_{v}": f"the {v} revision" for v in VERSIONS}}}
+
+
+@dataclass
+class RevisionScore:
+    """One revision's result on a clip (the onsets are shared)."""
+
+    score: float
+    video_peaks: int
+    matched: int
+    video_peak_times: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
 
 @dataclass
 class AVAlignResult:
+    """The selected revision's numbers at top level; ``revisions`` holds both."""
+
+    version: str
     score: float
     audio_peaks: int
     video_peaks: int
     fps: float
     frames: int
     seconds: float  # wall time: decode + compute for score_clip, compute only for score_decoded
+    revisions: dict[str, RevisionScore] = field(repr=False, default_factory=dict)
     audio_peak_times: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     video_peak_times: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     motion: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # native px/frame, per frame
+
+    def ledger_fields(self) -> dict:
+        """The ledger columns: ``av_align`` (selected revision) plus one score and peak count per revision."""
+        out = {"av_align": float(self.score), "audio_peaks": int(self.audio_peaks),
+               "video_peaks": int(self.video_peaks)}
+        for v, r in self.revisions.items():
+            out[f"av_align_{v}"] = float(r.score)
+            out[f"video_peaks_{v}"] = int(r.video_peaks)
+        return out
+
+
+def select_version(table, version: str):
+    """A ledger table (pandas) whose ``av_align`` and ``video_peaks`` are ``version``'s stored columns.
+
+    Rows scored before both revisions were stored (no per-revision value) keep what they have."""
+    if version not in VERSIONS:
+        raise ValueError(f"AV-Align version must be one of {', '.join(VERSIONS)}, not {version!r}")
+    out = table.copy()
+    for column in ("av_align", "video_peaks"):
+        chosen = f"{column}_{version}"
+        if chosen in out:
+            out[column] = out[chosen].where(out[chosen].notna(), out[column])
+    return out
 
 
 def decode_request_for(config: AVAlignConfig, signal: SignalConfig | None = None) -> DecodeRequest:
@@ -91,24 +172,15 @@ def decode_request_for(config: AVAlignConfig, signal: SignalConfig | None = None
                          gray_scaler=config.fast_scaler, skip_loop_filter=config.fast_skip_loop_filter)
 
 
-def reference_audio(channels: np.ndarray, layout: str, native_sr: int, sample_rate: int) -> np.ndarray:
-    """The audio the reference scores: FFmpeg's default downmix to mono (libswresample's matrix,
-    unnormalised for float output, e.g. (L + R) / sqrt(2)), clipped to [-1, 1] as a 16-bit WAV
-    clips it, then resampled as ``librosa.load`` does (soxr HQ)."""
+def reference_audio(channels: np.ndarray, native_sr: int, sample_rate: int) -> np.ndarray:
+    """What ``librosa.load`` makes of a lossless float WAV of these channels: their mean (no clipping,
+    whatever the level), resampled to ``sample_rate`` with soxr HQ and librosa's length rule."""
     if channels.ndim != 2 or channels.shape[1] == 0:
         return np.zeros(0, np.float32)
-    if channels.shape[0] == 1:
-        mono = channels[0]
-    elif layout == "stereo":  # libswresample's stereo -> mono matrix, without building a resampler
-        mono = (channels[0] + channels[1]) * np.float32(np.sqrt(0.5))
-    else:
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(channels, np.float32), format="fltp", layout=layout)
-        frame.sample_rate = native_sr
-        mixer = av.AudioResampler(format="flt", layout="mono", rate=native_sr)
-        mono = np.concatenate([f.to_ndarray().reshape(-1) for f in mixer.resample(frame) + mixer.resample(None)])
-    mono = np.clip(mono, -1.0, 1.0)
+    mono = librosa.to_mono(np.asarray(channels, np.float32)) if channels.shape[0] > 1 else channels[0]
+    mono = np.ascontiguousarray(mono, np.float32)
     if native_sr != sample_rate:
-        mono = soxr.resample(mono, native_sr, sample_rate, quality="HQ")
+        mono = librosa.resample(mono, orig_sr=native_sr, target_sr=sample_rate, res_type="soxr_hq")
     return mono.astype(np.float32, copy=False)
 
 
@@ -134,38 +206,57 @@ def video_motion(gray: np.ndarray, config: AVAlignConfig, scale: float = 1.0) ->
     return values
 
 
-def video_peaks(motion: np.ndarray, fps: float, floor: float) -> np.ndarray:
-    """Times ``i / fps`` of strict local maxima >= floor; the first and last frame never count."""
+def video_peaks(motion: np.ndarray, fps: float, floor: float | None) -> np.ndarray:
+    """Times ``i / fps`` of strict local maxima (>= ``floor`` unless it is None); the first and last
+    frame never count."""
     m = np.asarray(motion, dtype=np.float64)
     if m.size < 3:
         return np.zeros(0)
     mid = m[1:-1]
-    idx = np.nonzero((m[:-2] < mid) & (mid > m[2:]) & (mid >= floor))[0] + 1
-    return idx / fps
+    is_peak = (m[:-2] < mid) & (mid > m[2:])
+    if floor is not None:
+        is_peak &= mid >= floor
+    return (np.nonzero(is_peak)[0] + 1) / fps
 
 
-def match_peaks(audio_peaks, video_peaks, fps: float) -> int:
-    """Greedy one-to-one matching: each audio peak, in order, takes the first unused video peak
-    strictly within one frame of it. Returns the number of matched pairs."""
+def match_peaks(audio_peaks, video_peaks, fps: float, one_to_one: bool = True) -> int:
+    """Each audio peak, in order, takes the first video peak strictly within one frame of it; with
+    ``one_to_one`` (2025) only a video peak no earlier onset took. Returns the number of matched onsets."""
     window = 1.0 / fps
     used = np.zeros(len(video_peaks), bool)
     matched = 0
     for a in audio_peaks:
         for j, v in enumerate(video_peaks):
-            if not used[j] and v - window < a < v + window:
+            if not (one_to_one and used[j]) and v - window < a < v + window:
                 used[j] = True
                 matched += 1
                 break
     return matched
 
 
-def av_align_score(audio_peaks, video_peaks, fps: float) -> float:
-    """Intersection over union of the two peak sets; 0 when both are empty."""
+def av_align_score(audio_peaks, video_peaks, fps: float, version: str = "2025") -> float:
+    """Intersection over union of the two peak sets as the given revision counts it; 0 when both
+    are empty (the published code divides by zero there)."""
+    return _iou(audio_peaks, video_peaks, fps, REVISIONS[version])[0]
+
+
+def _iou(audio_peaks, video_peaks, fps: float, revision: Revision) -> tuple[float, int]:
     if not fps > 0:
         raise ValueError(f"frame rate must be positive, got {fps}")
-    matched = match_peaks(audio_peaks, video_peaks, fps)
+    matched = match_peaks(audio_peaks, video_peaks, fps, revision.one_to_one)
     union = len(audio_peaks) + len(video_peaks) - matched
-    return matched / union if union else 0.0
+    return (matched / union if union else 0.0), matched
+
+
+def score_revisions(a_peaks: np.ndarray, motion: np.ndarray, fps: float) -> dict[str, RevisionScore]:
+    """Every published revision's score from one set of onsets and one motion trajectory."""
+    out = {}
+    for version, revision in REVISIONS.items():
+        v_peaks = video_peaks(motion, fps, revision.peak_floor)
+        score, matched = _iou(a_peaks, v_peaks, fps, revision)
+        out[version] = RevisionScore(score=float(score), video_peaks=len(v_peaks), matched=matched,
+                                     video_peak_times=v_peaks)
+    return out
 
 
 def warm_up(config: AVAlignConfig = AVAlignConfig()) -> None:
@@ -177,7 +268,7 @@ def warm_up(config: AVAlignConfig = AVAlignConfig()) -> None:
 
 
 def score_decoded(clip: DecodedClip, config: AVAlignConfig = AVAlignConfig()) -> AVAlignResult:
-    """AV-Align of a clip decoded with (at least) ``decode_request_for(config)``."""
+    """AV-Align of a clip decoded with (at least) ``decode_request_for(config)``, both revisions."""
     t0 = time.perf_counter()
     if clip.gray is None or clip.audio_native is None:
         raise ValueError("clip lacks greyscale frames or native audio: decode it with decode_request_for(config)")
@@ -185,15 +276,15 @@ def score_decoded(clip: DecodedClip, config: AVAlignConfig = AVAlignConfig()) ->
         raise ValueError(f"reference mode needs native-resolution frames, got scale {clip.gray_scale:.3f}")
     if not clip.video_fps > 0:
         raise DecodeError("decode_error", "video stream has no frame rate")
-    y = reference_audio(clip.audio_native, clip.audio_layout, clip.native_sr, config.sample_rate)
+    y = reference_audio(clip.audio_native, clip.native_sr, config.sample_rate)
     a_peaks = audio_onsets(y, config.sample_rate)
     motion = video_motion(clip.gray, config, clip.gray_scale)
-    v_peaks = video_peaks(motion, clip.video_fps, config.peak_floor)
-    score = av_align_score(a_peaks, v_peaks, clip.video_fps)
-    return AVAlignResult(score=float(score), audio_peaks=len(a_peaks), video_peaks=len(v_peaks),
-                         fps=float(clip.video_fps), frames=int(len(clip.gray)),
-                         seconds=time.perf_counter() - t0, audio_peak_times=a_peaks, video_peak_times=v_peaks,
-                         motion=motion)
+    revisions = score_revisions(a_peaks, motion, clip.video_fps)
+    chosen = revisions[config.version]
+    return AVAlignResult(version=config.version, score=chosen.score, audio_peaks=len(a_peaks),
+                         video_peaks=chosen.video_peaks, fps=float(clip.video_fps), frames=int(len(clip.gray)),
+                         seconds=time.perf_counter() - t0, revisions=revisions, audio_peak_times=a_peaks,
+                         video_peak_times=chosen.video_peak_times, motion=motion)
 
 
 def score_clip(path: str | Path, config: AVAlignConfig = AVAlignConfig(), start_s: float = 0.0,
@@ -221,8 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.files:
         try:
             r = score_clip(path, config)
-            line = {"path": path, "score": round(r.score, 6), "audio_peaks": r.audio_peaks,
+            line = {"path": path, "version": r.version, "score": round(r.score, 6), "audio_peaks": r.audio_peaks,
                     "video_peaks": r.video_peaks, "fps": r.fps, "seconds": round(r.seconds, 3)}
+            for v, rev in r.revisions.items():
+                line[f"score_{v}"] = round(rev.score, 6)
+                line[f"video_peaks_{v}"] = rev.video_peaks
         except (DecodeError, ValueError) as e:
             failed += 1
             reason = e.ledger_reason if isinstance(e, DecodeError) else f"{type(e).__name__}: {e}"

@@ -3,13 +3,24 @@
 VTA-LDM keeps a pair when ``cosine(audio, text("the sound of {label}")) > 0.3`` with LAION-CLAP's
 ``630k-audioset-best`` checkpoint (``laion/clap-htsat-unfused`` on the Hugging Face hub).
 
-Reproducibility: LAION's feature extraction crops audio longer than 10 s at a random offset, and
-for fused checkpoints marks one random clip of every batch as "longer". Neither happens here:
-audio longer than the model's window (10 s at 48 kHz, read from the checkpoint's feature
-extractor) is cut deterministically (``window="start"``: the first 10 s, i.e. exactly the clip's
+LAION's input, step by step (``get_audio_embedding_from_data``), reproduced here:
+1. every waveform is quantised through int16 (``int16_to_float32(float32_to_int16(x))``: clip to
+   [-1, 1], times 32767, truncate toward zero, divide by 32767), ``laion_quantize``; skipping it
+   moves near-silent mel bins by up to 12 dB;
+2. truncation and padding are passed explicitly, never inherited from the checkpoint's
+   preprocessor config: ``rand_trunc`` + ``repeatpad`` for unfused checkpoints (LAION's
+   ``630k-audioset-best``), ``fusion`` + ``repeatpad`` for fused ones (``laion_modes``);
+3. the mel is the checkpoint's own (transformers ``ClapFeatureExtractor``: HTSAT's Slaney mel
+   for unfused, the HTK mel stacked four times for fused audio of at most 10 s).
+
+Reproducibility: LAION crops audio longer than 10 s at a random offset, and transformers'
+extractor marks one random clip of every fused batch as "longer". Neither happens here: audio
+longer than the model's window (10 s at 48 kHz, read from the checkpoint's feature extractor)
+is cut deterministically (``window="start"``: the first 10 s, i.e. exactly the clip's
 ``[start_s, start_s + 10)``; ``"center"``: the middle 10 s), so no clip ever reaches the random
-crop; shorter audio is repeat-padded as LAION does; ``is_longer`` is always false. A clip's
-score is therefore the same on every run, in every batch and on every worker.
+crop; shorter audio is repeat-padded as LAION does; ``is_longer`` is always false (for a clip of
+at most 10 s LAION's own value). A clip's score is therefore the same on every run, in every
+batch and on every worker.
 
 The score is the cosine of the normalised embeddings, never the model's logits (those are
 multiplied by ``exp(logit_scale)``, about 14-100).
@@ -90,6 +101,17 @@ def unavailable_message(model: str, cause: str) -> str:
     )
 
 
+def laion_quantize(audio: np.ndarray) -> np.ndarray:
+    """LAION-CLAP's ``int16_to_float32(float32_to_int16(x))``: clip, x 32767, truncate, / 32767."""
+    x = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
+    return ((x * np.float32(32767.0)).astype(np.int16) / 32767.0).astype(np.float32)
+
+
+def laion_modes(enable_fusion: bool) -> tuple[str, str]:
+    """(truncation, padding) as LAION's ``get_audio_embedding_from_data`` passes them."""
+    return ("fusion" if enable_fusion else "rand_trunc"), "repeatpad"
+
+
 def clap_window(audio: np.ndarray, n_samples: int, rule: str = "start") -> np.ndarray:
     """The deterministic ``n_samples`` window CLAP hears; shorter audio is returned whole."""
     audio = np.asarray(audio, dtype=np.float32).reshape(-1)
@@ -139,6 +161,7 @@ class ClapScorer:
         self.tokenizer = None
         self.device = "cpu"
         self.resolved: ResolvedModel | None = None
+        self.truncation, self.padding = laion_modes(False)
         self._text_cache: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -192,6 +215,7 @@ class ClapScorer:
                                    f"{CLAP_SAMPLE_RATE} Hz (LAION CLAP)")
         self.device = device
         self.model = model.to(device).eval()
+        self.truncation, self.padding = laion_modes(bool(getattr(model.config.audio_config, "enable_fusion", False)))
         self.feature_extractor = feature_extractor
         self.tokenizer = tokenizer
         self._text_cache.clear()
@@ -212,6 +236,21 @@ class ClapScorer:
         if not self.loaded:
             raise RuntimeError("ClapScorer.load() must be called (once per worker) before scoring")
 
+    def input_features(self, windows: Sequence[np.ndarray]) -> np.ndarray:
+        """The model input for audio windows of at most 10 s at 48 kHz: LAION's int16 round trip,
+        then the checkpoint's mel with LAION's truncation and padding, passed explicitly."""
+        self._require_loaded()
+        # for fused checkpoints the extractor draws a "longer" clip from NumPy's global generator
+        # (the scorer ignores it): keep that state as it was, so nothing else's randomness moves
+        rng_state = np.random.get_state()
+        try:
+            # a list always takes the feature extractor's batched (float64) path: batch == one-by-one
+            feats = self.feature_extractor([laion_quantize(w) for w in windows], sampling_rate=CLAP_SAMPLE_RATE,
+                                           truncation=self.truncation, padding=self.padding, return_tensors="np")
+        finally:
+            np.random.set_state(rng_state)
+        return feats["input_features"]
+
     def audio_embeddings(self, audios: Sequence[np.ndarray], sample_rate: int = CLAP_SAMPLE_RATE) -> np.ndarray:
         """L2-normalised embeddings [B, D] of mono float audio at 48 kHz, in batches of ``batch_size``.
 
@@ -229,15 +268,12 @@ class ClapScorer:
         bs = self.config.batch_size
         for lo in range(0, len(usable), bs):
             idx = usable[lo: lo + bs]
-            # a list always takes the feature extractor's batched (float64) path: batch == one-by-one
-            feats = self.feature_extractor([windows[i] for i in idx], sampling_rate=CLAP_SAMPLE_RATE,
-                                           return_tensors="pt")
+            feats = torch.from_numpy(self.input_features([windows[i] for i in idx]))
             # every window is at most 10 s: never "longer" (the extractor would flag a random one)
             is_longer = torch.zeros((len(idx), 1), dtype=torch.bool)
             with torch.inference_mode():
-                emb = self.model.get_audio_features(
-                    input_features=feats["input_features"].to(self.device, torch.float32),
-                    is_longer=is_longer.to(self.device))
+                emb = self.model.get_audio_features(input_features=feats.to(self.device, torch.float32),
+                                                    is_longer=is_longer.to(self.device))
             out[idx] = _l2_normalise(_pooled(emb).float().cpu().numpy())
         return out
 
@@ -285,8 +321,10 @@ class ClapScorer:
                 "clap_sample_rate": CLAP_SAMPLE_RATE,
                 "clap_projection_dim": self.embedding_dim,
                 "clap_enable_fusion": bool(getattr(cfg.audio_config, "enable_fusion", False)),
-                "clap_truncation": getattr(self.feature_extractor, "truncation", None),
-                "clap_padding": getattr(self.feature_extractor, "padding", None),
+                "clap_truncation": self.truncation,
+                "clap_padding": self.padding,
+                "clap_checkpoint_truncation": getattr(self.feature_extractor, "truncation", None),
+                "clap_checkpoint_padding": getattr(self.feature_extractor, "padding", None),
                 "clap_commit": getattr(cfg, "_commit_hash", None),
             })
         return meta
@@ -296,22 +334,29 @@ def run_metadata(config: ClapConfig) -> dict[str, Any]:
     """CLAP settings for ``run.json``; says plainly when CLAP was skipped."""
     meta = {f"clap_{k}": v for k, v in asdict(config).items()}
     meta["clap_skipped"] = not config.enabled
+    if config.enabled:
+        meta["clap_quantize"] = "int16 round trip (LAION float32_to_int16 / int16_to_float32)"
+        meta["clap_is_longer"] = False
     meta["clap_score"] = ("cosine of L2-normalised CLAP audio and text embeddings"
                           if config.enabled else "skipped (--clap-model none): clap_score is missing for every row")
     return meta
 
 
-def check_available(config: ClapConfig) -> None:
+def check_available(config: ClapConfig) -> dict[str, Any] | None:
     """Start-up check, before any decoding: load the model once (on CPU) or raise ``ClapModelUnavailable``.
 
-    ``--clap-model none`` returns at once without loading anything.
+    Returns the loaded model's ``metadata()`` (truncation, padding, fusion: for ``run.json``);
+    ``--clap-model none`` returns None at once without loading anything.
     """
     if not config.enabled:
-        return
+        return None
     if config.device != "auto":
         _device(config.device)
     scorer = ClapScorer(config).load(device="cpu")
+    meta = scorer.metadata()
+    meta.pop("clap_device", None)  # where the start-up check ran, not where workers score
     scorer.unload()
+    return meta
 
 
 def _device(preference: str) -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from filters.av_align import AVAlignConfig
+from filters.av_align import AVAlignConfig, select_version
+from filters.av_align import run_metadata as av_align_metadata
 from filters.clap import ClapConfig, ClapModelUnavailable, check_available, run_metadata
 from filters.curation import CurationConfig, CurationFilters
 from filters.speech_music import SpeechMusicConfig
@@ -161,7 +162,8 @@ def scoring_settings(args: argparse.Namespace, stage_config: CleanStageConfig) -
     clap, sm = stage_config.clap, stage_config.speech_music
     return {
         "signal": asdict(stage_config.signal),
-        "av_align": asdict(stage_config.av_align),
+        # the revision only picks which stored column is `av_align`: switching it re-filters, never rescores
+        "av_align": {k: v for k, v in asdict(stage_config.av_align).items() if k != "version"},
         "decode": {k: getattr(stage_config.limits, k) for k in ("min_duration_s", "trimmed_slack_s")},
         "clap": None if clap is None else {k: getattr(clap, k) for k in ("model", "template", "window")},
         "speech_music_prompts": None if sm is None else {
@@ -221,16 +223,17 @@ def clean(args: argparse.Namespace) -> int:
                                     curation=from_args(CurationConfig, args), batch_size=run_cfg.batch_size)
     curation = from_args(CurationFilters, args)
     root, out = resolve_paths(args)
-    check_available(clap)  # a missing model stops the run here, before anything is decoded
+    clap_meta = check_available(clap)  # a missing model stops the run here, before anything is decoded
     with FolderLock(out, purpose=f"pipeline.clean --dataset {args.dataset}"):
-        return _clean_locked(args, root, out, run_cfg, stage_config, (filters, curation), options, clap,
-                             speech_music)
+        return _clean_locked(args, root, out, run_cfg, stage_config, (filters, curation), options,
+                             (clap, clap_meta), speech_music)
 
 
 def _clean_locked(args, root: Path, out: Path, run_cfg: RunConfig, stage_config: CleanStageConfig,
-                  rules: tuple[FilterConfig, CurationFilters], options: RunnerOptions, clap: ClapConfig,
-                  speech_music: SpeechMusicConfig) -> int:
+                  rules: tuple[FilterConfig, CurationFilters], options: RunnerOptions,
+                  clap_and_meta: tuple[ClapConfig, dict | None], speech_music: SpeechMusicConfig) -> int:
     """The run itself, with OUT locked: check settings, resume, score, filter, finalize."""
+    clap, clap_meta = clap_and_meta
     signal = stage_config.signal
     filters, curation = rules
     settings = scoring_settings(args, stage_config)
@@ -269,6 +272,8 @@ def _clean_locked(args, root: Path, out: Path, run_cfg: RunConfig, stage_config:
     # hours from the journal, not from on_batch: remote Beam workers journal batches the driver never sees
     ran = journal[journal["key"].isin({r["key"] for r in pending}) & (journal["status"] == OK)]
     video_s = float(ran["duration_s"].fillna(0.0).sum())
+    # both revisions are stored: the selected one becomes av_align, so switching re-filters without rescoring
+    journal = select_version(journal, stage_config.av_align.version)
     final = apply_filters(journal, filters, rule, curation, args.dataset)
     missing = keys - set(final["key"])
     if missing:  # every input item must be accounted for; a gap means a runner lost rows
@@ -277,7 +282,9 @@ def _clean_locked(args, root: Path, out: Path, run_cfg: RunConfig, stage_config:
     meta = {
         "dataset": args.dataset, "root": str(root), "runner": options.runner,
         "filters": asdict(filters), "av_align": asdict(stage_config.av_align),
-        "signal": asdict(signal), "clap": run_metadata(clap), "clap_skipped": not clap.enabled,
+        "av_align_version": stage_config.av_align.version,
+        "av_align_revisions": av_align_metadata(stage_config.av_align)["revisions"],
+        "signal": asdict(signal), "clap": {**run_metadata(clap), **(clap_meta or {})}, "clap_skipped": not clap.enabled,
         "speech_music": {**asdict(speech_music), "enabled": rule is not None},
         "curation": asdict(stage_config.curation),
         "curation_rules": {**asdict(curation), "enabled": {name: curation.enabled(name, args.dataset)

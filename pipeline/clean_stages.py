@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from filters.av_align import AVAlignConfig, decode_request_for, score_decoded, warm_up
+from filters.av_align import LEDGER_FIELDS, AVAlignConfig, decode_request_for, score_decoded, warm_up
 from filters.curation import SCORE_COLUMNS as CURATION_COLUMNS
 from filters.curation import (VAD_SAMPLE_RATE, CurationConfig, SpeechDetector, motion_scores, scene_cut_times,
                               silence_scores)
@@ -55,8 +55,7 @@ class DecodeScoreStage(Stage):
 
     name = "decode_av_align"
     reads = ("video_path", "source", "start_s", "duration_s")
-    writes = ("start_s", "duration_s", "video_fps", "av_align", "audio_peaks", "video_peaks", *CURATION_COLUMNS,
-              AUDIO_FOR_CLAP)
+    writes = ("start_s", "duration_s", "video_fps", *LEDGER_FIELDS, *CURATION_COLUMNS, AUDIO_FOR_CLAP)
     transient = (AUDIO_FOR_CLAP,)
 
     def __init__(self, config: CleanStageConfig):
@@ -88,8 +87,7 @@ class DecodeScoreStage(Stage):
             return None
         audio = clip.audio[VAD_SAMPLE_RATE]
         row.update(start_s=clip.start_s, duration_s=clip.duration_s, video_fps=clip.video_fps,
-                   av_align=float(result.score), audio_peaks=int(result.audio_peaks),
-                   video_peaks=int(result.video_peaks), status=OK, reason="",
+                   **result.ledger_fields(), status=OK, reason="",
                    scene_cuts=scene_cut_times(clip.gray, clip.gray_times, clip.video_fps, self.config.curation),
                    **silence_scores(audio, VAD_SAMPLE_RATE, self.config.curation.silent_frame_db),
                    **motion_scores(result.motion))

@@ -18,7 +18,7 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from tqdm import tqdm
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch handed to a worker")
     add_config_args(p.add_argument_group("encoders"), EncoderConfig)
     add_config_args(p.add_argument_group("shards"), ShardConfig)
+    add_config_args(p.add_argument_group("feature audio"), MelConfig, prefix="mel_",
+                    skip=tuple(f.name for f in fields(MelConfig) if f.name != "resampler"))
     add_config_args(p.add_argument_group("engine"), RunnerOptions)
     return p
 
@@ -199,7 +201,7 @@ def summarise(run: EncodeRun, counts: Counts, todo: int, seconds: float) -> None
 def encode(args: argparse.Namespace) -> int:
     enc, shard_cfg = from_args(EncoderConfig, args), from_args(ShardConfig, args)
     options = from_args(RunnerOptions, args)
-    mel = MelConfig.from_signal(DEFAULT_SIGNAL)
+    mel = MelConfig.from_signal(DEFAULT_SIGNAL, resampler=args.mel_resampler)
     remote = destination(args) if storage.is_url(destination(args)) else ""
     if remote:
         check_destination(remote)  # a wrong endpoint or missing credentials fail now, not after the work

@@ -61,6 +61,11 @@ SCHEMA = pa.schema([
     ("scene_cuts", pa.list_(pa.float64())),
     ("motion_max", pa.float64()),
     ("motion_mean", pa.float64()),
+    # AV-Align of each published revision (av_align / video_peaks above are the selected one's)
+    ("av_align_2025", pa.float64()),
+    ("av_align_2023", pa.float64()),
+    ("video_peaks_2025", pa.int32()),
+    ("video_peaks_2023", pa.int32()),
     ("line", pa.int64()),
     ("settings_fp", pa.string()),
 ])

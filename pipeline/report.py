@@ -145,13 +145,42 @@ def threshold(meta: dict, name: str) -> float | None:
     return None
 
 
+def av_align_version(meta: dict) -> str | None:
+    """The AV-Align revision the run filtered on (``av_align_version``, or the ``av_align`` section)."""
+    version = meta.get("av_align_version") or (meta.get("av_align") or {}).get("version")
+    return str(version) if version else None
+
+
+def _av_align_revisions(df: pd.DataFrame, version: str | None, av_min: float | None) -> list[str]:
+    """Which revision filtered, and how the two published revisions' keep/drop decisions compare."""
+    out = ["<h3>AV-Align revision</h3>",
+           f"<p>Filtered on the <b>{_e(version or 'unrecorded')}</b> revision of the published av_align.py "
+           "(2025: motion peaks &gt;= 0.1, one-to-one matching; 2023: the original, no floor, onsets may share a "
+           "peak). Both are stored in the ledger (av_align_2025, av_align_2023).</p>"]
+    cols = ("av_align_2025", "av_align_2023")
+    if av_min is None or not all(c in df for c in cols):
+        return out
+    both = df[list(cols)].apply(pd.to_numeric, errors="coerce").dropna()
+    if both.empty:
+        return out
+    keep = both > av_min
+    differ = int((keep[cols[0]] != keep[cols[1]]).sum())
+    rows = [(c.split("_")[-1], int(keep[c].sum()), len(both)) for c in cols]
+    out.append(_table(("revision", f"kept at AV-Align > {av_min:g}", "scored"), rows))
+    out.append(f"<p>The two revisions disagree on {differ} of {len(both)} scored clips.</p>")
+    return out
+
+
 def _scores(df: pd.DataFrame, meta: dict) -> list[str]:
     out = ["<h2>Score distributions</h2>", "<div class='pair'>"]
     clap_note = "CLAP skipped (--clap-model none): no scores." if clap_skipped(meta) else None
     out.append(_histogram(df["clap_score"], "CLAP score (audio-text cosine)", threshold(meta, "clap_min"),
                           clap_note))
-    out.append(_histogram(df["av_align"], "AV-Align", threshold(meta, "av_align_min"), None))
+    version = av_align_version(meta)
+    title = f"AV-Align ({version} revision)" if version else "AV-Align"
+    out.append(_histogram(df["av_align"], title, threshold(meta, "av_align_min"), None))
     out.append("</div>")
+    out += _av_align_revisions(df, version, threshold(meta, "av_align_min"))
     if df["speech_score"].notna().any() or df["music_score"].notna().any():
         out += ["<div class='pair'>",
                 _histogram(df["speech_score"], "speech score (best speech prompt cosine)", None, None),

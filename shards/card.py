@@ -7,10 +7,11 @@ the same bytes); ``DatasetCard.from_json`` reads it back and refuses other card 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from core.config import DEFAULT_SIGNAL
+from core.resample import RESAMPLER_NOTES
 from core.version import code_version
 from shards.config import MEMBER_MEL, MEMBER_ORDER, EncoderConfig, MelConfig, ShardConfig, latent_shape
 from core.models import ResolvedModel
@@ -81,6 +82,10 @@ class DatasetCard:
     failed: int
     failed_reasons: dict[str, int]
     format: str = field(default=CARD_FORMAT)
+    # how the 16 kHz feature audio was resampled (name, definition, implementation); cards written
+    # before it was recorded lack it
+    feature_resampler: dict[str, Any] = field(default_factory=dict)
+    av_align_version: str | None = None  # the AV-Align revision the ledger filtered on
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
@@ -91,7 +96,8 @@ class DatasetCard:
         if raw.get("format") != CARD_FORMAT:
             raise CardError(f"card format {raw.get('format')!r}: this code reads {CARD_FORMAT!r}")
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(raw))
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(raw))
         if missing:
             raise CardError(f"card lacks fields {', '.join(missing)}")
         return cls(**{k: v for k, v in raw.items() if k in names})
@@ -131,9 +137,11 @@ def build_card(enc: EncoderConfig, clip: ResolvedModel, vae: ResolvedModel, hash
                plan_meta: dict | None, random_reason: str) -> DatasetCard:
     random_weights = is_random(clip.path) or is_random(vae.path)
     reason = (random_reason or "weights were built by shards.random_models") if random_weights else ""
-    ledger_run = {k: run_meta[k] for k in ("dataset", "code_version", "counts", "clap", "clap_skipped")
-                  if k in run_meta}
+    ledger_run = {k: run_meta[k] for k in ("dataset", "code_version", "counts", "clap", "clap_skipped", "av_align",
+                                           "av_align_version", "av_align_revisions") if k in run_meta}
     return DatasetCard(code_version=code_version(), random_weights=random_weights, random_weights_reason=reason,
                        **_clip_fields(enc, clip, hashes["clip"]), **_audio_fields(enc, vae, hashes["vae"], mel),
                        thresholds=run_meta.get("filters", run_meta.get("thresholds")), ledger_run=ledger_run,
-                       augmentation_plan=plan_meta, shard_size=shard_cfg.shard_size, shards=shards, **asdict(counts))
+                       augmentation_plan=plan_meta, shard_size=shard_cfg.shard_size, shards=shards, **asdict(counts),
+                       feature_resampler=RESAMPLER_NOTES[mel.resampler],
+                       av_align_version=run_meta.get("av_align_version", (run_meta.get("av_align") or {}).get("version")))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from core.config import DEFAULT_SIGNAL, SignalConfig
 from core.registry import default_spec
+from core.resample import RESAMPLERS
 
 DEFAULT_CLIP_MODEL = default_spec("clip")
 DEFAULT_VAE = default_spec("audioldm_vae")  # owner/name/vae; a bare pipeline id uses its vae/ subfolder too
@@ -44,14 +45,23 @@ class MelConfig:
     # AudioLDM's read_wav_file: remove the mean, scale the peak to 0.5 (the VAE was trained on such
     # mels); 0 keeps the waveform as decoded. Silence stays silence.
     peak: float = 0.5
+    # how the 16 kHz audio is made from the clip's native rate: AudioLDM's read_wav_file and VTA-LDM
+    # use torchaudio.functional.resample at its defaults (core/resample.py implements that kernel)
+    resampler: str = field(default="torchaudio", metadata={
+        "help": "16 kHz feature-audio resampler: torchaudio (functional.resample defaults, as AudioLDM/VTA-LDM) "
+                "or soxr_hq", "choices": RESAMPLERS})
+
+    def __post_init__(self) -> None:
+        if self.resampler not in RESAMPLERS:
+            raise ValueError(f"mel resampler must be one of {', '.join(RESAMPLERS)}, not {self.resampler!r}")
 
     @property
     def num_samples(self) -> int:
         return int(round(self.sample_rate * self.seconds))
 
     @classmethod
-    def from_signal(cls, signal: SignalConfig = DEFAULT_SIGNAL) -> "MelConfig":
-        return cls(sample_rate=signal.feature_sr, seconds=signal.feature_seconds)
+    def from_signal(cls, signal: SignalConfig = DEFAULT_SIGNAL, resampler: str = "torchaudio") -> "MelConfig":
+        return cls(sample_rate=signal.feature_sr, seconds=signal.feature_seconds, resampler=resampler)
 
 
 @dataclass(frozen=True)

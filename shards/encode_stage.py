@@ -40,7 +40,7 @@ RECIPE_FIELDS = ("segments", "rate", "cut_s", "crossfade_s", "stretch_method", "
 SAMPLE_FIELDS = ("key", "kind", "caption", "label", "source", "split", "youtube_id", "video_path", "start_s",
                  "duration_s", "video_fps", "original_key")  # what sample_json describes
 SCORE_COLUMNS = ("clap_score", "av_align", "audio_peaks", "video_peaks", "speech_score", "music_score",
-                 "event_score")
+                 "event_score", "av_align_2025", "av_align_2023", "video_peaks_2025", "video_peaks_2023")
 KIND_CLIP = "clip"  # a ledger clip; plan rows carry their recipe kind (concat, stretch)
 
 
@@ -115,13 +115,13 @@ class SignalStage(Stage):
             duration = float(duration) if duration is not None and not math.isnan(float(duration)) else sig.window_s
             # frames resized to CLIP's input as they are decoded: memory follows the output, not the source
             req = DecodeRequest(start_s=float(row.get("start_s") or 0.0), duration_s=duration,
-                                audio_rates=(sig.feature_sr,), rgb_fps=sig.clip_fps,
+                                audio_rates=(sig.feature_sr,), rgb_fps=sig.clip_fps, resampler=self.config.mel.resampler,
                                 rgb_size=self.config.clip_image_size)
             return decode(row["video_path"], req, self.config.limits)
         if self.config.render is None:
             raise ValueError(f"plan row of kind {row.get('kind')!r} but no recipe renderer was configured")
         return self.config.render(row, audio_rates=(sig.feature_sr,), rgb_fps=sig.clip_fps, signal=sig,
-                          limits=self.config.limits)
+                                  limits=self.config.limits, resampler=self.config.mel.resampler)
 
     def process_row(self, row: Row) -> Row:
         if not is_pending(row):

@@ -38,7 +38,8 @@ def ledger_row(key: str, video_path: str | Path, *, label: str = "dog barking", 
             "video_path": str(video_path), "label": label, "caption": f"the sound of {label}", "split": split,
             "start_s": start_s, "duration_s": duration_s, "video_fps": 25.0, "status": status, "reason": reason,
             "clap_score": clap, "av_align": av_align, "audio_peaks": 3, "video_peaks": 3, "speech_score": None,
-            "music_score": None, "event_score": None, "line": None}
+            "music_score": None, "event_score": None, "av_align_2025": av_align, "av_align_2023": av_align,
+            "video_peaks_2025": 3, "video_peaks_2023": 3, "line": None}
 
 
 def write_ledger(out: Path, rows: list[dict]) -> Path:

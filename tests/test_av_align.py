@@ -1,8 +1,9 @@
-"""AV-Align: the published numbers on real clips, fast-mode agreement, the metric's own rules, the CLI.
+"""AV-Align: the published numbers of both revisions on real clips, the loud-clip audio path,
+fast-mode agreement, the metric's own rules, the CLI.
 
 Reference mode runs Farneback at native resolution on the five real clips: the costly part of
-this file (tens of seconds per 720p clip here). Each clip is scored once per session and shared by
-the tests that need it.
+this file (tens of seconds per 720p clip here), so those tests are marked slow. Each clip is
+scored once per session and shared by the tests that need it.
 """
 import functools
 import json
@@ -10,13 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
+import librosa
 import numpy as np
 import pytest
+import soundfile as sf
 
-from filters.av_align import (AVAlignConfig, av_align_score, decode_request_for, match_peaks, reference_audio,
-                              score_clip, score_decoded, video_motion, video_peaks)
+from augment.render import write_mp4
+from filters.av_align import (LEDGER_FIELDS, REVISIONS, VERSIONS, AVAlignConfig, av_align_score, audio_onsets, decode_request_for,
+                              match_peaks, reference_audio, run_metadata, score_clip, score_decoded, video_motion,
+                              video_peaks)
 from filters.rules import FilterConfig
-from core.decode import DecodeError, DecodeRequest, decode
+from core.decode import DecodedClip, DecodeError, DecodeRequest, decode
 from core.synth import write_event_clip
 
 DATA = Path(__file__).parent / "data" / "vggsound"
@@ -24,6 +30,8 @@ PUBLISHED = json.loads((DATA / "av_align_reference.json").read_text())
 CLIPS = sorted(PUBLISHED)
 THRESHOLD = FilterConfig().av_align_min
 ROOT = Path(__file__).resolve().parents[1]
+# the fixture's names for each revision's score and video peak count
+FIXTURE_KEYS = {"2025": ("score", "video_peaks"), "2023": ("score_2023", "video_peaks_2023")}
 
 
 @functools.cache
@@ -34,22 +42,31 @@ def scored(name: str, mode: str):
 # ---------------------------------------------------------------------------- real clips
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLIPS)
-def test_reference_mode_reproduces_published_numbers(name):
+def test_reference_mode_reproduces_both_published_revisions(name):
     result, published = scored(name, "reference"), PUBLISHED[name]
-    assert abs(result.score - published["score"]) < 0.01
     assert result.fps == published["fps"] and result.frames == published["frames"]
-    # the peak sets themselves, not just a lucky ratio
-    assert abs(result.audio_peaks - published["audio_peaks"]) <= 1
-    assert abs(result.video_peaks - published["video_peaks"]) <= 1
+    assert result.audio_peaks == published["audio_peaks"]
+    for version, (score_key, peaks_key) in FIXTURE_KEYS.items():
+        rev = result.revisions[version]
+        assert round(rev.score, 6) == published[score_key], version
+        assert rev.video_peaks == published[peaks_key], version
+    # the selected revision (2025 by default) is the top-level score
+    assert result.version == "2025" and result.score == result.revisions["2025"].score
 
 
-def test_fast_mode_makes_the_reference_decisions():
-    ref = np.array([scored(n, "reference").score for n in CLIPS])
-    fast = np.array([scored(n, "fast").score for n in CLIPS])
-    assert list(fast > THRESHOLD) == list(ref > THRESHOLD)
-    assert np.corrcoef(ref, fast)[0, 1] >= 0.95
-    assert np.all(np.abs(fast - ref) < 0.1)
+@pytest.mark.slow
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fast_mode_makes_the_reference_decisions(version):
+    score_key = FIXTURE_KEYS[version][0]
+    published = np.array([PUBLISHED[n][score_key] for n in CLIPS])
+    ref = np.array([scored(n, "reference").revisions[version].score for n in CLIPS])
+    fast = np.array([scored(n, "fast").revisions[version].score for n in CLIPS])
+    np.testing.assert_allclose(ref, published, atol=5e-7)
+    assert list(fast > THRESHOLD) == list(published > THRESHOLD)
+    assert np.corrcoef(published, fast)[0, 1] >= 0.9
+    assert np.all(np.abs(fast - published) < 0.1)
 
 
 def test_fast_mode_scores_small_frames_in_native_pixels():
@@ -85,6 +102,51 @@ def test_reference_mode_keeps_the_full_quality_decode():
     assert fast.skip_loop_filter and fast.gray_scaler == "opencv" and fast.gray_max_side == 64
     with pytest.raises(ValueError, match="fast_scaler"):
         AVAlignConfig(fast_scaler="sharp")
+
+
+@pytest.fixture(scope="module")
+def loud_clip(tmp_path_factory):
+    """A real clip (small frames) whose stereo track is gained to just under full scale, FLAC-coded."""
+    src = DATA / "video" / "0DCit2EBtjs_000030.mp4"
+    frames, chunks = [], []
+    with av.open(str(src)) as c:
+        for frame in c.decode(c.streams.video[0]):
+            frames.append(frame.reformat(width=160, height=120, format="rgb24").to_ndarray())
+    with av.open(str(src)) as c:
+        stream = c.streams.audio[0]
+        rate, layout = stream.rate, stream.layout.name
+        chunks = [f.to_ndarray() for f in c.decode(stream)]
+    audio = np.concatenate(chunks, axis=1).astype(np.float32)
+    audio *= 0.999 / np.abs(audio).max()
+    clip = DecodedClip(path=str(src), start_s=0.0, duration_s=10.0, video_fps=30.0, rgb=np.stack(frames),
+                       native_sr=rate, audio_native=audio, audio_layout=layout)
+    return write_mp4(clip, tmp_path_factory.mktemp("loud") / "loud.mp4", fps=30.0)
+
+
+def _published_onsets(path: Path, wav: Path) -> np.ndarray:
+    """The published ``detect_audio_peaks``: every channel of the file's track, as float, in a WAV
+    that ``librosa.load`` reads (decoded with PyAV directly, not through the project)."""
+    with av.open(str(path)) as c:
+        stream = c.streams.audio[0]
+        rate = stream.rate
+        pcm = np.concatenate([f.to_ndarray().reshape(-1, stream.channels) for f in c.decode(stream)])
+    sf.write(wav, pcm.astype(np.float32) / 32768.0, rate, subtype="FLOAT")
+    y, sr = librosa.load(wav)
+    env = librosa.onset.onset_strength(y=y, sr=sr)
+    return librosa.frames_to_time(librosa.onset.onset_detect(onset_envelope=env, sr=sr), sr=sr)
+
+
+def test_loud_stereo_clip_is_mixed_like_librosa_load_not_clipped(loud_clip, tmp_path):
+    expected = _published_onsets(loud_clip, tmp_path / "loud.wav")
+    result = score_clip(loud_clip, AVAlignConfig(mode="reference"))
+    np.testing.assert_array_equal(result.audio_peak_times, expected)
+    # the clip really is loud enough that a clipped (L + R) / sqrt(2) mix, the old path, loses onsets
+    channels = decode(loud_clip, DecodeRequest(audio_native=True, need_video=False)).audio_native
+    assert channels.shape[0] == 2 and np.abs(channels).max() > 0.99
+    clipped = np.clip((channels[0] + channels[1]) * np.float32(np.sqrt(0.5)), -1.0, 1.0)
+    assert (np.abs(clipped) >= 1.0).mean() > 1e-4
+    old = audio_onsets(librosa.resample(clipped, orig_sr=44100, target_sr=22050), 22050)
+    assert len(old) != len(expected) or not np.array_equal(old, expected)
 
 
 # ---------------------------------------------------------------------------- synthetic clips
@@ -152,12 +214,13 @@ def test_decode_without_native_audio_is_refused(event_clips):
 
 
 def test_empty_peak_sets_score_zero():
-    assert av_align_score([], [], 30.0) == 0.0
-    assert av_align_score([1.0, 2.0], [], 30.0) == 0.0
-    assert av_align_score([], [1.0], 30.0) == 0.0
+    for version in VERSIONS:
+        assert av_align_score([], [], 30.0, version) == 0.0
+        assert av_align_score([1.0, 2.0], [], 30.0, version) == 0.0
+        assert av_align_score([], [1.0], 30.0, version) == 0.0
 
 
-def test_matching_is_one_to_one_and_greedy():
+def test_2025_matching_is_one_to_one_and_greedy():
     # two onsets near one motion peak: only one may match it
     assert match_peaks([1.0, 1.01], [1.0], 30.0) == 1
     assert av_align_score([1.0, 1.01], [1.0], 30.0) == pytest.approx(1 / 2)
@@ -168,19 +231,35 @@ def test_matching_is_one_to_one_and_greedy():
     assert av_align_score([0.98, 1.0], [0.96, 1.01], 30.0) == 1.0
 
 
+def test_2023_matching_lets_onsets_share_a_peak_and_can_exceed_one():
+    # both onsets match the one motion peak: I = 2, union = 2 + 1 - 2 = 1
+    assert match_peaks([1.0, 1.01], [1.0], 30.0, one_to_one=False) == 2
+    assert av_align_score([1.0, 1.01], [1.0], 30.0, "2023") == pytest.approx(2.0)
+    assert av_align_score([1.0, 1.01, 2.0], [1.0, 3.0], 30.0, "2023") == pytest.approx(2 / 3)
+    assert av_align_score([1.0, 1.01, 2.0], [1.0, 3.0], 30.0, "2025") == pytest.approx(1 / 4)
+    # an onset takes the first peak in its window, not the nearest one
+    assert match_peaks([0.98, 1.0], [0.96, 1.01], 30.0, one_to_one=False) == 2
+    with pytest.raises(KeyError):
+        av_align_score([1.0], [1.0], 30.0, "2024")
+
+
 def test_match_window_is_open_one_frame():
     # fps 4: one frame is exactly 0.25 s (exact in binary)
-    assert match_peaks([1.0], [1.25], 4.0) == 0
-    assert match_peaks([1.0], [1.2499], 4.0) == 1
-    assert match_peaks([1.0], [0.75], 4.0) == 0
+    for one_to_one in (True, False):
+        assert match_peaks([1.0], [1.25], 4.0, one_to_one) == 0
+        assert match_peaks([1.0], [1.2499], 4.0, one_to_one) == 1
+        assert match_peaks([1.0], [0.75], 4.0, one_to_one) == 0
 
 
-def test_video_peaks_are_strict_interior_maxima_above_the_floor():
+def test_video_peaks_are_strict_interior_maxima_above_the_2025_floor_only():
     motion = np.array([0.9, 0.5, 0.05, 0.3, 0.3, 0.0, 0.1, 0.0999, 0.2, 0.0999, 0.4, 0.1, 0.8])
     # 0.9 and 0.8 are endpoints; 0.3, 0.3 is a plateau; 0.1 counts (floor inclusive), 0.0999 would not
     np.testing.assert_allclose(video_peaks(motion, 10.0, 0.1), [0.6, 0.8, 1.0])
     assert video_peaks(np.array([0.0, 0.0999, 0.0]), 10.0, 0.1).size == 0
     assert video_peaks(np.array([1.0, 2.0]), 10.0, 0.1).size == 0
+    # 2023: no floor, a tiny flicker of a static scene is a peak too
+    np.testing.assert_allclose(video_peaks(np.array([0.0, 0.01, 0.0, 0.02, 0.0]), 10.0, None), [0.1, 0.3])
+    assert REVISIONS["2023"].peak_floor is None and REVISIONS["2025"].peak_floor == 0.1
 
 
 def test_motion_is_in_native_pixels_whatever_the_frame_size():
@@ -199,29 +278,50 @@ def test_motion_is_in_native_pixels_whatever_the_frame_size():
     np.testing.assert_allclose(scaled, 2.0, rtol=0.15)
 
 
-def test_reference_audio_mixes_like_ffmpeg_and_clips_like_a_wav():
+def test_reference_audio_is_the_channel_mean_never_clipped():
     left = np.full(4410, 0.9, np.float32)
     right = np.full(4410, 0.8, np.float32)
-    stereo = reference_audio(np.stack([left, right]), "stereo", 44100, 44100)
-    np.testing.assert_allclose(stereo, 1.0)  # (0.9 + 0.8) / sqrt(2) = 1.2: clipped
-    quiet = reference_audio(np.stack([left, right]) / 4, "stereo", 44100, 44100)
-    np.testing.assert_allclose(quiet, 1.7 / 4 / np.sqrt(2), rtol=1e-6)  # louder than the mean, as FFmpeg mixes
-    mono = reference_audio(left[None] / 2, "mono", 44100, 22050)
+    stereo = reference_audio(np.stack([left, right]), 44100, 44100)
+    np.testing.assert_allclose(stereo, 0.85, rtol=1e-6)  # the mean, as librosa.to_mono
+    loud = reference_audio(np.stack([left, right]) * 2, 44100, 44100)
+    np.testing.assert_allclose(loud, 1.7, rtol=1e-6)  # a float WAV holds it: nothing clips
+    mono = reference_audio(left[None] / 2, 44100, 22050)
     assert mono.size == 2205 and mono.dtype == np.float32
-    surround = reference_audio(np.eye(6, dtype=np.float32).repeat(100, axis=1), "5.1", 44100, 44100)
-    assert surround[250] == pytest.approx(1.0)  # the centre channel goes straight to mono
-    assert surround[50] == pytest.approx(np.sqrt(0.5), rel=1e-4)  # front left at -3 dB
+    odd = reference_audio(np.ones((1, 4411), np.float32), 44100, 22050)
+    assert odd.size == 2206  # librosa's length rule: ceil(n * ratio)
+    surround = reference_audio(np.eye(6, dtype=np.float32).repeat(100, axis=1), 44100, 44100)
+    np.testing.assert_allclose(surround, 1 / 6, rtol=1e-6)  # every channel weighs the same
 
 
 def test_config_is_the_published_definition():
     cfg = AVAlignConfig()
-    assert cfg.farneback == (0.5, 3, 15, 3, 5, 1.2, 0) and cfg.peak_floor == 0.1 and cfg.sample_rate == 22050
-    assert cfg.mode == "fast"
+    assert cfg.farneback == (0.5, 3, 15, 3, 5, 1.2, 0) and cfg.sample_rate == 22050
+    assert cfg.mode == "fast" and cfg.version == "2025" and cfg.revision.peak_floor == 0.1
+    assert AVAlignConfig(version="2023").revision == REVISIONS["2023"]
     with pytest.raises(ValueError):
         AVAlignConfig(mode="slow")
+    with pytest.raises(ValueError, match="version"):
+        AVAlignConfig(version="2024")
     assert decode_request_for(AVAlignConfig(mode="reference")).gray_max_side is None
     req = decode_request_for(cfg)
     assert req.gray and req.audio_native and req.gray_max_side == cfg.fast_max_side
+    meta = run_metadata(AVAlignConfig(version="2023"))
+    assert meta["version"] == "2023" and meta["revisions"]["2023"] == {"peak_floor": None, "one_to_one": False}
+    json.dumps(meta)
+
+
+def test_selected_version_picks_the_score_and_both_are_kept(event_clips):
+    _, shifted = event_clips
+    new = score_clip(shifted.path, AVAlignConfig(mode="fast"))
+    old = score_clip(shifted.path, AVAlignConfig(mode="fast", version="2023"))
+    assert (new.version, old.version) == ("2025", "2023")
+    assert new.score == new.revisions["2025"].score and old.score == old.revisions["2023"].score
+    assert old.video_peaks == old.revisions["2023"].video_peaks
+    for v in VERSIONS:
+        assert new.revisions[v].score == old.revisions[v].score
+    fields = old.ledger_fields()
+    assert fields["av_align"] == fields["av_align_2023"] and fields["video_peaks"] == fields["video_peaks_2023"]
+    assert set(fields) == set(LEDGER_FIELDS) and {"av_align_2025", "video_peaks_2023"} <= set(fields)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -238,17 +338,20 @@ def test_cli_prints_a_json_line_per_file_and_fails_at_the_end(tmp_path, event_cl
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["path"] for line in lines] == [str(aligned.path), str(bad), str(missing), str(shifted.path)]
     first, broken, absent, last = lines
-    assert set(first) == {"path", "score", "audio_peaks", "video_peaks", "fps", "seconds"}
+    assert set(first) == {"path", "version", "score", "audio_peaks", "video_peaks", "fps", "seconds", "score_2025",
+                          "score_2023", "video_peaks_2025", "video_peaks_2023"}
+    assert first["version"] == "2025" and first["score"] == first["score_2025"]
     assert first["score"] > THRESHOLD > last["score"] and first["fps"] == 25.0
     assert broken["error"].startswith("decode_error") and absent["error"].startswith("missing_file")
     assert "2 of 4" in proc.stderr
 
 
 def test_cli_exit_code_zero_when_all_files_score(event_clips):
-    proc = subprocess.run([sys.executable, "-m", "filters.av_align", str(event_clips[0].path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "filters.av_align", "--version", "2023", str(event_clips[0].path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["score"] > THRESHOLD
+    line = json.loads(proc.stdout)
+    assert line["version"] == "2023" and line["score"] == line["score_2023"] > THRESHOLD
 
 
 def test_bad_file_raises_decode_error(tmp_path):

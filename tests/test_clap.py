@@ -246,3 +246,83 @@ def test_unusable_audio_gets_a_missing_embedding_not_a_number(scorer, real_audio
     assert np.isfinite(emb[3]).all()  # digital silence is a valid input
     scores = scorer.score_labels(emb, ["a", "b", "c", "d"])
     assert np.isnan(scores[1]) and np.isnan(scores[2]) and np.isfinite(scores[[0, 3]]).all()
+
+
+# ---------------------------------------------------------------------------- LAION's input
+
+
+def _laion_reference_features(audio: np.ndarray, n_fft: int, hop: int, n_mels: int, fmin: float, fmax: float,
+                              quantize: bool = True) -> np.ndarray:
+    """LAION-CLAP's documented preprocessing for an unfused checkpoint, written out independently:
+    ``int16_to_float32(float32_to_int16(x))``, ``repeatpad`` to 10 s, then HTSAT's front end
+    (torchlibrosa: centred reflect-padded Hann STFT power, librosa's Slaney mel, 10 log10 with
+    amin 1e-10, ref 1, no top_db). Returns [frames, n_mels]."""
+    import librosa
+
+    x = np.asarray(audio, np.float32)
+    if quantize:
+        x = ((np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16) / 32767.0).astype(np.float32)
+    n = 10 * SR
+    x = np.tile(x, n // len(x)) if len(x) < n else x
+    x = np.pad(x, (0, n - len(x))).astype(np.float64)
+    power = np.abs(librosa.stft(x, n_fft=n_fft, hop_length=hop, win_length=n_fft, window="hann", center=True,
+                                pad_mode="reflect")) ** 2
+    mel = librosa.filters.mel(sr=SR, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax) @ power
+    return (10.0 * np.log10(np.maximum(mel, 1e-10))).T
+
+
+@pytest.fixture(scope="module")
+def laion_front_end_scorer(tiny_clap) -> ClapScorer:
+    """The tiny model behind the real checkpoint's front end (64 mels, hop 480, n_fft 1024, 50-14000 Hz),
+    whose saved config asks for the wrong modes: the scorer must pass LAION's own explicitly."""
+    from transformers import ClapFeatureExtractor, ClapModel, RobertaTokenizer
+
+    fe = ClapFeatureExtractor(feature_size=64, sampling_rate=SR, hop_length=480, max_length_s=10,
+                              fft_window_size=1024, frequency_min=50, frequency_max=14000,
+                              truncation="fusion", padding="repeat")
+    model = ClapModel.from_pretrained(tiny_clap)
+    return ClapScorer.from_components(ClapConfig(model=str(tiny_clap)), model, fe,
+                                      RobertaTokenizer.from_pretrained(tiny_clap))
+
+
+def test_input_features_are_laions_preprocessing_on_real_clips(laion_front_end_scorer, real_audio):
+    scorer = laion_front_end_scorer
+    assert (scorer.truncation, scorer.padding) == ("rand_trunc", "repeatpad")
+    # a full 10 s window of each real clip, and 3.3 s of one (repeat-padded to 10 s)
+    audios = [real_audio[0], real_audio[1], real_audio[1][: int(3.3 * SR)]]
+    feats = scorer.input_features([clap_window(a, scorer.window_samples) for a in audios])
+    assert feats.shape == (3, 1, 1001, 64)
+    moved = 0.0
+    for audio, got in zip(audios, feats[:, 0]):
+        expected = _laion_reference_features(audio, 1024, 480, 64, 50, 14000)
+        np.testing.assert_allclose(got, expected, atol=2e-3)
+        unquantised = _laion_reference_features(audio, 1024, 480, 64, 50, 14000, quantize=False)
+        moved = max(moved, float(np.abs(got - unquantised).max()))
+    assert moved > 1.0  # the int16 round trip is visible in near-silent bins: a test that can fail
+
+
+def test_laion_quantize_truncates_toward_zero_and_clips():
+    x = np.array([0.0, 1.0, -1.0, 1.7, -3.0, 0.5, -0.5, 1 / 32767 * 0.99, -1 / 32767 * 1.5], np.float32)
+    q = clap_mod.laion_quantize(x)
+    assert q.dtype == np.float32
+    expected = np.array([0, 32767, -32767, 32767, -32767, 16383, -16383, 0, -1]) / 32767.0
+    np.testing.assert_array_equal(q, expected.astype(np.float32))
+
+
+def test_fused_checkpoint_uses_fusion_and_repeatpad(tiny_clap_fused):
+    scorer = ClapScorer(ClapConfig(model=str(tiny_clap_fused))).load(device="cpu")
+    assert (scorer.truncation, scorer.padding) == ("fusion", "repeatpad")
+    np.random.seed(7)
+    feats = scorer.input_features([_noise(4.0, 11)])
+    assert np.random.randint(1 << 30) == np.random.RandomState(7).randint(1 << 30)  # global RNG untouched
+    assert feats.shape[1] == 4 and np.array_equal(feats[0, 0], feats[0, 3])  # four copies for <= 10 s
+    meta = scorer.metadata()
+    assert meta["clap_truncation"] == "fusion" and meta["clap_padding"] == "repeatpad"
+    assert meta["clap_enable_fusion"] is True and "int16" in meta["clap_quantize"]
+
+
+def test_check_available_returns_what_run_json_records(tiny_clap):
+    meta = check_available(ClapConfig(model=str(tiny_clap)))
+    assert meta["clap_truncation"] == "rand_trunc" and meta["clap_padding"] == "repeatpad"
+    assert meta["clap_is_longer"] is False and "clap_device" not in meta
+    json.dumps(meta)

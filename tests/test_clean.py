@@ -80,6 +80,32 @@ def test_rerun_with_new_thresholds_rescoring_nothing(clean_out, sample_root, cap
     assert _clean(sample_root, clean_out) == 0  # and back
 
 
+def test_switching_av_align_revision_refilters_without_rescoring(clean_out, sample_root, capsys):
+    before, meta_before = read_ledger(clean_out / "ledger.parquet")
+    assert meta_before["av_align_version"] == "2025" and meta_before["av_align"]["version"] == "2025"
+    assert meta_before["av_align_revisions"]["2023"] == {"peak_floor": None, "one_to_one": False}
+    scored = before[before["av_align"].notna()]
+    assert len(scored) and scored["av_align_2023"].notna().all() and scored["video_peaks_2023"].notna().all()
+    assert (scored["av_align"] == scored["av_align_2025"]).all()
+    assert (scored["video_peaks"] == scored["video_peaks_2025"]).all()
+    assert "2025 revision" in (clean_out / "report.html").read_text()
+    parts_before = sorted(p.name for p in (clean_out / "ledger.parts").iterdir())
+    assert _clean(sample_root, clean_out, "--av-align-version", "2023") == 0
+    assert "this run: 0 clips" in capsys.readouterr().out
+    assert sorted(p.name for p in (clean_out / "ledger.parts").iterdir()) == parts_before
+    after, meta = read_ledger(clean_out / "ledger.parquet")
+    assert meta["av_align_version"] == "2023"
+    assert json.loads((clean_out / "run.json").read_text())["av_align_version"] == "2023"
+    rescored = after[after["av_align"].notna()]
+    assert (rescored["av_align"] == rescored["av_align_2023"]).all()
+    pd.testing.assert_series_equal(before["av_align_2023"], after["av_align_2023"])
+    dropped = ["av_align<0.2" in reason.split(",") for reason in rescored["reason"]]
+    assert dropped == list(rescored["av_align_2023"] <= 0.2)
+    assert "2023 revision" in (clean_out / "report.html").read_text()
+    assert _clean(sample_root, clean_out) == 0  # and back
+    pd.testing.assert_frame_equal(read_ledger(clean_out / "ledger.parquet")[0], before)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_ledger(clean_out, sample_root, tmp_path):
     out = tmp_path / "killed"

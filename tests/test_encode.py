@@ -120,6 +120,7 @@ def test_card_records_encoders_and_parameters(encoded, tiny_clip_dir, tiny_vae_d
     assert card["vae_scaling_factor"] == 1.0 and card["latent_shape"] == [2, 8, 256, 16]
     assert (card["clip_normalize"], card["clip_fps"], card["clip_dim"], card["sample_rate"]) == (True, 2.0, 16, 16000)
     assert card["mel"]["n_fft"] == 1024 and card["mel"]["hop_length"] == 160 and card["mel"]["n_mels"] == 64
+    assert card["mel"]["resampler"] == "torchaudio" and card["feature_resampler"]["name"] == "torchaudio"
     assert card["thresholds"] == THRESHOLDS
     assert card["code_version"] and card["with_mel"] is True
     assert card["augmentation_plan"]["config"]["stretch_rates"] == [1.25]

@@ -145,3 +145,19 @@ def test_skip_is_recognised_however_the_run_records_it(tmp_path, meta):
                         tmp_path / "report.html").read_text()
     assert page.index("CLAP was skipped") < page.index("<h2>")
     assert "8 above the threshold 0.2" in page  # thresholds read from the "filters" section
+
+
+def test_av_align_revision_and_disagreements_are_shown(tmp_path):
+    df = _ledger()
+    df["av_align_2023"] = df["av_align"]
+    df["av_align_2025"] = df["av_align"]
+    df.loc[0, "av_align_2025"] = 0.15  # the revisions disagree on one clip at 0.2
+    page = write_report(df, {**META, "av_align_version": "2023"}, tmp_path / "report.html").read_text()
+    scores = _sections(page)["Score distributions"]
+    assert "AV-Align (2023 revision)" in scores and "Filtered on the <b>2023</b> revision" in scores
+    assert "<td>2025</td><td class='num'>7</td><td class='num'>10</td>" in scores
+    assert "<td>2023</td><td class='num'>8</td><td class='num'>10</td>" in scores
+    assert "disagree on 1 of 10 scored clips" in scores
+    # without the per-revision columns (an older ledger) the revision is still named
+    old = write_report(_ledger(), {**META, "av_align": {"version": "2025"}}, tmp_path / "old.html").read_text()
+    assert "Filtered on the <b>2025</b> revision" in old and "disagree" not in old
