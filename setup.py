@@ -20,6 +20,7 @@ CORE = [
     "safetensors>=0.4,<1",
     "webdataset>=0.2.100,<2",
     "fsspec>=2024.6",
+    "aiohttp>=3.9,<4",  # fsspec's http(s) backend: shards and index.json read from a web server
     "tensorboard>=2.16,<3",
     "silero-vad>=6.2,<7",  # speech detector; its wheel ships the weights (no download)
     "scenedetect-headless>=0.7,<0.8",  # scene cuts on the decoded frames

@@ -1,14 +1,17 @@
 """Deterministic, atomic, resumable WebDataset shards (docs/formats.md).
 
 Tars are written by ``webdataset.TarWriter`` with fixed metadata (mtime 0, uid/gid 0, no user or
-group names, mode 0644); it writes a sample's members sorted by name, samples come in key order,
-so the bytes depend only on the samples. A shard is written under a unique hidden temporary name
-(``core.atomic``) and renamed when complete, so a reader never sees half a shard.
+group names, mode 0644); it writes a sample's members sorted by name, samples come in a hashed
+order of their keys, so the bytes depend only on the samples. A shard is written under a unique
+hidden temporary name (``core.atomic``) and renamed when complete, so a reader never sees half a
+shard.
 
 ``ShardAssembler`` turns a per-sample cache (``.work/samples/{key}.{fingerprint}.tar``, written as
 samples are encoded, in any order, by any worker) into ``{split}-{index:06d}.tar``: within a split,
-keys are taken in sorted order and every shard holds the next ``shard_size`` encoded samples, so
-the layout depends on the set of samples only, never on which worker finished first. Every sample
+keys are taken in ``shard_order`` (a stable hash of the key, so augmented variants such as
+``{key}-ts125`` and ``cat-...`` samples are spread over the split instead of sitting beside their
+source or in a block) and every shard holds the next ``shard_size`` encoded samples, so the
+layout depends on the set of samples only, never on which worker finished first. Every sample
 is stored under the fingerprint of what made it (its ledger row or recipe and the encoder
 settings); a cached sample or a finished shard is reused only while every fingerprint in it is
 still the one the current run asks for. A shard is written as soon as every key up to its last
@@ -31,7 +34,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from core.atomic import atomic_write, atomic_write_text, remove_abandoned
-from core.keys import is_safe
+from core.keys import is_safe, stable_hash
 from core.stage import OK
 from shards.config import FORBIDDEN_EXTENSIONS, MEMBER_ORDER
 
@@ -45,6 +48,11 @@ _SPLIT_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
 class ShardError(Exception):
     """Shards that cannot be written as asked (unsafe names, a pickle member, a changed sample set)."""
+
+
+def shard_order(key: str) -> tuple[int, str]:
+    """Sort key of a sample within its split: a stable hash of its key (the key breaks ties)."""
+    return stable_hash("shard-order", key), key
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -271,7 +279,7 @@ class ShardAssembler:
             if fname in names:
                 raise ShardError(f"splits {names[fname]!r} and {split!r} map to the same shard name prefix")
             names[fname] = split
-        self.keys = {split: sorted(keys) for split, keys in splits.items()}
+        self.keys = {split: sorted(keys, key=shard_order) for split, keys in splits.items()}
         for split, keys in self.keys.items():
             dup = [a for a, b in zip(keys, keys[1:]) if a == b]
             if dup:

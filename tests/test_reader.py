@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from shards.reader import (ReaderConfig, ShardSourceError, TrainLoader, find_shards, split_shards,
-                           validation_batches)
+from shards.reader import ReaderConfig, TrainLoader, validation_samples
+from shards.sources import ShardSourceError, find_shards, split_shards
 from shards_fixture import CLIP_DIM, TINY_LATENT, make_sample, write_shards
 
 
@@ -83,7 +83,7 @@ def test_pickled_npy_is_refused_and_the_stream_goes_on(tmp_path, caplog):
     train = split_shards(find_shards(str(tmp_path))[0], "train")
     with caplog.at_level(logging.WARNING):
         keys = _take(TrainLoader(train, 3, 0, 1, ReaderConfig(workers=0, mix_shards=1)), 2)
-    assert "evil" not in sum(keys, []) and keys[0] == ["good0", "good1", "good2"]
+    assert "evil" not in sum(keys, []) and set(sum(keys, [])) == {"good0", "good1", "good2"}
     assert "evil.clip.npy" in caplog.text and "allow_pickle" in caplog.text
 
 
@@ -107,8 +107,11 @@ def test_http_and_fsspec_urls_give_the_same_batches(shards):
     cfg = ReaderConfig(workers=0, mix_shards=2)
     expected = _take(TrainLoader(train_local, 4, 0, 1, cfg), 4)
 
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
-    handler.log_message = lambda *a, **k: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(shards))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -124,15 +127,15 @@ def test_http_and_fsspec_urls_give_the_same_batches(shards):
     found, _ = find_shards(f"local://{shards}")
     assert found[0].url.startswith("local://")
     assert _take(TrainLoader(split_shards(found, "train"), 4, 0, 1, cfg), 4) == expected
-    with pytest.raises(ShardSourceError, match="s3"):
-        find_shards("s3://no-such-bucket/shards")
+    with pytest.raises(ShardSourceError, match="nosuch"):  # a scheme no fsspec backend knows
+        find_shards("nosuch://bucket/shards")
 
 
-def test_validation_batches_are_fixed(shards):
+def test_validation_set_is_the_first_test_samples_once_each(shards):
     test = split_shards(find_shards(str(shards))[0], "test")
-    a = validation_batches(test, 2, 0, 3, seed=1)
-    b = validation_batches(test, 2, 0, 3, seed=1)
-    assert len(a) == 3 and [x["keys"] for x in a] == [x["keys"] for x in b]
+    keys = [s["key"] for s in validation_samples(test, 0)]
+    assert keys == ["fixture-test-00010", "fixture-test-00011", "fixture-test-00012"]  # file order, no repeats
+    assert [s["key"] for s in validation_samples(test, 2)] == keys[:2]
 
 
 def _ddp_worker(rank: int, world: int, port: int, shards: str, steps: int, out: str) -> None:
@@ -178,7 +181,7 @@ def test_ddp_ranks_run_equal_steps_with_uneven_shards(shards, tmp_path):
 
 def test_npy_members_decode_like_numpy_and_refuse_pickles():
     """The reader's zero-copy .npy parser agrees with np.load on dtypes, shapes and orders."""
-    from shards.reader import SampleError, _all_finite, load_npy
+    from shards.npy import SampleError, all_finite, load_npy
 
     for array in (np.arange(24, dtype=np.float16).reshape(2, 3, 4), np.asfortranarray(np.ones((3, 5), np.float32)),
                   np.zeros((0, 768), np.float16), np.array(7, np.int64)):
@@ -192,6 +195,6 @@ def test_npy_members_decode_like_numpy_and_refuse_pickles():
         load_npy(pickled.getvalue(), "evil.npy")
     with pytest.raises(SampleError):
         load_npy(b"\x93NUMPY", "short.npy")
-    assert _all_finite(np.ones(10, np.float16))
-    assert not _all_finite(np.array([1, np.nan], np.float16))
-    assert not _all_finite(np.array([np.inf, -np.inf], np.float16))
+    assert all_finite(np.ones(10, np.float16))
+    assert not all_finite(np.array([1, np.nan], np.float16))
+    assert not all_finite(np.array([np.inf, -np.inf], np.float16))

@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
-    tcfg = from_args(TrainConfig, args)
+    try:
+        tcfg, mcfg, ncfg = from_args(TrainConfig, args), from_args(ModelConfig, args), from_args(NoiseConfig, args)
+    except ValueError as e:  # a flag out of range: one line, exit code 2
+        build_parser().error(str(e))
     if not tcfg.shards or not tcfg.out:
         build_parser().error("--shards and --out are required")
     from train.trainer import train
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = FolderLock(tcfg.out, purpose="python -m train") if rank == "0" else contextlib.nullcontext()
     try:
         with lock:
-            train(tcfg, from_args(ModelConfig, args), from_args(NoiseConfig, args), args.vae_scaling_factor)
+            train(tcfg, mcfg, ncfg, args.vae_scaling_factor)
     except FolderLocked as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

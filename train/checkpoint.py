@@ -5,7 +5,9 @@ Layout: ``RUN/checkpoints/step-00001000/`` holds ``model.safetensors``, ``ema.sa
 scheduler, EMA counters, every rank's data-stream position) and ``run_config.json`` (everything
 needed to rebuild the model for sampling). A checkpoint is written into a hidden temporary folder,
 fsynced, then renamed: a ``step-*`` folder is always complete, whatever kills the run. Loading
-uses safetensors and ``torch.load(weights_only=True)``, never unrestricted pickle.
+uses safetensors and ``torch.load(weights_only=True)``, never unrestricted pickle. Resuming reads
+every file of the newest checkpoint before applying any; a damaged one (a disk that lost the
+last write, a copy cut short) is named in a warning and the previous intact checkpoint is used.
 """
 from __future__ import annotations
 
@@ -132,23 +134,74 @@ def clean_partial(run: str | Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_training_state(path: Path, model: torch.nn.Module, ema, optimizer, scheduler,
-                        device: torch.device) -> tuple[dict, list[dict]]:
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read (missing, truncated or corrupt file); names the file."""
+
+
+def _read(path: Path, what: str, reader):
+    try:
+        return reader(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: missing ({what})") from e
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as e:  # safetensors, JSON, zip errors
+        raise CheckpointError(f"{path}: unreadable {what}: {type(e).__name__}: {e}") from e
+
+
+def read_checkpoint(path: Path, with_ema: bool) -> dict:
+    """Every file of a checkpoint, read and checked before anything is applied to the model."""
+    state = _read(path / "trainer_state.json", "trainer state", lambda p: json.loads(p.read_text()))
+    if not isinstance(state, dict) or "step" not in state or "lr_scheduler" not in state:
+        raise CheckpointError(f"{path / 'trainer_state.json'}: not a trainer state (no step or lr_scheduler)")
+    out = {"state": state,
+           "model": _read(path / "model.safetensors", "model weights", lambda p: load_file(str(p))),
+           "optimizer": _read(path / "optimizer.pt", "optimizer state",
+                              lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+           "rng": _read(path / "rng.pt", "RNG states", lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+           "ema": None}
+    if with_ema and (path / "ema.safetensors").is_file():
+        out["ema"] = _read(path / "ema.safetensors", "EMA weights", lambda p: load_file(str(p)))
+    return out
+
+
+def load_latest_intact(run: str | Path, with_ema: bool) -> tuple[Path, dict] | None:
+    """The newest checkpoint whose files all read back; a damaged newer one is named and skipped."""
+    found = list_checkpoints(run)
+    errors = []
+    for _, path in reversed(found):
+        try:
+            loaded = read_checkpoint(path, with_ema)
+        except CheckpointError as e:
+            log.warning("checkpoint %s is damaged and skipped: %s", path, e)
+            errors.append(str(e))
+            continue
+        if errors:
+            log.warning("resuming from the previous intact checkpoint %s", path)
+        return path, loaded
+    if errors:
+        raise CheckpointError(f"no intact checkpoint in {checkpoints_dir(run)}: " + "; ".join(errors))
+    return None
+
+
+def apply_training_state(path: Path, loaded: dict, model: torch.nn.Module, ema, optimizer, scheduler,
+                         device: torch.device) -> tuple[dict, list[dict]]:
     """Restore model, EMA, optimiser and LR scheduler in place; return trainer state and RNG states."""
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = loaded["state"]
+    model.load_state_dict({k: v.to(device) for k, v in loaded["model"].items()})
     if ema is not None:
-        if (path / "ema.safetensors").is_file():
-            shadow = load_file(str(path / "ema.safetensors"), device=str(device))
+        if loaded["ema"] is not None:
             meta = dict(state.get("ema", {}))
-            meta["shadow_params"] = [shadow[n] for n, _ in model.named_parameters()]
+            meta["shadow_params"] = [loaded["ema"][n].to(device) for n, _ in model.named_parameters()]
             ema.load_state_dict(meta)
         else:
             log.warning("%s has no EMA weights: EMA restarts from the current weights", path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+            ema.shadow_params = [p.detach().clone() for p in model.parameters()]
+    try:
+        optimizer.load_state_dict(loaded["optimizer"])
+    except ValueError as e:  # e.g. a checkpoint from before the no-decay parameter groups
+        raise CheckpointError(f"{path / 'optimizer.pt'}: does not fit this optimiser ({e}); "
+                              f"train into a new --out") from e
     scheduler.load_state_dict(state["lr_scheduler"])
-    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
-    return state, rng
+    return state, loaded["rng"]
 
 
 def load_for_inference(path: str | Path, use_ema: bool = True,

@@ -30,9 +30,16 @@ class ModelConfig:
     condition: Condition = field(default="video", metadata={
         "help": "conditioning variant: CLIP frame tokens, plus the CLIP text token and/or a "
                 "sinusoidal positional embedding of the frame index"})
+    text_repeat: int = field(default=1, metadata={
+        "help": "copies of the text token in the context: 1 gives text about 1/(T+1) of the attention; "
+                "0 = one copy per real CLIP frame, VTA-LDM's recipe (about half the attention)"})
     clip_dim: int = field(default=768, metadata={"help": "width of the CLIP image/text embeddings"})
     max_frames: int = field(default=64, metadata={
         "help": "longest CLIP token sequence (positional-embedding table size); longer ones are an error"})
+
+    def __post_init__(self):
+        if self.text_repeat < 0:
+            raise ValueError(f"text_repeat must be >= 0 (0: one copy per frame), got {self.text_repeat}")
 
     @property
     def use_text(self) -> bool:
@@ -74,22 +81,46 @@ class TrainConfig:
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     warmup_steps: int = field(default=300, metadata={"help": "linear learning-rate warm-up steps"})
+    lr_schedule: Literal["constant", "linear", "cosine"] = field(default="constant", metadata={
+        "help": "after warm-up: constant (a run can be extended by raising --max-steps), or a linear "
+                "(VTA-LDM's) or cosine decay to 0 at --max-steps"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
     cond_dropout: float = field(default=0.1, metadata={
         "help": "share of samples trained with the null condition (classifier-free guidance)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (0 disables EMA)"})
+    ema_warmup: Literal["on", "off"] = field(default="on", metadata={
+        "help": "on: diffusers' warm-up, decay min(ema_decay, (1+n)/(10+n)) at step n (0.9991 at 10k steps, "
+                "ema_decay from ~90k); off: ema_decay from the first step"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": "auto: bf16 autocast on GPU, fp32 on CPU"})
     val_every: int = field(default=500, metadata={"help": "validation loss every N steps (0: never)"})
-    val_batches: int = field(default=8, metadata={"help": "validation batches per rank"})
+    val_samples: int = field(default=256, metadata={
+        "help": "validation set: the first N test samples (0: all), fixed for the whole run and split "
+                "across ranks; each sample's noise and timestep come from its key"})
     log_every: int = field(default=10, metadata={"help": "console/TensorBoard logging interval"})
     seed: int = field(default=0, metadata={"help": "run seed (data order, noise, dropout, init)"})
     workers: int = field(default=2, metadata={"help": "data-loader worker processes per rank"})
-    mix_shards: int = field(default=4, metadata={
+    mix_shards: int = field(default=8, metadata={
         "help": "shards each worker reads at once, samples interleaved between them"})
+    shuffle_buffer: int = field(default=256, metadata={
+        "help": "samples each loader worker holds and draws from at random (1: none)"})
     backend: Literal["auto", "nccl", "gloo"] = field(default="auto", metadata={
         "help": "torch.distributed backend: auto is NCCL on GPU, gloo on CPU"})
+
+
+    def __post_init__(self):
+        positive = ("batch_size", "grad_accum", "log_every", "ckpt_every", "mix_shards", "shuffle_buffer")
+        bad = [f"--{n.replace('_', '-')} must be >= 1" for n in positive if getattr(self, n) < 1]
+        bad += [f"--{n.replace('_', '-')} must be >= 0" for n in ("max_steps", "warmup_steps", "val_every",
+                                                                   "val_samples", "workers", "keep_ckpts")
+                if getattr(self, n) < 0]
+        if not 0.0 <= self.ema_decay < 1.0:
+            bad.append("--ema-decay must be in [0, 1)")
+        if not 0.0 <= self.cond_dropout <= 1.0:
+            bad.append("--cond-dropout must be in [0, 1]")
+        if bad:
+            raise ValueError("; ".join(bad))
 
 
 def to_dict(cfg: Any) -> dict:

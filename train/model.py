@@ -40,8 +40,13 @@ class ConditionEncoder(nn.Module):
         if cfg.use_pe:
             self.register_buffer("pe", sinusoidal_table(cfg.max_frames, cfg.clip_dim), persistent=False)
 
+    def text_copies(self, frames: int) -> int:
+        if not self.cfg.use_text:
+            return 0
+        return self.cfg.text_repeat or frames
+
     def context_length(self, frames: int) -> int:
-        return frames + (1 if self.cfg.use_text else 0)
+        return frames + self.text_copies(frames)
 
     def forward(self, clip: torch.Tensor, clip_mask: torch.Tensor, text: torch.Tensor | None = None,
                 drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +64,12 @@ class ConditionEncoder(nn.Module):
         if self.cfg.use_text:
             if text is None:
                 raise ValueError(f"condition {self.cfg.condition!r} needs the CLIP text embedding (text.npy)")
-            tokens = torch.cat([self.proj(text.to(x.dtype))[:, None], tokens], dim=1)
-            mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+            copies = self.text_copies(frames)
+            text_tokens = self.proj(text.to(x.dtype))[:, None].expand(-1, copies, -1)
+            # VTA-LDM's repeat (text_repeat 0): one copy per real frame, padded frames' copies masked
+            text_mask = mask if self.cfg.text_repeat == 0 else torch.ones_like(mask[:, :1]).expand(-1, copies)
+            tokens = torch.cat([text_tokens, tokens], dim=1)
+            mask = torch.cat([text_mask, mask], dim=1)
         if drop is not None:
             null_tokens, null_mask = self.null_context(tokens.shape[0], tokens.shape[1])
             tokens = torch.where(drop[:, None, None], null_tokens.to(tokens.dtype), tokens)
@@ -109,10 +118,11 @@ def sampling_scheduler(cfg: NoiseConfig, kind: str):
     common = dict(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
                   beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule,
                   prediction_type=cfg.prediction_type, timestep_spacing="trailing")
-    if kind == "ddim":
-        return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **common)
+    if kind == "ddim":  # the last step goes to alpha = 1: the result is the predicted clean latent
+        return DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common)
     if kind == "dpm":
-        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)
+        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero",
+                                           **common)
     raise ValueError(f"unknown scheduler {kind!r} (ddim or dpm)")
 
 
@@ -148,13 +158,19 @@ class DiffusionLoss:
         latent = batch["latent"]  # [B, 2, C, H, W]: posterior mean, std
         device = latent.device
         b = latent.shape[0]
-        mean, std = latent[:, 0].float(), latent[:, 1].float()
-        eps_z = torch.randn(mean.shape, generator=generator, device=device)
-        x0 = (mean + std * eps_z) * scaling_factor
-        noise = torch.randn(x0.shape, generator=generator, device=device)
+        eps_z = torch.randn(latent[:, 0].shape, generator=generator, device=device)
+        noise = torch.randn(latent[:, 0].shape, generator=generator, device=device)
         if timesteps is None:
             timesteps = torch.randint(0, self.cfg.num_train_timesteps, (b,), generator=generator, device=device)
         drop = condition_dropout(b, cond_dropout, generator, device)
+        return self.with_draws(model, batch, scaling_factor, eps_z, noise, timesteps, drop)
+
+    def with_draws(self, model: nn.Module, batch: dict, scaling_factor: float, eps_z: torch.Tensor,
+                   noise: torch.Tensor, timesteps: torch.Tensor, drop: torch.Tensor) -> LossTerms:
+        """The loss for given random draws (the validation fixes them per sample)."""
+        latent = batch["latent"]
+        mean, std = latent[:, 0].float(), latent[:, 1].float()
+        x0 = (mean + std * eps_z) * scaling_factor
         noisy = self.scheduler.add_noise(x0, noise, timesteps)
         target = self.scheduler.get_velocity(x0, noise, timesteps) if self.cfg.prediction_type == "v_prediction" else noise
         pred = model(noisy, timesteps, batch["clip"], batch["clip_mask"], batch.get("text"), drop)

@@ -15,65 +15,26 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from shards.reader import (ReaderConfig, TrainLoader, find_shards, shard_samples, decode_sample, split_shards,
-                           validation_batches, stable_hash)
+from core.keys import stable_hash
+from shards.batch import decode_sample
+from shards.reader import ReaderConfig, TrainLoader
+from shards.sources import find_shards, shard_samples, split_shards
 from train import checkpoint as ckpt
 from train.config import ModelConfig, NoiseConfig, TrainConfig, load_unet_config, to_dict
 from train.model import DiffusionLoss, VideoToAudioUNet
+from train.optim import build_ema, build_optimizer, build_scheduler
+from train.distributed import Dist, all_reduce_sum, broadcast_object, gather, init_distributed, to_device
+from train.validation import Validator
 
 log = logging.getLogger("train")
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    initialised: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(backend: str = "auto") -> Dist:
-    """Join the torchrun process group (NCCL on GPU, gloo on CPU); a plain run is world size 1."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Dist(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    chosen = backend if backend != "auto" else ("nccl" if cuda else "gloo")
-    dist.init_process_group(chosen, device_id=device if chosen == "nccl" else None)
-    return Dist(rank, world, local, device, True)
-
-
-def _gather(d: Dist, obj):
-    if not d.initialised:
-        return [obj]
-    out = [None] * d.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _all_reduce_sum(d: Dist, values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if d.initialised:
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def rng_state(gen: torch.Generator) -> dict:
@@ -123,13 +84,9 @@ class DataInfo:
         self.clip_fps = float(card.get("clip_fps", 2.0))
 
     def _first_latent_shape(self) -> tuple[int, ...]:
-        for sample in shard_samples(self.train[0].url):
+        for _, sample in shard_samples(self.train[0].url):
             return tuple(decode_sample(sample)["latent"].shape)
         raise ValueError(f"{self.train[0].url}: no samples")
-
-
-def linear_warmup(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def _check_shapes(model: VideoToAudioUNet, latent_shape: tuple[int, ...]) -> None:
@@ -139,10 +96,6 @@ def _check_shapes(model: VideoToAudioUNet, latent_shape: tuple[int, ...]) -> Non
     factor = 2 ** (len(model.unet.config.block_out_channels) - 1)
     if h % factor or w % factor:
         raise ValueError(f"latent size {h}x{w} is not divisible by the UNet's downsampling factor {factor}")
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 class MetricsLog:
@@ -177,181 +130,221 @@ class MetricsLog:
             self.tb.close()
 
 
+
+
 def train(tcfg: TrainConfig, mcfg: ModelConfig, ncfg: NoiseConfig, vae_scaling_factor: float = 0.0) -> dict:
     """Train to ``tcfg.max_steps`` (resuming from ``tcfg.out`` if it has checkpoints); return the summary."""
     if not tcfg.shards or not tcfg.out:
         raise ValueError("--shards and --out are required")
     d = init_distributed(tcfg.backend)
     try:
-        return _train(d, tcfg, mcfg, ncfg, vae_scaling_factor)
+        return Trainer(d, tcfg, mcfg, ncfg, vae_scaling_factor).run()
     finally:
         if d.initialised:
             dist.destroy_process_group()
 
 
-def _train(d: Dist, tcfg: TrainConfig, mcfg: ModelConfig, ncfg: NoiseConfig, vae_scaling_factor: float) -> dict:
-    run = Path(tcfg.out)
-    if d.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_partial(run)
-    data = DataInfo(tcfg.shards, vae_scaling_factor)
-    use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and d.device.type == "cuda")
+class Window:
+    """Sums over one logging interval, reduced across ranks when a row is written."""
 
-    gen = _seed_all(tcfg.seed, d.rank, d.device)
-    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    unet_config = load_unet_config(mcfg.unet_config)
-    model = VideoToAudioUNet(mcfg, unet_config).to(d.device)
-    _check_shapes(model, data.latent_shape)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
-                                  eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(tcfg.warmup_steps))
-    ema = None
-    if tcfg.ema_decay > 0 and d.is_main:
-        from diffusers.training_utils import EMAModel
-        ema = EMAModel(model.parameters(), decay=tcfg.ema_decay, foreach=True)
-    run_config = {"model": to_dict(mcfg), "unet": unet_config, "noise": to_dict(ncfg),
-                  "data": {"latent_shape": list(data.latent_shape), "vae_scaling_factor": data.scaling_factor,
-                           "clip_fps": data.clip_fps, "card": data.card},
-                  "train": to_dict(tcfg), "world_size": d.world_size}
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
 
-    step, data_state, resumed_from = 0, None, None
-    latest = ckpt.latest_checkpoint(run)
-    if latest is not None:
-        state, rng = ckpt.load_training_state(latest, model, ema, optimizer, scheduler, d.device)
-        step, resumed_from = int(state["step"]), int(state["step"])
+    def reset(self) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.steps, self.wait, self.dropped, self.seen = 0, 0.0, 0.0, 0.0
+        self.t0 = time.perf_counter()
+
+
+class Trainer:
+    """One rank's run: built in ``__init__``, resumed from the newest intact checkpoint, then stepped."""
+
+    def __init__(self, d: Dist, tcfg: TrainConfig, mcfg: ModelConfig, ncfg: NoiseConfig, vae_scaling_factor: float):
+        self.d, self.tcfg, self.mcfg = d, tcfg, mcfg
+        self.run_dir = Path(tcfg.out)
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_partial(self.run_dir)
+        self.data = DataInfo(tcfg.shards, vae_scaling_factor)
+        self.use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and d.device.type == "cuda")
+        self.gen = _seed_all(tcfg.seed, d.rank, d.device)
+        torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
+        unet_config = load_unet_config(mcfg.unet_config)
+        self.model = VideoToAudioUNet(mcfg, unet_config).to(d.device)
+        _check_shapes(self.model, self.data.latent_shape)
+        self.optimizer = build_optimizer(self.model, tcfg)
+        self.scheduler = build_scheduler(self.optimizer, tcfg)
+        self.ema = build_ema(self.model, tcfg) if d.is_main else None  # validation broadcasts it
+        self.loss_fn = DiffusionLoss(ncfg)
+        self.run_config = {"model": to_dict(mcfg), "unet": unet_config, "noise": to_dict(ncfg),
+                           "data": {"latent_shape": list(self.data.latent_shape),
+                                    "vae_scaling_factor": self.data.scaling_factor,
+                                    "clip_fps": self.data.clip_fps, "card": self.data.card},
+                           "train": to_dict(tcfg), "world_size": d.world_size}
+        self.step, self.resumed_from = 0, None
+
+    def autocast(self):
+        return torch.autocast(self.d.device.type, dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+
+    def resume(self) -> dict | None:
+        """Restore the newest intact checkpoint (rank 0 chooses, so every rank loads the same one);
+        return this rank's data-stream state, or None when the streams start afresh."""
+        d = self.d
+        chosen = None
+        if d.is_main:
+            found = ckpt.load_latest_intact(self.run_dir, with_ema=self.ema is not None)
+            chosen, loaded = (found[0].name, found[1]) if found else (None, None)
+        chosen = broadcast_object(d, chosen)
+        if chosen is None:
+            if d.is_main:
+                log.info("starting a new run in %s", self.run_dir)
+            return None
+        path = ckpt.checkpoints_dir(self.run_dir) / chosen
+        if not d.is_main:
+            loaded = ckpt.read_checkpoint(path, with_ema=False)
+        state, rng = ckpt.apply_training_state(path, loaded, self.model, self.ema, self.optimizer,
+                                               self.scheduler, d.device)
+        self.step = self.resumed_from = int(state["step"])
+        if d.is_main:
+            log.info("resuming at step %d from %s", self.step, path)
         if state.get("world_size") == d.world_size:
-            set_rng_state(gen, rng[d.rank])
-            data_state = state["data"][d.rank]
-        else:
-            log.warning("checkpoint was written by %s ranks, this run has %d: data order and noise are "
-                        "reseeded (training continues, but not bit-identically)", state.get("world_size"),
-                        d.world_size)
-            gen = _seed_all(tcfg.seed + step, d.rank, d.device)
+            set_rng_state(self.gen, rng[d.rank])
+            return state["data"][d.rank]
         if d.is_main:
-            log.info("resuming at step %d from %s", step, latest)
-    elif d.is_main:
-        log.info("starting a new run in %s", run)
-    if d.is_main:
-        (run / ckpt.RUN_CONFIG).write_text(json.dumps(run_config, indent=1, sort_keys=True))
+            log.warning("checkpoint was written by %s ranks, this run has %d: model, optimiser, EMA, LR schedule "
+                        "and step continue exactly; data streams and noise start afresh (new streams, none of "
+                        "the data already read is replayed)", state.get("world_size"), d.world_size)
+        self.gen = _seed_all(stable_hash("resume", self.tcfg.seed, self.step), d.rank, d.device)
+        return None
 
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) \
-        if d.initialised else model
-    loss_fn = DiffusionLoss(ncfg)
-    rcfg = ReaderConfig(workers=tcfg.workers, mix_shards=tcfg.mix_shards, seed=tcfg.seed)
-    loader = TrainLoader(data.train, tcfg.batch_size, d.rank, d.world_size, rcfg, need_text=mcfg.use_text,
-                         latent_shape=data.latent_shape, state=data_state, pin_memory=d.device.type == "cuda")
-    batches = iter(loader)
-    val_cache: list[dict] | None = None
-    metrics = MetricsLog(run, d.is_main, step)
-    if d.is_main and not data.test and tcfg.val_every:
-        log.warning("no test shards: validation loss is skipped")
+    def save(self, loader: TrainLoader) -> None:
+        states = gather(self.d, {"rng": rng_state(self.gen), "data": loader.state_dict()})
+        if self.d.is_main:
+            ckpt.save_checkpoint(self.run_dir, self.step, model=self.model, ema=self.ema, optimizer=self.optimizer,
+                                 scheduler=self.scheduler,
+                                 trainer_state={"world_size": self.d.world_size, "data": [s["data"] for s in states]},
+                                 rng_states=[s["rng"] for s in states], run_config=self.run_config,
+                                 keep=self.tcfg.keep_ckpts)
+            log.info("checkpoint at step %d", self.step)
 
-    def autocast():
-        return torch.autocast(d.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-    def validate() -> float:
-        nonlocal val_cache
-        if val_cache is None:
-            val_cache = validation_batches(data.test, tcfg.batch_size, d.rank, tcfg.val_batches, tcfg.seed,
-                                           mcfg.use_text, data.latent_shape, tcfg.mix_shards)
-        vgen = torch.Generator(device=d.device).manual_seed(stable_hash("val", tcfg.seed, d.rank) % (2**63))
-        total, count = 0.0, 0
-        model.eval()
-        with torch.no_grad(), autocast():
-            for batch in val_cache:
-                terms = loss_fn(model, _to_device(batch, d.device), data.scaling_factor, vgen, 0.0)
-                total += float(terms.per_sample.sum())
-                count += terms.per_sample.numel()
-        model.train()
-        s, n = _all_reduce_sum(d, [total, count], d.device)
-        return s / max(n, 1)
-
-    def save(at: int) -> None:
-        states = _gather(d, {"rng": rng_state(gen), "data": loader.state_dict()})
-        if d.is_main:
-            ckpt.save_checkpoint(run, at, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
-                                 trainer_state={"world_size": d.world_size, "data": [s["data"] for s in states]},
-                                 rng_states=[s["rng"] for s in states], run_config=run_config, keep=tcfg.keep_ckpts)
-            log.info("checkpoint at step %d", at)
-
-    model.train()
-    t_start = time.perf_counter()
-    window = {"loss": torch.zeros((), dtype=torch.float64, device=d.device), "steps": 0, "wait": 0.0,
-              "t0": time.perf_counter(), "dropped": 0.0, "seen": 0.0}
-    total_wait, total_time = 0.0, 0.0
-    if step == 0 and tcfg.val_every and data.test:  # the untrained model's loss, for reference
-        row0 = {"step": 0, "val_loss": validate()}
-        metrics.write(row0)
-        if d.is_main:
-            log.info("step=0 val_loss=%.4g", row0["val_loss"])
-    bar = tqdm(total=tcfg.max_steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
-    while step < tcfg.max_steps:
-        grad_norm = torch.zeros((), device=d.device)
+    def train_step(self, ddp, batches: Iterator[dict], window: Window) -> float:
+        """One optimiser step over ``grad_accum`` micro-batches; returns the gradient norm."""
+        tcfg = self.tcfg
         for micro in range(tcfg.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
-            window["wait"] += time.perf_counter() - t0
-            batch = _to_device(batch, d.device)
-            sync = micro == tcfg.grad_accum - 1 or not d.initialised
+            window.wait += time.perf_counter() - t0
+            batch = to_device(batch, self.d.device)
+            sync = micro == tcfg.grad_accum - 1 or not self.d.initialised
             with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                with autocast():
-                    terms = loss_fn(ddp, batch, data.scaling_factor, gen, tcfg.cond_dropout)
+                with self.autocast():
+                    terms = self.loss_fn(ddp, batch, self.data.scaling_factor, self.gen, tcfg.cond_dropout)
                 (terms.loss / tcfg.grad_accum).backward()
-            window["loss"] += terms.loss.detach().double() / tcfg.grad_accum
-            window["dropped"] += float(terms.drop.sum())
-            window["seen"] += terms.drop.numel()
+            window.loss += terms.loss.detach().double() / tcfg.grad_accum
+            window.dropped += float(terms.drop.sum())
+            window.seen += terms.drop.numel()
+        grad_norm = 0.0
         if tcfg.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(model.parameters())
-        step += 1
-        window["steps"] += 1
-        bar.update(1)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.model.parameters())
+        self.step += 1
+        window.steps += 1
+        return grad_norm
 
-        row = None
-        if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-            elapsed = time.perf_counter() - window["t0"]
-            loss_sum, wait_sum, dropped, seen = _all_reduce_sum(
-                d, [float(window["loss"]), window["wait"], window["dropped"], window["seen"]], d.device)
-            samples = window["steps"] * tcfg.batch_size * tcfg.grad_accum * d.world_size
-            total_wait += window["wait"]
-            total_time += elapsed
-            row = {"step": step, "loss": loss_sum / (window["steps"] * d.world_size), "lr": lr,
-                   "grad_norm": float(grad_norm), "steps_per_s": window["steps"] / elapsed,
-                   "samples_per_s": samples / elapsed, "data_wait_share": wait_sum / d.world_size / elapsed,
-                   "cond_dropout_share": dropped / max(seen, 1),
-                   "epoch": step * tcfg.batch_size * tcfg.grad_accum * d.world_size / max(1, _train_count(data))}
-            window.update(loss=torch.zeros_like(window["loss"]), steps=0, wait=0.0, t0=time.perf_counter(),
-                          dropped=0.0, seen=0.0)
-        if tcfg.val_every and data.test and (step % tcfg.val_every == 0 or step == tcfg.max_steps):
-            row = row or {"step": step}
-            row["val_loss"] = validate()
-            window["t0"] = time.perf_counter()
-        if row is not None and d.is_main:
+    def log_row(self, window: Window, lr: float, grad_norm: float) -> dict:
+        """The logging interval's row (all ranks take part in the reduction)."""
+        tcfg, d = self.tcfg, self.d
+        elapsed = time.perf_counter() - window.t0
+        loss_sum, wait_sum, dropped, seen = all_reduce_sum(
+            d, [float(window.loss), window.wait, window.dropped, window.seen], d.device)
+        samples = window.steps * tcfg.batch_size * tcfg.grad_accum * d.world_size
+        self.total_wait += window.wait
+        self.total_time += elapsed
+        train_count = sum(s.count or 0 for s in self.data.train)
+        row = {"step": self.step, "loss": loss_sum / (window.steps * d.world_size), "lr": lr,
+               "grad_norm": grad_norm, "steps_per_s": window.steps / elapsed,
+               "samples_per_s": samples / elapsed, "data_wait_share": wait_sum / d.world_size / elapsed,
+               "cond_dropout_share": dropped / max(seen, 1),
+               "epoch": self.step * tcfg.batch_size * tcfg.grad_accum * d.world_size / max(1, train_count)}
+        window.reset()
+        return row
+
+    def run(self) -> dict:
+        tcfg, d = self.tcfg, self.d
+        t_start = time.perf_counter()
+        data_state = self.resume()
+        if d.is_main:
+            (self.run_dir / ckpt.RUN_CONFIG).write_text(json.dumps(self.run_config, indent=1, sort_keys=True))
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.initialised else self.model
+        rcfg = ReaderConfig(workers=tcfg.workers, mix_shards=tcfg.mix_shards, shuffle_buffer=tcfg.shuffle_buffer,
+                            seed=tcfg.seed)
+        loader = TrainLoader(self.data.train, tcfg.batch_size, d.rank, d.world_size, rcfg,
+                             need_text=self.mcfg.use_text, latent_shape=self.data.latent_shape, state=data_state,
+                             pin_memory=d.device.type == "cuda", generation=self.step)
+        validator = self._validator()
+        metrics = MetricsLog(self.run_dir, d.is_main, self.step)
+        self.total_wait = self.total_time = 0.0
+        if self.step == 0 and validator is not None:  # the untrained model's loss, for reference
+            self._write(metrics, {"step": 0, **validator.run(self.model, self.ema, tcfg.ema_decay > 0)})
+        self._loop(ddp, iter(loader), loader, validator, metrics)
+        summary = self._summary(loader, t_start)
+        metrics.close()
+        return summary
+
+    def _validator(self) -> Validator | None:
+        tcfg = self.tcfg
+        if not tcfg.val_every:
+            return None
+        if not self.data.test:
+            if self.d.is_main:
+                log.warning("no test shards: validation loss is skipped")
+            return None
+        return Validator(self.d, self.data.test, tcfg.val_samples, tcfg.batch_size, tcfg.seed, self.loss_fn,
+                         self.data.scaling_factor, self.mcfg.use_text, self.data.latent_shape, self.autocast)
+
+    def _loop(self, ddp, batches, loader: TrainLoader, validator: Validator | None, metrics: MetricsLog) -> None:
+        tcfg = self.tcfg
+        self.model.train()
+        window = Window(self.d.device)
+        bar = tqdm(total=tcfg.max_steps, initial=self.step, disable=not self.d.is_main, desc="train",
+                   dynamic_ncols=True)
+        while self.step < tcfg.max_steps:
+            lr = self.optimizer.param_groups[0]["lr"]
+            grad_norm = self.train_step(ddp, batches, window)
+            bar.update(1)
+            last = self.step == tcfg.max_steps
+            row = self.log_row(window, lr, grad_norm) if self.step % tcfg.log_every == 0 or last else None
+            if validator is not None and (self.step % tcfg.val_every == 0 or last):
+                row = {**(row or {"step": self.step}), **validator.run(self.model, self.ema, tcfg.ema_decay > 0)}
+                window.t0 = time.perf_counter()
+            if row is not None:
+                self._write(metrics, row)
+                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
+            if self.step % tcfg.ckpt_every == 0 or last:
+                self.save(loader)
+        bar.close()
+
+    def _write(self, metrics: MetricsLog, row: dict) -> None:
+        if self.d.is_main:
             metrics.write(row)
-            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps:
-            save(step)
-    bar.close()
 
-    counts = _gather(d, {"steps": step - (resumed_from or 0), "batches": loader.batches,
-                         "wait_s": total_wait, "time_s": total_time})
-    summary = {"steps": step, "resumed_from": resumed_from, "world_size": d.world_size,
-               "steps_per_rank": [c["steps"] for c in counts], "batches_per_rank": [c["batches"] for c in counts],
-               "data_wait_share": sum(c["wait_s"] for c in counts) / max(sum(c["time_s"] for c in counts), 1e-9),
-               "wall_s": time.perf_counter() - t_start}
-    if d.is_main:
-        (run / "summary.json").write_text(json.dumps(summary, indent=1))
-        log.info("done: %d steps (%s), summary in %s", step,
-                 f"resumed at {resumed_from}" if resumed_from is not None else "fresh run", run / "summary.json")
-    metrics.close()
-    return summary
-
-
-def _train_count(data: DataInfo) -> int:
-    return sum(s.count or 0 for s in data.train)
+    def _summary(self, loader: TrainLoader, t_start: float) -> dict:
+        counts = gather(self.d, {"steps": self.step - (self.resumed_from or 0), "batches": loader.batches,
+                                 "wait_s": self.total_wait, "time_s": self.total_time})
+        summary = {"steps": self.step, "resumed_from": self.resumed_from, "world_size": self.d.world_size,
+                   "steps_per_rank": [c["steps"] for c in counts], "batches_per_rank": [c["batches"] for c in counts],
+                   "data_wait_share": sum(c["wait_s"] for c in counts) / max(sum(c["time_s"] for c in counts), 1e-9),
+                   "wall_s": time.perf_counter() - t_start}
+        if self.d.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            log.info("done: %d steps (%s), summary in %s", self.step,
+                     f"resumed at {self.resumed_from}" if self.resumed_from is not None else "fresh run",
+                     self.run_dir / "summary.json")
+        return summary

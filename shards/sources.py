@@ -1,0 +1,171 @@
+"""Where training samples come from: URLs, the shard index, and one shard's samples.
+
+A source is a local folder, an ``http(s)://`` URL or any other fsspec URL (``s3://``, ``gs://``:
+needs ``s3fs``/``gcsfs``) of a folder holding ``index.json``, or an explicit brace/``::`` list of
+shard URLs. Local files are opened directly (random access: members training does not need are
+skipped by a seek); every URL goes through ``fsspec.open`` and is read as a stream.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Container, Iterator
+from urllib.parse import urlparse
+
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+log = logging.getLogger(__name__)
+
+TRAIN_MEMBERS = ("clip.npy", "text.npy", "latent.npy", "json")
+HTTP_TIMEOUT_S = 120  # per socket read; a stalled server fails the shard instead of hanging a rank
+
+
+class ShardSourceError(ValueError):
+    """The shard source cannot be used (missing index, no shards of a split, unsafe names)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    split: str
+    count: int | None  # samples, when the index says
+
+
+def _is_url(source: str) -> bool:
+    return "://" in source
+
+
+def local_path(url: str) -> str | None:
+    """The file path of a local shard (plain path or ``file://``), None for remote URLs."""
+    scheme = urlparse(url).scheme if _is_url(url) else ""
+    if scheme == "file":
+        return urlparse(url).path
+    return url if scheme == "" else None
+
+
+def open_url(url: str):
+    """A binary file object for a local path or any fsspec URL (http(s) streamed, no range requests)."""
+    local = local_path(url)
+    if local is not None:
+        return open(local, "rb")
+    import fsspec
+
+    scheme = urlparse(url).scheme
+    options = {}
+    if scheme in ("http", "https"):
+        import aiohttp
+
+        options = {"block_size": 0, "client_kwargs": {
+            "timeout": aiohttp.ClientTimeout(sock_connect=HTTP_TIMEOUT_S, sock_read=HTTP_TIMEOUT_S)}}
+    try:
+        return fsspec.open(url, "rb", **options).open()
+    except ImportError as e:  # e.g. s3fs or gcsfs not installed
+        raise ShardSourceError(f"cannot open {url}: {e} (install the fsspec backend for {scheme}://)") from e
+    except ValueError as e:  # fsspec: "Protocol not known"
+        raise ShardSourceError(f"cannot open {url}: {e}") from e
+
+
+def _join(base: str, name: str) -> str:
+    if _is_url(base):
+        return base.rstrip("/") + "/" + name
+    return str(Path(base) / name)
+
+
+def _read_json(location: str) -> dict | None:
+    """A JSON document, or None when it does not exist."""
+    if not _is_url(location) and not os.path.exists(location):
+        return None
+    try:
+        with open_url(location) as f:
+            return json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardSourceError(f"cannot read {location}: {e}") from e
+
+
+def _split_of(name: str) -> str:
+    return posixpath.basename(name).split("-", 1)[0]
+
+
+def _safe_name(name: str, index: str) -> str:
+    if not name or "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".tar"):
+        raise ShardSourceError(f"{index}: unsafe or invalid shard name {name!r}")
+    return name
+
+
+def find_shards(source: str) -> tuple[list[Shard], dict | None]:
+    """All shards of a source (with their split and sample count) and the dataset card, if any.
+
+    ``source`` is a folder (``OUT`` or ``OUT/shards``) or URL of one holding ``index.json``; or an
+    explicit list of shard URLs (brace notation, ``::`` separated), whose split is read from the
+    file name (``train-000000.tar``).
+    """
+    if "{" in source or "::" in source or source.endswith(".tar"):
+        urls = expand_urls(source)
+        return [Shard(u, _split_of(u), None) for u in urls], None
+    for base in (source, _join(source, "shards")):
+        index_loc = _join(base, "index.json")
+        index = _read_json(index_loc)
+        if index is None:
+            continue
+        if not isinstance(index.get("shards"), list):
+            raise ShardSourceError(f"{index_loc}: no 'shards' list")
+        shards = []
+        for entry in index["shards"]:
+            name = _safe_name(str(entry.get("name", "")), index_loc)
+            shards.append(Shard(_join(base, name), str(entry.get("split") or _split_of(name)),
+                                int(entry["count"]) if entry.get("count") is not None else None))
+        card = _read_json(_join(base, "card.json"))
+        return shards, card
+    raise ShardSourceError(f"no index.json in {source} or {_join(source, 'shards')}")
+
+
+def split_shards(shards: list[Shard], split: str) -> list[Shard]:
+    """The usable shards of one split; empty shards are left out (they could never yield)."""
+    chosen = [s for s in shards if s.split == split]
+    empty = [s.url for s in chosen if s.count == 0]
+    if empty:
+        log.warning("skipping %d empty %s shard(s): %s", len(empty), split, ", ".join(empty[:3]))
+    return [s for s in chosen if s.count != 0]
+
+
+def shard_samples(url: str, members: tuple[str, ...] = TRAIN_MEMBERS,
+                  select: Container[int] | None = None, stop: int | None = None) -> Iterator[tuple[int, dict]]:
+    """``(position, sample)`` for the samples of one shard, in file order, as dicts of raw member bytes.
+
+    Only ``members`` are read, and only for positions in ``select`` (all when None); reading ends
+    before position ``stop``. In a local shard, unread members and samples cost a header parse;
+    a URL is a stream, so skipping still downloads.
+    """
+    def wanted(fname: str) -> bool:
+        base = posixpath.basename(fname)
+        return "." in base and base.split(".", 1)[1] in members
+
+    local = local_path(url)
+    if local is not None:
+        with tarfile.open(local, mode="r:") as tar:
+            files = ({"fname": info.name, "data": info, "__url__": url}
+                     for info in tar if info.isfile() and wanted(info.name))
+            for pos, sample in enumerate(group_by_keys(files)):
+                if stop is not None and pos >= stop:
+                    return
+                if select is None or pos in select:
+                    for k, v in sample.items():
+                        if isinstance(v, tarfile.TarInfo):
+                            sample[k] = tar.extractfile(v).read()
+                    yield pos, sample
+        return
+    with open_url(url) as f:
+        files = ({**d, "__url__": url} for d in tar_file_iterator(f, select_files=wanted))
+        for pos, sample in enumerate(group_by_keys(files)):
+            if stop is not None and pos >= stop:
+                return
+            if select is None or pos in select:
+                yield pos, sample
