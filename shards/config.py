@@ -85,7 +85,7 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class ShardConfig:
-    """How encoded samples are grouped: sorted by key within a split, ``shard_size`` per tar."""
+    """How encoded samples are grouped: in a hashed key order within a split, ``shard_size`` per tar."""
 
     shard_size: int = field(default=1000, metadata={"help": "samples per shard (about 0.4 MB each)"})
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 
 import numpy as np
 
@@ -35,7 +36,7 @@ def load_npy(data: bytes, name: str) -> np.ndarray:
         shape, fortran, dtype, offset = _npy_header(bytes(data[:end]))
         if dtype.hasobject:
             raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
         return array.reshape(shape, order="F" if fortran else "C")
     except ValueError as e:  # bad magic, bad header, truncated payload or a pickled object array

@@ -51,6 +51,11 @@ def _stream_pipeline(source: ResampledMixSource, batch_size: int, need_text: boo
     )
 
 
+def _as_is(batch: dict) -> dict:
+    """The DataLoader's collate for ready batches (its default walks every nested list and dict)."""
+    return batch
+
+
 class TrainLoader:
     """Endless, resumable batches for one rank; every rank gets as many batches as it asks for.
 
@@ -116,7 +121,8 @@ class TrainLoader:
         source = ResampledMixSource(self.shards, self.rank, seed, self.cfg.mix_shards, self.cfg.shuffle_buffer,
                                     resume=self.states)
         pipeline = _stream_pipeline(source, self.batch_size, self.need_text, self.latent_shape)
-        loader = DataLoader(pipeline, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+        loader = DataLoader(pipeline, batch_size=None, collate_fn=_as_is, num_workers=self.workers,
+                            pin_memory=self.pin_memory,
                             prefetch_factor=self.cfg.prefetch if self.workers else None,
                             persistent_workers=False)
         pending: dict[int, dict] = {}

@@ -7,6 +7,7 @@ skipped by a seek); every URL goes through ``fsspec.open`` and is read as a stre
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -136,32 +137,38 @@ def split_shards(shards: list[Shard], split: str) -> list[Shard]:
     return [s for s in chosen if s.count != 0]
 
 
+@functools.lru_cache(maxsize=64)
+def _local_index(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, tuple[tuple[str, int, int], ...]], ...]:
+    """Per sample of a local shard: its key and (member, data offset, size) of every member.
+
+    Built once per file version with tarfile and webdataset's grouping (headers only, no data
+    read); afterwards a sample is a few ``pread`` calls and skipping to any position is free,
+    which the stream's hashed start offsets and a resumed shuffle buffer rely on.
+    """
+    with tarfile.open(path, mode="r:") as tar:
+        files = ({"fname": info.name, "data": (info.offset_data, info.size), "__url__": path}
+                 for info in tar if info.isfile())
+        return tuple((sample["__key__"], tuple((k, *v) for k, v in sample.items() if not k.startswith("__")))
+                     for sample in group_by_keys(files))
+
+
 def shard_samples(url: str, members: tuple[str, ...] = TRAIN_MEMBERS,
                   select: Container[int] | None = None, stop: int | None = None) -> Iterator[tuple[int, dict]]:
     """``(position, sample)`` for the samples of one shard, in file order, as dicts of raw member bytes.
 
     Only ``members`` are read, and only for positions in ``select`` (all when None); reading ends
-    before position ``stop``. In a local shard, unread members and samples cost a header parse;
-    a URL is a stream, so skipping still downloads.
+    before position ``stop``. A local shard is read through its cached member index (unread
+    members and samples cost nothing); a URL is a stream, so skipping still downloads.
     """
+    local = local_path(url)
+    if local is not None:
+        yield from _local_samples(local, url, set(members), select, stop)
+        return
+
     def wanted(fname: str) -> bool:
         base = posixpath.basename(fname)
         return "." in base and base.split(".", 1)[1] in members
 
-    local = local_path(url)
-    if local is not None:
-        with tarfile.open(local, mode="r:") as tar:
-            files = ({"fname": info.name, "data": info, "__url__": url}
-                     for info in tar if info.isfile() and wanted(info.name))
-            for pos, sample in enumerate(group_by_keys(files)):
-                if stop is not None and pos >= stop:
-                    return
-                if select is None or pos in select:
-                    for k, v in sample.items():
-                        if isinstance(v, tarfile.TarInfo):
-                            sample[k] = tar.extractfile(v).read()
-                    yield pos, sample
-        return
     with open_url(url) as f:
         files = ({**d, "__url__": url} for d in tar_file_iterator(f, select_files=wanted))
         for pos, sample in enumerate(group_by_keys(files)):
@@ -169,3 +176,28 @@ def shard_samples(url: str, members: tuple[str, ...] = TRAIN_MEMBERS,
                 return
             if select is None or pos in select:
                 yield pos, sample
+
+
+def _local_samples(path: str, url: str, members: set[str], select: Container[int] | None,
+                   stop: int | None) -> Iterator[tuple[int, dict]]:
+    st = os.stat(path)
+    index = _local_index(path, st.st_mtime_ns, st.st_size)
+    end = len(index) if stop is None else min(stop, len(index))
+    first = select.start if isinstance(select, range) else 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for pos in range(max(0, first), end):
+            if select is not None and pos not in select:
+                continue
+            key, parts = index[pos]
+            sample = {"__key__": key, "__url__": url}
+            for member, offset, size in parts:
+                if member in members:
+                    data = os.pread(fd, size, offset)
+                    if len(data) != size:
+                        raise EOFError(f"{path}: {key}.{member} is truncated ({len(data)} of {size} bytes)")
+                    sample[member] = data
+            if len(sample) > 2:
+                yield pos, sample
+    finally:
+        os.close(fd)
