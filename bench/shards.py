@@ -84,15 +84,16 @@ def stock_webdataset(urls: list[str]) -> int:
     return sum(1 for _ in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
 
 
-READER_SETTINGS = {"defaults": {}, "mix 4, no buffer (before)": {"mix_shards": 4, "shuffle_buffer": 1}}
+READER_SETTINGS = {"defaults": {}, "old defaults (mix 4, no buffer)": {"mix_shards": 4, "shuffle_buffer": 1}}
 
 
 def training_reader(folder: Path, samples: int, batch_size: int = 16, **cfg) -> tuple[float, float, int]:
     """(seconds to the first batch, seconds for the next ``samples`` samples, samples) with workers=0:
     the reader's own cost in this process, no worker processes or IPC."""
     from shards.reader import ReaderConfig, TrainLoader
-    from shards.sources import find_shards
+    from shards.sources import _local_index, find_shards
 
+    _local_index.cache_clear()  # every setting pays for building its shard indexes
     shards, _ = find_shards(str(folder))
     loader = TrainLoader(shards, batch_size, rank=0, world_size=1, cfg=ReaderConfig(workers=0, **cfg),
                          need_text=True, latent_shape=(2, 8, 256, 16))

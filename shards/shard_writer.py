@@ -416,6 +416,7 @@ class ShardAssembler:
         for k in chosen:
             self.cache.drop(k, self.fps[k])
         self._in_shard = {k: n for k, n in self._in_shard.items() if n != name}
+        self._in_shard.update((k, name) for k in chosen)  # settled: inside this finished shard now
         self.written.append(name)
 
     def _drop_unlisted(self) -> None:

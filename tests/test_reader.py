@@ -198,3 +198,63 @@ def test_npy_members_decode_like_numpy_and_refuse_pickles():
     assert all_finite(np.ones(10, np.float16))
     assert not all_finite(np.array([1, np.nan], np.float16))
     assert not all_finite(np.array([np.inf, -np.inf], np.float16))
+
+
+# ---------------------------------------------------------------------------------------------
+# shuffling: hashed offsets, the shuffle buffer, fresh streams
+
+
+@pytest.fixture(scope="module")
+def big_shards(tmp_path_factory) -> Path:
+    """Four train shards of 25 samples each (100 distinct keys)."""
+    return write_shards(tmp_path_factory.mktemp("big"), {"train": [25, 25, 25, 25]})
+
+
+def test_ranks_drawing_one_shard_start_at_different_offsets(tmp_path):
+    one = write_shards(tmp_path, {"train": [40]})
+    train = split_shards(find_shards(str(one))[0], "train")
+    cfg = ReaderConfig(workers=0, mix_shards=1, shuffle_buffer=1)
+    a, b = (sum(_take(TrainLoader(train, 4, rank, 2, cfg), 10), []) for rank in (0, 1))
+    assert sorted(a) == sorted(b) == sorted(set(a))  # each rank reads the whole shard once, wrapping around
+    assert a != b and a[0] != b[0]  # but not in lockstep
+    assert a[:20] != sorted(a[:20])  # from a hashed position, not from the first sample
+
+
+def test_shuffle_buffer_mixes_shards_within_a_batch(big_shards):
+    train = split_shards(find_shards(str(big_shards))[0], "train")
+    shard_of = {f"fixture-train-{i:05d}": i // 25 for i in range(100)}
+    plain = _take(TrainLoader(train, 8, 0, 1, ReaderConfig(workers=0, mix_shards=1, shuffle_buffer=1)), 10)
+    mixed = _take(TrainLoader(train, 8, 0, 1, ReaderConfig(workers=0, mix_shards=1, shuffle_buffer=64)), 10)
+    assert all(len({shard_of[k] for k in b}) == 1 for b in plain[:2])  # one shard at a time without a buffer
+    assert sum(len({shard_of[k] for k in b}) for b in mixed) / len(mixed) >= 2.0
+
+
+def test_resume_restores_the_shuffle_buffer_exactly(big_shards, caplog):
+    train = split_shards(find_shards(str(big_shards))[0], "train")
+    cfg = ReaderConfig(workers=2, mix_shards=3, shuffle_buffer=16, seed=2)
+    straight = _take(TrainLoader(train, 4, 0, 1, cfg), 14)
+    first = TrainLoader(train, 4, 0, 1, cfg)
+    head = _take(first, 9)
+    state = first.state_dict()
+    assert all(len(s["buffer"]) == 15 for s in state["states"].values())  # (shard, position) pairs only
+    with caplog.at_level(logging.WARNING):
+        tail = _take(TrainLoader(train, 4, 0, 1, cfg, state=state), 5)
+    assert head + tail == straight and "could not be read back" not in caplog.text
+
+
+def test_an_unusable_state_starts_new_streams_instead_of_replaying(big_shards, caplog):
+    """What a resume on another number of ranks gets: streams no earlier run read (no replay of step 0..K)."""
+    train = split_shards(find_shards(str(big_shards))[0], "train")
+    cfg = ReaderConfig(workers=0, mix_shards=2, shuffle_buffer=8)
+    old = [_take(TrainLoader(train, 4, r, 2, cfg), 6) for r in range(2)]
+    state = TrainLoader(train, 4, 0, 2, cfg).state_dict()
+    with caplog.at_level(logging.WARNING):
+        fresh = TrainLoader(train, 4, 0, 1, ReaderConfig(workers=0, mix_shards=3, shuffle_buffer=8),
+                            state=state, generation=6)
+        new = _take(fresh, 6)
+    assert "mix_shards changed" in caplog.text
+    assert new not in old and new[0] not in (old[0][0], old[1][0])
+    assert fresh.state_dict()["generation"] == 6
+    again = TrainLoader(train, 4, 0, 1, ReaderConfig(workers=0, mix_shards=3, shuffle_buffer=8),
+                        state=fresh.state_dict(), generation=99)
+    assert again.generation == 6  # a fitting state keeps its generation: later resumes are exact again

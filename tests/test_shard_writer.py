@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from tar_writer import hand_written  # noqa: E402
 
 from shards.shard_writer import (SampleCache, ShardAssembler, ShardError, npy_bytes, read_tar_samples, shard_name,
-                                 write_index, write_tar)
+                                 shard_order, write_index, write_tar)
 
 
 def _sample(i: int) -> dict[str, bytes]:
@@ -125,24 +125,39 @@ def _settle(cache: SampleCache, keys, fps, failed=()):
             cache.put(k, fps[k], _sample(int(k[1:])))
 
 
-def test_layout_sorted_full_shards_and_failures_skipped(tmp_path):
+def test_layout_hashed_order_full_shards_and_failures_skipped(tmp_path):
     keys = [f"k{i:02d}" for i in range(10)]
+    order = sorted(keys, key=shard_order)
+    assert order != sorted(keys)  # hashed, not alphabetical
     fps = _fps(keys + ["k90"])
     asm = ShardAssembler(tmp_path, {"train": list(reversed(keys)), "test": ["k90"]}, 3, fps)
-    _settle(asm.cache, keys[:4], fps, failed={"k01"})
-    assert asm.advance() == ["train-000000.tar"]  # k00 k02 k03; k04 not settled yet
-    assert not asm.cache.sample_path("k00", fps["k00"]).exists()  # cached samples are dropped once in a shard
-    _settle(asm.cache, keys[4:] + ["k90"], fps, failed={"k05", "k09"})
+    _settle(asm.cache, order[:4], fps, failed={order[1]})
+    assert asm.advance() == ["train-000000.tar"]  # order 0, 2, 3; order[4] not settled yet
+    assert not asm.cache.sample_path(order[0], fps[order[0]]).exists()  # dropped once in a shard
+    _settle(asm.cache, order[4:] + ["k90"], fps, failed={order[5], order[9]})
     assert asm.advance(final=True) == ["test-000000.tar", "train-000001.tar", "train-000002.tar"]
     got = {s.name: [k for k, _ in read_tar_samples(tmp_path / s.name)] for s in asm.index()}
-    assert got == {"test-000000.tar": ["k90"], "train-000000.tar": ["k00", "k02", "k03"],
-                   "train-000001.tar": ["k04", "k06", "k07"], "train-000002.tar": ["k08"]}
+    assert got == {"test-000000.tar": ["k90"], "train-000000.tar": [order[0], order[2], order[3]],
+                   "train-000001.tar": [order[4], order[6], order[7]], "train-000002.tar": [order[8]]}
     for s in asm.index():
         data = (tmp_path / s.name).read_bytes()
         assert (s.bytes, s.sha256, s.count) == (len(data), hashlib.sha256(data).hexdigest(), len(got[s.name]))
-    assert [f["key"] for f in asm.failures()] == ["k01", "k05", "k09"]
+    assert sorted(f["key"] for f in asm.failures()) == sorted([order[1], order[5], order[9]])
     write_index(tmp_path, asm.index())
     assert (tmp_path / "index.json").is_file()
+
+
+def test_augmented_variants_and_concats_are_spread_over_the_split():
+    """The default plan's keys: variants sit beside their source and concats sort first in key order."""
+    clips = [f"vggsound-id{i:04d}-000030" for i in range(400)]
+    keys = clips + [f"{c}-ts080" for c in clips] + [f"{c}-ts125" for c in clips]
+    keys += [f"cat-{a}-{b}" for a, b in zip(clips, clips[1:] + clips[:1])]
+    order = sorted(keys, key=shard_order)
+    source = {k: k.removesuffix("-ts080").removesuffix("-ts125") for k in keys if not k.startswith("cat-")}
+    neighbours = sum(source.get(a, a) == source.get(b, b) for a, b in zip(order, order[1:]))
+    assert neighbours < 10  # sorted order: 800 neighbouring pairs of one clip's versions
+    concat_share = [sum(k.startswith("cat-") for k in order[i:i + 100]) / 100 for i in range(0, len(order), 100)]
+    assert 0.1 < min(concat_share) and max(concat_share) < 0.4  # a quarter everywhere, not a block
 
 
 def test_resume_skips_finished_shards_and_rewrites_damaged_ones(tmp_path):
@@ -158,7 +173,8 @@ def test_resume_skips_finished_shards_and_rewrites_damaged_ones(tmp_path):
     assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == first.st_mtime_ns
     (tmp_path / "train-000002.tar").write_bytes(b"truncated")  # a damaged shard is written again
     damaged = ShardAssembler(tmp_path, {"train": keys}, 2, fps)
-    assert damaged.pending_keys() == {"k04"}  # its sample was dropped after the shard was written
+    last = sorted(keys, key=shard_order)[-1]
+    assert damaged.pending_keys() == {last}  # its sample was dropped after the shard was written
 
 
 def _shards(folder) -> dict[str, bytes]:
@@ -180,23 +196,24 @@ def test_a_changed_sample_is_encoded_again_and_nothing_stale_is_reused(tmp_path)
     """Same key, new recipe (``X-ts125`` with a new offset): only that sample is encoded again, its
     shard is rewritten, and the folder ends byte-identical to a fresh run of the new plan."""
     keys = [f"k{i:02d}" for i in range(7)]
+    mid = sorted(keys, key=shard_order)[4]  # in the middle shard
     old = _fps(keys)
     out = tmp_path / "out"
     asm = ShardAssembler(out, {"train": keys}, 3, old)
     _settle(asm.cache, keys, old)
     asm.advance(final=True)
 
-    new = {**old, "k04": fingerprint({"key": "k04", "recipe": "v2"})}
+    new = {**old, mid: fingerprint({"key": mid, "recipe": "v2"})}
     again = ShardAssembler(out, {"train": keys}, 3, new)
     again.advance()
-    assert again.pending_keys() == {"k04"}  # its neighbours come back from the old shard, not re-encoded
-    assert again.cache.status("k04", old["k04"]) is None and again.cache.status("k04", new["k04"]) is None
-    again.cache.put("k04", new["k04"], _sample_v2(4))
+    assert again.pending_keys() == {mid}  # its neighbours come back from the old shard, not re-encoded
+    assert again.cache.status(mid, old[mid]) is None and again.cache.status(mid, new[mid]) is None
+    again.cache.put(mid, new[mid], _sample_v2(int(mid[1:])))
     again.advance(final=True)
     assert again.skipped == ["train-000000.tar", "train-000002.tar"] and again.written == ["train-000001.tar"]
     expected = ShardAssembler(tmp_path / "fresh", {"train": keys}, 3, new)
-    _settle(expected.cache, [k for k in keys if k != "k04"], new)
-    expected.cache.put("k04", new["k04"], _sample_v2(4))
+    _settle(expected.cache, [k for k in keys if k != mid], new)
+    expected.cache.put(mid, new[mid], _sample_v2(int(mid[1:])))
     expected.advance(final=True)
     assert _shards(out) == _shards(tmp_path / "fresh")
 

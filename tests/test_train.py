@@ -25,7 +25,7 @@ def _train_args(shards: Path, out: Path, max_steps: int) -> list[str]:
 
     return ["-m", "train", "--shards", str(shards), "--out", str(out), "--unet-config", TINY_UNET_CONFIG,
             "--batch-size", "4", "--max-steps", str(max_steps), "--ckpt-every", "4", "--log-every", "1",
-            "--lr", "1e-3", "--warmup-steps", "3", "--val-every", "8", "--val-batches", "2",
+            "--lr", "1e-3", "--warmup-steps", "3", "--val-every", "8", "--val-samples", "3",
             "--workers", "2", "--mix-shards", "2", "--condition", "video+text+pe", "--seed", "3"]
 
 
@@ -76,6 +76,9 @@ def test_two_rank_gloo_run_overfits_with_equal_steps(straight_run):
     assert sorted(k for k in rows if "loss" in rows[k]) == list(range(1, STEPS + 1))
     first, last = rows[0]["val_loss"], rows[STEPS]["val_loss"]
     assert last < 0.7 * first, (first, last)
+    assert rows[0]["val_loss_ema"] == pytest.approx(first)  # the EMA starts as the weights
+    assert rows[STEPS]["val_loss_ema"] != pytest.approx(last)  # and then lags behind them
+    assert "validation set: 3 test sample(s)" in output
     assert (run / "checkpoints" / f"step-{STEPS:08d}" / "ema.safetensors").is_file()
     assert list((run / "tb").glob("events.out.tfevents.*"))
 
@@ -106,6 +109,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(uneven_shards, stra
     for step in range(1, STEPS + 1):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-7), step
     assert b[STEPS]["val_loss"] == pytest.approx(a[STEPS]["val_loss"], rel=1e-5)
+    assert b[STEPS]["val_loss_ema"] == pytest.approx(a[STEPS]["val_loss_ema"], rel=1e-5)
 
 
 def test_condition_dropout_rate_and_null_condition():
@@ -163,6 +167,163 @@ def test_min_snr_weights_for_v_prediction():
     assert torch.allclose(loss_fn.weights(t), expected)
     w = loss_fn.weights(t)
     assert float(w[0]) < 1.0 and float(w[2]) == pytest.approx(float(snr[2] / (snr[2] + 1)), rel=1e-5)
+
+
+def test_two_rank_validation_equals_one_rank_on_the_same_weights(uneven_shards, straight_run, tmp_path):
+    """The validation set is fixed and each sample's draws come from its key: ranks and batch size do not matter."""
+    from train.config import TrainConfig
+    from train.trainer import train
+
+    straight, _ = straight_run
+    tcfg = TrainConfig(shards=str(uneven_shards), out=str(tmp_path / "run"), batch_size=2, max_steps=0,
+                       val_samples=3, workers=0, seed=3)
+    train(tcfg, ModelConfig(unet_config=TINY_UNET_CONFIG, condition="video+text+pe"), NoiseConfig())
+    one_rank = _rows(tmp_path / "run")[0]
+    assert one_rank["val_loss"] == pytest.approx(_rows(straight)[0]["val_loss"], rel=1e-5)
+
+
+test_two_rank_validation_equals_one_rank_on_the_same_weights = pytest.mark.slow(
+    test_two_rank_validation_equals_one_rank_on_the_same_weights)
+
+
+def _in_process_run(shards: Path, out: Path, max_steps: int, **kw) -> dict:
+    from train.config import TrainConfig
+    from train.trainer import train
+
+    tcfg = TrainConfig(shards=str(shards), out=str(out), batch_size=2, max_steps=max_steps, ckpt_every=2,
+                       val_every=0, workers=0, log_every=1, seed=1, **kw)
+    return train(tcfg, ModelConfig(unet_config=TINY_UNET_CONFIG), NoiseConfig())
+
+
+def test_a_corrupt_latest_checkpoint_is_named_and_the_previous_one_used(uneven_shards, tmp_path, caplog):
+    import logging
+
+    from train.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    _in_process_run(uneven_shards, run, 4)
+    bad = run / "checkpoints" / "step-00000004" / "model.safetensors"
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])  # a copy cut short
+    with caplog.at_level(logging.WARNING):
+        summary = _in_process_run(uneven_shards, run, 5)
+    assert summary["resumed_from"] == 2 and summary["steps"] == 5
+    assert str(bad) in caplog.text and "previous intact checkpoint" in caplog.text
+    for step in (2, 4, 5):  # nothing intact left: the error names every file
+        ckpt_dir = run / "checkpoints" / f"step-{step:08d}"
+        if ckpt_dir.is_dir():
+            (ckpt_dir / "trainer_state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="trainer_state.json"):
+        _in_process_run(uneven_shards, run, 6)
+
+
+test_a_corrupt_latest_checkpoint_is_named_and_the_previous_one_used = pytest.mark.slow(
+    test_a_corrupt_latest_checkpoint_is_named_and_the_previous_one_used)
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_ranks_continues_with_new_streams(uneven_shards, straight_run, tmp_path, caplog):
+    import logging
+    import shutil
+
+    straight, _ = straight_run
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    for p in (run / "checkpoints").glob("step-*"):
+        if p.name != "step-00000008":
+            shutil.rmtree(p)
+    with caplog.at_level(logging.WARNING):
+        summary = _in_process_run(uneven_shards, run, 10, mix_shards=2, seed=3)
+    assert summary["resumed_from"] == 8 and summary["world_size"] == 1
+    assert "written by 2 ranks, this run has 1" in caplog.text
+    state = json.loads((run / "checkpoints" / "step-00000010" / "trainer_state.json").read_text())
+    assert state["world_size"] == 1 and state["data"][0]["generation"] == 8  # streams keyed by the resume step
+    assert state["step"] == 10 and state["lr_scheduler"]["last_epoch"] == 10  # the schedule went on
+
+
+def test_parameter_groups_spare_norms_biases_embeddings_and_the_null_token():
+    from train.config import TrainConfig
+    from train.optim import build_optimizer
+
+    model = VideoToAudioUNet(ModelConfig(unet_config=TINY_UNET_CONFIG))
+    groups = {g["name"]: g for g in build_optimizer(model, TrainConfig(weight_decay=0.01)).param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in groups["decay"]["params"]}
+    spared = {names[id(p)] for p in groups["no_decay"]["params"]}
+    assert groups["decay"]["weight_decay"] == 0.01 and groups["no_decay"]["weight_decay"] == 0.0
+    assert decayed | spared == set(names.values()) and not decayed & spared
+    assert "cond.null" in spared and "cond.proj.bias" in spared and "cond.proj.weight" in decayed
+    assert {n for n in spared if "norm" in n} and not {n for n in decayed if "norm" in n or n.endswith(".bias")}
+    assert {n for n in names.values() if n.startswith("unet.time_embedding.")} <= spared
+    assert "unet.conv_in.weight" in decayed
+
+
+@pytest.mark.parametrize("kind", ["ddim", "dpm"])
+def test_sampling_ends_on_the_clean_latent(kind):
+    """With an oracle denoiser the last step must return x0 itself (set_alpha_to_one / final sigma 0)."""
+    from train.model import sampling_scheduler
+
+    cfg = NoiseConfig()
+    sched = sampling_scheduler(cfg, kind)
+    sched.set_timesteps(10)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 8, 16, 8, generator=gen), torch.randn(1, 8, 16, 8, generator=gen)
+    train_sched = DiffusionLoss(cfg).scheduler
+    x = noise * sched.init_noise_sigma
+    for t in sched.timesteps:
+        a = train_sched.alphas_cumprod[t]
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # the noise that is in x, exactly
+        v = a.sqrt() * eps - (1 - a).sqrt() * x0
+        x = sched.step(v, t, x).prev_sample
+    assert torch.allclose(x, x0, atol=1e-4), float((x - x0).abs().max())
+
+
+def test_text_repeat_gives_vta_ldm_one_text_copy_per_frame():
+    clip, mask, text = torch.randn(2, 5, 768), torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 768)
+    mask[1, 3:] = False
+    one = ConditionEncoder(ModelConfig(condition="video+text"), 16)
+    ctx, ctx_mask = one(clip, mask, text)
+    assert ctx.shape == (2, 6, 16) and ctx_mask[1].tolist() == [True, True, True, True, False, False]
+    vta = ConditionEncoder(ModelConfig(condition="video+text", text_repeat=0), 16)
+    vta.load_state_dict(one.state_dict())
+    ctx, ctx_mask = vta(clip, mask, text)
+    assert ctx.shape == (2, 10, 16) and vta.context_length(5) == 10
+    assert ctx_mask[1].tolist() == [True] * 3 + [False] * 2 + [True] * 3 + [False] * 2  # padded frames' copies too
+    assert torch.equal(ctx[:, 0], ctx[:, 4]) and torch.equal(ctx[:, 5:], one(clip, mask, text)[0][:, 1:])
+    three = ConditionEncoder(ModelConfig(condition="video+text", text_repeat=3), 16)
+    assert three(clip, mask, text)[0].shape == (2, 8, 16) and three(clip, mask, text)[1][1, :3].all()
+    with pytest.raises(ValueError, match="text_repeat"):
+        ModelConfig(text_repeat=-1)
+
+
+@pytest.mark.parametrize("schedule, at_half, at_end", [("constant", 1.0, 1.0), ("linear", 0.5, 0.0),
+                                                       ("cosine", 0.5, 0.0)])
+def test_lr_schedules_after_warm_up(schedule, at_half, at_end):
+    from train.config import TrainConfig
+    from train.optim import build_optimizer, build_scheduler
+
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, lr_schedule=schedule)
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    sched = build_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(at_half, abs=1e-6) and lrs[110] == pytest.approx(at_end, abs=1e-6)
+
+
+def test_ema_warmup_on_follows_diffusers_and_off_is_flat():
+    from train.config import TrainConfig
+    from train.optim import build_ema
+
+    model = torch.nn.Linear(2, 2)
+    on = build_ema(model, TrainConfig(ema_decay=0.9999))
+    off = build_ema(model, TrainConfig(ema_decay=0.9999, ema_warmup="off"))
+    assert on.get_decay(10_001) == pytest.approx(10_001 / 10_010) and on.get_decay(10**6) == 0.9999
+    assert off.get_decay(2) == off.get_decay(10_001) == 0.9999
+    assert build_ema(model, TrainConfig(ema_decay=0.0)) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from train.config import ModelConfig, NoiseConfig, from_dict
@@ -143,7 +145,7 @@ def _read(path: Path, what: str, reader):
         return reader(path)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: missing ({what})") from e
-    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as e:  # safetensors, JSON, zip errors
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{path}: unreadable {what}: {type(e).__name__}: {e}") from e
 
 
