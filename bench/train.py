@@ -86,7 +86,7 @@ def streamed(shards: Path, out: Path, mcfg: ModelConfig, batch_size: int, steps:
     """The trainer's own figures for ``steps`` steps after a warm-up interval of ``steps // 4``."""
     warm = max(2, steps // 4)
     tcfg = TrainConfig(shards=str(shards), out=str(out), batch_size=batch_size, max_steps=warm + steps,
-                       ckpt_every=10**9, val_every=0, log_every=warm, workers=workers, mix_shards=4, seed=0)
+                       ckpt_every=10**9, val_every=0, log_every=warm, workers=workers, seed=0)
     train(tcfg, mcfg, NoiseConfig())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if r["step"] > warm]

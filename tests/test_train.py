@@ -25,7 +25,7 @@ def _train_args(shards: Path, out: Path, max_steps: int) -> list[str]:
 
     return ["-m", "train", "--shards", str(shards), "--out", str(out), "--unet-config", TINY_UNET_CONFIG,
             "--batch-size", "4", "--max-steps", str(max_steps), "--ckpt-every", "4", "--log-every", "1",
-            "--lr", "1e-3", "--warmup-steps", "3", "--val-every", "8", "--val-samples", "3",
+            "--lr", "1e-3", "--warmup-steps", "3", "--val-every", "8", "--val-samples", "6",
             "--workers", "2", "--mix-shards", "2", "--condition", "video+text+pe", "--seed", "3"]
 
 
@@ -54,7 +54,7 @@ def _rows(run: Path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def uneven_shards(tmp_path_factory) -> Path:
     """Three train shards of 1, 2 and 7 samples for 2 ranks x 2 workers, and one test shard."""
-    return write_shards(tmp_path_factory.mktemp("data"), {"train": [1, 2, 7], "test": [3]})
+    return write_shards(tmp_path_factory.mktemp("data"), {"train": [1, 2, 7], "test": [6]})
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_two_rank_gloo_run_overfits_with_equal_steps(straight_run):
     assert last < 0.7 * first, (first, last)
     assert rows[0]["val_loss_ema"] == pytest.approx(first)  # the EMA starts as the weights
     assert rows[STEPS]["val_loss_ema"] != pytest.approx(last)  # and then lags behind them
-    assert "validation set: 3 test sample(s)" in output
+    assert "validation set: 6 test sample(s)" in output
     assert (run / "checkpoints" / f"step-{STEPS:08d}" / "ema.safetensors").is_file()
     assert list((run / "tb").glob("events.out.tfevents.*"))
 
@@ -176,7 +176,7 @@ def test_two_rank_validation_equals_one_rank_on_the_same_weights(uneven_shards, 
 
     straight, _ = straight_run
     tcfg = TrainConfig(shards=str(uneven_shards), out=str(tmp_path / "run"), batch_size=2, max_steps=0,
-                       val_samples=3, workers=0, seed=3)
+                       val_samples=6, workers=0, seed=3)
     train(tcfg, ModelConfig(unet_config=TINY_UNET_CONFIG, condition="video+text+pe"), NoiseConfig())
     one_rank = _rows(tmp_path / "run")[0]
     assert one_rank["val_loss"] == pytest.approx(_rows(straight)[0]["val_loss"], rel=1e-5)
@@ -186,13 +186,13 @@ test_two_rank_validation_equals_one_rank_on_the_same_weights = pytest.mark.slow(
     test_two_rank_validation_equals_one_rank_on_the_same_weights)
 
 
-def _in_process_run(shards: Path, out: Path, max_steps: int, **kw) -> dict:
+def _in_process_run(shards: Path, out: Path, max_steps: int, condition: str = "video", **kw) -> dict:
     from train.config import TrainConfig
     from train.trainer import train
 
-    tcfg = TrainConfig(shards=str(shards), out=str(out), batch_size=2, max_steps=max_steps, ckpt_every=2,
-                       val_every=0, workers=0, log_every=1, seed=1, **kw)
-    return train(tcfg, ModelConfig(unet_config=TINY_UNET_CONFIG), NoiseConfig())
+    kw = {"batch_size": 2, "ckpt_every": 2, "val_every": 0, "workers": 0, "log_every": 1, "seed": 1, **kw}
+    tcfg = TrainConfig(shards=str(shards), out=str(out), max_steps=max_steps, **kw)
+    return train(tcfg, ModelConfig(unet_config=TINY_UNET_CONFIG, condition=condition), NoiseConfig())
 
 
 def test_a_corrupt_latest_checkpoint_is_named_and_the_previous_one_used(uneven_shards, tmp_path, caplog):
@@ -232,7 +232,7 @@ def test_resume_on_another_number_of_ranks_continues_with_new_streams(uneven_sha
         if p.name != "step-00000008":
             shutil.rmtree(p)
     with caplog.at_level(logging.WARNING):
-        summary = _in_process_run(uneven_shards, run, 10, mix_shards=2, seed=3)
+        summary = _in_process_run(uneven_shards, run, 10, "video+text+pe", mix_shards=2, seed=3)
     assert summary["resumed_from"] == 8 and summary["world_size"] == 1
     assert "written by 2 ranks, this run has 1" in caplog.text
     state = json.loads((run / "checkpoints" / "step-00000010" / "trainer_state.json").read_text())

@@ -2,8 +2,10 @@
 
 The set is the first ``val_samples`` test samples in index order, read once and never resampled;
 sample i is validated on rank ``i % world_size``. Each sample's latent draw, noise and timestep
-come from a generator seeded by (run seed, sample key), so the number depends only on the
-weights, never on the number of ranks, the batch size or when validation runs.
+come from a generator seeded by (run seed, sample key), the timesteps stratified over the set
+(sample i of N in the i-th of N equal bands, so even a small set covers the whole schedule), so
+the number depends only on the weights, never on the number of ranks, the batch size or when
+validation runs.
 """
 from __future__ import annotations
 
@@ -28,21 +30,25 @@ class Validator:
         samples = validation_samples(shards, limit, need_text, latent_shape)
         self.d, self.loss_fn, self.scaling, self.autocast = d, loss_fn, scaling_factor, autocast
         self.count = len(samples)
+        for i, sample in enumerate(samples):
+            sample["band"] = i
         mine = samples[d.rank::d.world_size]
-        self.batches = [self._with_draws(collate(mine[i:i + batch_size]), seed)
-                        for i in range(0, len(mine), batch_size)]
+        self.batches = [self._with_draws(mine[i:i + batch_size], seed) for i in range(0, len(mine), batch_size)]
         if d.is_main:
             log.info("validation set: %d test sample(s)%s", self.count,
                      f" (the first {limit})" if limit and self.count == limit else " (all of them)")
 
-    def _with_draws(self, batch: dict, seed: int) -> dict:
+    def _with_draws(self, samples: list[dict], seed: int) -> dict:
+        batch = collate(samples)
         eps, noise, steps = [], [], []
         shape = batch["latent"].shape[2:]
-        for key in batch["keys"]:
-            g = torch.Generator().manual_seed(stable_hash("val", seed, key) % (2**63))
+        n_steps = self.loss_fn.cfg.num_train_timesteps
+        for sample in samples:
+            g = torch.Generator().manual_seed(stable_hash("val", seed, sample["key"]) % (2**63))
             eps.append(torch.randn(shape, generator=g))
             noise.append(torch.randn(shape, generator=g))
-            steps.append(int(torch.randint(0, self.loss_fn.cfg.num_train_timesteps, (1,), generator=g)))
+            u = float(torch.rand((), generator=g))
+            steps.append(min(n_steps - 1, int((sample["band"] + u) * n_steps / self.count)))
         batch["draws"] = (torch.stack(eps), torch.stack(noise), torch.tensor(steps))
         return batch
 
