@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
           "--shards", str(shards), "--out", str(run_dir), "--unet-config", str(Path(__file__).parents[1] / "train" / "configs" / "tiny_unet.json"),
           "--batch-size", "2", "--max-steps", str(args.train_steps), "--ckpt-every", str(args.train_steps),
-          "--warmup-steps", "2", "--val-every", str(args.train_steps), "--val-batches", "2", "--workers", "0",
+          "--warmup-steps", "2", "--val-every", str(args.train_steps), "--val-samples", "8", "--workers", "0",
           "--log-every", "1", "--lr", "1e-3"])
 
     ledger = pd.read_parquet(clean_out / "ledger.parquet")

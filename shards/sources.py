@@ -143,13 +143,25 @@ def _local_index(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, tuple[
 
     Built once per file version with tarfile and webdataset's grouping (headers only, no data
     read); afterwards a sample is a few ``pread`` calls and skipping to any position is free,
-    which the stream's hashed start offsets and a resumed shuffle buffer rely on.
+    which the stream's hashed start offsets and a resumed shuffle buffer rely on. A damaged shard
+    keeps the samples before the damage.
     """
+    found = []
     with tarfile.open(path, mode="r:") as tar:
         files = ({"fname": info.name, "data": (info.offset_data, info.size), "__url__": path}
                  for info in tar if info.isfile())
-        return tuple((sample["__key__"], tuple((k, *v) for k, v in sample.items() if not k.startswith("__")))
-                     for sample in group_by_keys(files))
+        try:
+            for sample in group_by_keys(files):
+                found.append((sample["__key__"], tuple((k, *v) for k, v in sample.items() if not k.startswith("__"))))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            log.warning("shard %s is damaged after sample %d (%s)", path, len(found), e)
+    complete = 0  # tarfile stops quietly at a truncated header; a cut payload is caught here
+    while complete < len(found) and all(offset + n <= size for _, offset, n in found[complete][1]):
+        complete += 1
+    if complete < len(found):
+        log.warning("shard %s is damaged after sample %d (truncated): reading the %d sample(s) before it",
+                    path, complete, complete)
+    return tuple(found[:complete])
 
 
 def shard_samples(url: str, members: tuple[str, ...] = TRAIN_MEMBERS,

@@ -258,3 +258,14 @@ def test_an_unusable_state_starts_new_streams_instead_of_replaying(big_shards, c
     again = TrainLoader(train, 4, 0, 1, ReaderConfig(workers=0, mix_shards=3, shuffle_buffer=8),
                         state=fresh.state_dict(), generation=99)
     assert again.generation == 6  # a fitting state keeps its generation: later resumes are exact again
+
+
+def test_a_truncated_shard_gives_the_samples_before_the_damage(tmp_path, caplog):
+    folder = write_shards(tmp_path, {"train": [6]})
+    shard = folder / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size * 3 // 5])
+    train = split_shards(find_shards(str(folder))[0], "train")
+    with caplog.at_level(logging.WARNING):
+        keys = sum(_take(TrainLoader(train, 2, 0, 1, ReaderConfig(workers=0, mix_shards=1, shuffle_buffer=1)), 6), [])
+    assert set(keys) <= {f"fixture-train-{i:05d}" for i in range(4)} and len(set(keys)) >= 2
+    assert "is damaged after sample" in caplog.text
