@@ -1,7 +1,8 @@
 """Frozen configs of the encode stage: the single source of truth for shard contents.
 
 ``MelConfig`` is AudioLDM's mel front end (DESIGN.md section 4), ``EncoderConfig`` says which
-CLIP and VAE weights make the features, ``ShardConfig`` how samples are grouped into tars. Rates
+CLIP and VAE weights make the features, ``ShardConfig`` how samples are grouped into tars, and
+``ReaderConfig`` how the training reader streams them back (the trainer's flags take its defaults). Rates
 and lengths derive from ``core.config.SignalConfig``; the encode CLI builds its flags from
 these classes (``core.cli_config``) and the dataset card records them verbatim.
 """
@@ -93,3 +94,15 @@ class ShardConfig:
 def latent_shape(vae_latent_channels: int, mel: MelConfig, downsample: int) -> tuple[int, int, int, int]:
     """[mean|std, channels, frames/down, mels/down]: [2, 8, 256, 16] for AudioLDM."""
     return (2, vae_latent_channels, mel.frames // downsample, mel.n_mels // downsample)
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """How one rank streams its shards."""
+
+    workers: int = field(default=2, metadata={"help": "data-loader worker processes per rank"})
+    mix_shards: int = field(default=8, metadata={"help": "shards each worker reads at once, interleaved"})
+    shuffle_buffer: int = field(default=256, metadata={
+        "help": "samples each worker holds and draws from at random (1: no buffer)"})
+    seed: int = field(default=0, metadata={"help": "data-order seed"})
+    prefetch: int = field(default=2, metadata={"help": "batches prefetched per worker"})

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import posixpath
 import tarfile
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import webdataset as wds
@@ -22,23 +21,12 @@ from torch.utils.data import DataLoader
 
 from core.keys import stable_hash
 from shards.batch import collate, decode_sample, skip_bad_sample
+from shards.config import ReaderConfig
 from shards.npy import SampleError
 from shards.sources import Shard, ShardSourceError, shard_samples
 from shards.stream import ResampledMixSource
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReaderConfig:
-    """How one rank streams its shards."""
-
-    workers: int = field(default=2, metadata={"help": "data-loader worker processes per rank"})
-    mix_shards: int = field(default=8, metadata={"help": "shards each worker reads at once, interleaved"})
-    shuffle_buffer: int = field(default=256, metadata={
-        "help": "samples each worker holds and draws from at random (1: no buffer)"})
-    seed: int = field(default=0, metadata={"help": "data-order seed"})
-    prefetch: int = field(default=2, metadata={"help": "batches prefetched per worker"})
 
 
 def _stream_pipeline(source: ResampledMixSource, batch_size: int, need_text: bool,

@@ -240,6 +240,16 @@ def test_resume_on_another_number_of_ranks_continues_with_new_streams(uneven_sha
     assert state["step"] == 10 and state["lr_scheduler"]["last_epoch"] == 10  # the schedule went on
 
 
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--ema-decay", "1"), ("--text-repeat", "-1"),
+                                         ("--shuffle-buffer", "0")])
+def test_a_bad_training_flag_is_a_one_line_error(flag, value, capsys):
+    from train.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--shards", "s", "--out", "o", flag, value])
+    assert e.value.code == 2 and flag.lstrip("-").replace("-", "_") in capsys.readouterr().err.replace("-", "_")
+
+
 def test_parameter_groups_spare_norms_biases_embeddings_and_the_null_token():
     from train.config import TrainConfig
     from train.optim import build_optimizer

@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.registry import default_spec
+from shards.config import ReaderConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 FULL_UNET_CONFIG = str(CONFIG_DIR / "vta_ldm_unet.json")
 TINY_UNET_CONFIG = str(CONFIG_DIR / "tiny_unet.json")
+
+_READER = {f.name: f for f in dataclasses.fields(ReaderConfig)}  # the reader's defaults and help, not copies
 
 Condition = Literal["video", "video+text", "video+pe", "video+text+pe"]
 
@@ -100,11 +103,9 @@ class TrainConfig:
                 "across ranks; each sample's noise and timestep come from its key"})
     log_every: int = field(default=10, metadata={"help": "console/TensorBoard logging interval"})
     seed: int = field(default=0, metadata={"help": "run seed (data order, noise, dropout, init)"})
-    workers: int = field(default=2, metadata={"help": "data-loader worker processes per rank"})
-    mix_shards: int = field(default=8, metadata={
-        "help": "shards each worker reads at once, samples interleaved between them"})
-    shuffle_buffer: int = field(default=256, metadata={
-        "help": "samples each loader worker holds and draws from at random (1: none)"})
+    workers: int = field(default=ReaderConfig.workers, metadata=_READER["workers"].metadata)
+    mix_shards: int = field(default=ReaderConfig.mix_shards, metadata=_READER["mix_shards"].metadata)
+    shuffle_buffer: int = field(default=ReaderConfig.shuffle_buffer, metadata=_READER["shuffle_buffer"].metadata)
     backend: Literal["auto", "nccl", "gloo"] = field(default="auto", metadata={
         "help": "torch.distributed backend: auto is NCCL on GPU, gloo on CPU"})
 
