@@ -46,6 +46,8 @@ def test_find_shards_from_run_folder_shards_folder_and_brace_list(shards):
     assert [s.count for s in split_shards(from_dir, "train")] == [1, 2, 7]
     listed, no_card = find_shards(str(shards / "train-{000000..000002}.tar"))
     assert [s.url for s in listed] == [s.url for s in split_shards(from_dir, "train")] and no_card is None
+    keys = sum(_take(TrainLoader(listed, 3, 0, 1, ReaderConfig(workers=0, mix_shards=2, shuffle_buffer=4)), 4), [])
+    assert len(keys) == 12 and set(keys) <= {f"fixture-train-{i:05d}" for i in range(10)}  # no counts: offset 0
     with pytest.raises(ShardSourceError, match="no index.json"):
         find_shards(str(shards / "nowhere"))
 
