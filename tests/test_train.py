@@ -267,6 +267,22 @@ def test_parameter_groups_spare_norms_biases_embeddings_and_the_null_token():
     assert "unet.conv_in.weight" in decayed
 
 
+def test_an_optimiser_state_from_before_the_parameter_groups_is_mapped_onto_them():
+    from train.config import TrainConfig
+    from train.optim import adapt_optimizer_state, build_optimizer
+
+    model = VideoToAudioUNet(ModelConfig(unet_config=TINY_UNET_CONFIG))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    old = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)  # the previous trainer's optimiser
+    old.step()
+    new = build_optimizer(model, TrainConfig())
+    new.load_state_dict(adapt_optimizer_state(old.state_dict(), new, model))
+    assert new.state[model.cond.null]["step"] == 1 and new.param_groups[1]["weight_decay"] == 0.0
+    for p in (model.cond.null, model.unet.conv_in.weight):
+        assert torch.equal(new.state[p]["exp_avg_sq"], old.state[p]["exp_avg_sq"])
+
+
 @pytest.mark.parametrize("kind", ["ddim", "dpm"])
 def test_sampling_ends_on_the_clean_latent(kind):
     """With an oracle denoiser the last step must return x0 itself (set_alpha_to_one / final sigma 0)."""

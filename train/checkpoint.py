@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from train.config import ModelConfig, NoiseConfig, from_dict
 from train.model import VideoToAudioUNet
+from train.optim import adapt_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +199,8 @@ def apply_training_state(path: Path, loaded: dict, model: torch.nn.Module, ema, 
             log.warning("%s has no EMA weights: EMA restarts from the current weights", path)
             ema.shadow_params = [p.detach().clone() for p in model.parameters()]
     try:
-        optimizer.load_state_dict(loaded["optimizer"])
-    except ValueError as e:  # e.g. a checkpoint from before the no-decay parameter groups
+        optimizer.load_state_dict(adapt_optimizer_state(loaded["optimizer"], optimizer, model))
+    except ValueError as e:  # groups that do not match this model's parameters
         raise CheckpointError(f"{path / 'optimizer.pt'}: does not fit this optimiser ({e}); "
                               f"train into a new --out") from e
     scheduler.load_state_dict(state["lr_scheduler"])

@@ -6,10 +6,14 @@ embedding tables, the timestep embedding and the learned null condition are not 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from train.config import TrainConfig
+
+log = logging.getLogger("train")
 
 # parameter-name prefixes that are embeddings, not projections: never decayed
 NO_DECAY_PREFIXES = ("unet.time_embedding.", "unet.class_embedding.", "unet.add_embedding.", "cond.null")
@@ -56,3 +60,28 @@ def build_ema(model: nn.Module, cfg: TrainConfig):
 
     flat = cfg.ema_decay if cfg.ema_warmup == "off" else 0.0
     return EMAModel(model.parameters(), decay=cfg.ema_decay, min_decay=flat, foreach=True)
+
+
+def adapt_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
+    """A checkpoint's optimiser state for this optimiser's groups.
+
+    Checkpoints from before the no-decay groups hold one group over ``model.parameters()`` in
+    order; their per-parameter moments are mapped onto the two groups (the hyperparameters come
+    from the saved group, the weight decay from the new group). Anything else is returned as is.
+    """
+    current = optimizer.state_dict()
+    if len(saved.get("param_groups", [])) == len(current["param_groups"]) or len(saved["param_groups"]) != 1:
+        return saved
+    old_group = saved["param_groups"][0]
+    params = list(model.parameters())
+    if len(old_group["params"]) != len(params):
+        return saved
+    position = {id(p): i for i, p in enumerate(params)}
+    new_ids = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    state = {j: saved["state"][old_group["params"][position[pid]]] for j, pid in enumerate(new_ids)
+             if old_group["params"][position[pid]] in saved["state"]}
+    groups = [{**{k: v for k, v in old_group.items() if k not in ("params", "weight_decay", "name")},
+               "params": g["params"], "weight_decay": g["weight_decay"], "name": g.get("name")}
+              for g in current["param_groups"]]
+    log.warning("optimiser state from before the no-decay parameter groups: mapped onto the two groups")
+    return {"state": state, "param_groups": groups}
