@@ -172,6 +172,7 @@ def test_min_snr_weights_for_v_prediction():
 def test_two_rank_validation_equals_one_rank_on_the_same_weights(uneven_shards, straight_run, tmp_path):
     """The validation set is fixed and each sample's draws come from its key: ranks and batch size do not matter."""
     from train.config import TrainConfig
+    from train.config import TINY_UNET_CONFIG, ModelConfig, NoiseConfig
     from train.trainer import train
 
     straight, _ = straight_run
@@ -188,6 +189,7 @@ test_two_rank_validation_equals_one_rank_on_the_same_weights = pytest.mark.slow(
 
 def _in_process_run(shards: Path, out: Path, max_steps: int, condition: str = "video", **kw) -> dict:
     from train.config import TrainConfig
+    from train.config import TINY_UNET_CONFIG, ModelConfig, NoiseConfig
     from train.trainer import train
 
     kw = {"batch_size": 2, "ckpt_every": 2, "val_every": 0, "workers": 0, "log_every": 1, "seed": 1, **kw}
@@ -252,6 +254,8 @@ def test_a_bad_training_flag_is_a_one_line_error(flag, value, capsys):
 
 def test_parameter_groups_spare_norms_biases_embeddings_and_the_null_token():
     from train.config import TrainConfig
+    from train.config import TINY_UNET_CONFIG, ModelConfig
+    from train.model import VideoToAudioUNet
     from train.optim import build_optimizer
 
     model = VideoToAudioUNet(ModelConfig(unet_config=TINY_UNET_CONFIG))
@@ -269,6 +273,10 @@ def test_parameter_groups_spare_norms_biases_embeddings_and_the_null_token():
 
 def test_an_optimiser_state_from_before_the_parameter_groups_is_mapped_onto_them():
     from train.config import TrainConfig
+    import torch
+
+    from train.config import TINY_UNET_CONFIG, ModelConfig
+    from train.model import VideoToAudioUNet
     from train.optim import adapt_optimizer_state, build_optimizer
 
     model = VideoToAudioUNet(ModelConfig(unet_config=TINY_UNET_CONFIG))
@@ -286,7 +294,10 @@ def test_an_optimiser_state_from_before_the_parameter_groups_is_mapped_onto_them
 @pytest.mark.parametrize("kind", ["ddim", "dpm"])
 def test_sampling_ends_on_the_clean_latent(kind):
     """With an oracle denoiser the last step must return x0 itself (set_alpha_to_one / final sigma 0)."""
-    from train.model import sampling_scheduler
+    import torch
+
+    from train.config import NoiseConfig
+    from train.model import DiffusionLoss, sampling_scheduler
 
     cfg = NoiseConfig()
     sched = sampling_scheduler(cfg, kind)
@@ -304,6 +315,11 @@ def test_sampling_ends_on_the_clean_latent(kind):
 
 
 def test_text_repeat_gives_vta_ldm_one_text_copy_per_frame():
+    import torch
+
+    from train.config import ModelConfig
+    from train.model import ConditionEncoder
+
     clip, mask, text = torch.randn(2, 5, 768), torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 768)
     mask[1, 3:] = False
     one = ConditionEncoder(ModelConfig(condition="video+text"), 16)
@@ -324,6 +340,8 @@ def test_text_repeat_gives_vta_ldm_one_text_copy_per_frame():
 @pytest.mark.parametrize("schedule, at_half, at_end", [("constant", 1.0, 1.0), ("linear", 0.5, 0.0),
                                                        ("cosine", 0.5, 0.0)])
 def test_lr_schedules_after_warm_up(schedule, at_half, at_end):
+    import torch
+
     from train.config import TrainConfig
     from train.optim import build_optimizer, build_scheduler
 
@@ -341,6 +359,8 @@ def test_lr_schedules_after_warm_up(schedule, at_half, at_end):
 
 
 def test_ema_warmup_on_follows_diffusers_and_off_is_flat():
+    import torch
+
     from train.config import TrainConfig
     from train.optim import build_ema
 
