@@ -12,7 +12,7 @@ from core.cli_config import check_count, check_finite, check_positive
 
 @dataclass(frozen=True)
 class SignalConfig:
-    """Signal parameters shared by every stage (DESIGN.md section 4, VTA-LDM compatible)."""
+    """Signal parameters shared by every stage (docs/encode.md, VTA-LDM compatible)."""
 
     window_s: float = field(default=10.0, metadata={"help": "clip window length in seconds"})
     feature_sr: int = field(default=16000, metadata={"help": "audio rate for mel/VAE features"})

@@ -1,6 +1,6 @@
 """Frozen configs of the encode stage: the single source of truth for shard contents.
 
-``MelConfig`` is AudioLDM's mel front end (DESIGN.md section 4), ``EncoderConfig`` says which
+``MelConfig`` is AudioLDM's mel front end (docs/encode.md), ``EncoderConfig`` says which
 CLIP and VAE weights make the features, ``ShardConfig`` how samples are grouped into tars, and
 ``ReaderConfig`` how the training reader streams them back (the trainer's flags take its defaults). Rates
 and lengths derive from ``core.config.SignalConfig``; the encode CLI builds its flags from

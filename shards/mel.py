@@ -1,4 +1,4 @@
-"""AudioLDM's log-mel spectrogram, the input of its VAE (DESIGN.md section 4).
+"""AudioLDM's log-mel spectrogram, the input of its VAE (docs/encode.md).
 
 AudioLDM (``audioldm/audio/stft.py`` + ``tools.py``) removes the waveform mean, scales its peak
 to 0.5, zero-pads to 10.24 s, takes a reflect-padded ("centred") STFT with a periodic 1024 Hann

@@ -1,4 +1,4 @@
-"""Tiny shards in the DESIGN.md section 3 layout, written with ``webdataset.TarWriter``.
+"""Tiny shards in the layout of docs/formats.md, written with ``webdataset.TarWriter``.
 
 ``OUT/shards/{split}-{index:06d}.tar`` + ``index.json`` + ``card.json``; one sample per key with
 ``clip.npy`` float16 [T, 768], ``text.npy`` float16 [768], ``latent.npy`` float16 [2, C, H, W]

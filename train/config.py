@@ -26,7 +26,7 @@ Condition = Literal["video", "video+text", "video+pe", "video+text+pe"]
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The denoiser and its conditioning (DESIGN.md section 5)."""
+    """The denoiser and its conditioning (docs/training.md)."""
 
     unet_config: str = field(default=FULL_UNET_CONFIG, metadata={
         "help": "diffusers UNet2DConditionModel config JSON (VTA-LDM's full config by default)"})
