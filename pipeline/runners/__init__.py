@@ -89,15 +89,6 @@ class FailureBreaker:
                 f"First error: {reason}\n{tb}".rstrip()
                 + "\nThese rows are journaled as failed and are retried by a rerun once the cause is fixed "
                   "(--max-error-share 1 disables this check).")
-    max_error_share: float = field(default=0.5, metadata={
-        "help": "stop the run when more than this share of the first --error-window rows are stage_error "
-                "(a systematic bug, not a bad file); 1 disables"})
-    error_window: int = field(default=64, metadata={"help": "rows the --max-error-share breaker watches"})
-
-    def __post_init__(self) -> None:
-        check_count("workers", self.workers)
-        check_finite("max_error_share", self.max_error_share, lo=0.0, hi=1.0)
-        check_count("error_window", self.error_window, minimum=1)
 
 
 def stage_error_reason(stage: Stage, error: Exception) -> str:
