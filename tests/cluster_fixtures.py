@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.runners.local import environ  # noqa: F401  (tests set S3 variables with it)
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -109,21 +111,6 @@ def s3_server(tmp: Path) -> Iterator[dict]:
                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     finally:
         stop(proc)
-
-
-@contextlib.contextmanager
-def environ(values: dict) -> Iterator[None]:
-    """Set environment variables for the duration (child processes inherit them), then restore."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 RAY_LOOPBACK = Path(__file__).with_name("ray_loopback.py")

@@ -57,8 +57,9 @@ def _worker_main(conn, build: StageBuilder, config: object, threads: int) -> Non
 
 
 @contextlib.contextmanager
-def _environ(env: dict[str, str]):
-    """Environment for a spawned child (it inherits ours at start): e.g. its CUDA_VISIBLE_DEVICES."""
+def environ(env: dict[str, str]):
+    """Set environment variables while the block runs (a child spawned inside inherits them: e.g.
+    its CUDA_VISIBLE_DEVICES), then restore them."""
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -74,7 +75,7 @@ def _environ(env: dict[str, str]):
 class _Worker:
     def __init__(self, ctx, build: StageBuilder, config: object, threads: int, env: dict[str, str]):
         self.conn, child = ctx.Pipe()
-        with _environ(env):
+        with environ(env):
             self.process = ctx.Process(target=_worker_main, args=(child, build, config, threads), daemon=True)
             self.process.start()
         child.close()
