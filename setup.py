@@ -28,7 +28,8 @@ CORE = [
 RAY = ["ray[data]==2.60.*"]
 BEAM = ["apache-beam==2.77.*"]
 S3 = ["s3fs>=2024.6"]  # s3:// roots, shard outputs and training streams (any S3-compatible store)
-TEST = ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "import-linter>=2.1,<3", "selenium>=4.30,<4.52",  # 4.52 needs a certifi newer than the index has
+# selenium below 4.52, whose certifi pin is newer than the package index has
+TEST = ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "import-linter>=2.1,<3", "selenium>=4.30,<4.52",
         "moto[server]>=5.1,<6"]  # a real S3 server on loopback for the object-storage tests
 
 setup(
