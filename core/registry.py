@@ -121,7 +121,7 @@ def resolve_release(name: str, path: str | Path | None = None, models_root: str 
 def release_how(e: ModelEntry) -> str:
     files = "\n".join(f"       {f.url}" for f in e.release)
     return (f"Provide it: download on a machine with network\n{files}\n  and copy the file(s) to "
-            f"{models_dir() / e.name}/ (or set --models-dir / V2A_MODELS, or pass {e.flag} PATH).")
+            f"{models_dir() / e.name}/ (or set --models-dir / V2A_MODELS" + (f", or pass {e.flag} PATH)." if e.flag else ")."))
 
 
 @dataclass(frozen=True)
@@ -188,12 +188,12 @@ def table() -> str:
     for e in entries().values():
         if e.kind == "hub":
             files = ", ".join(e.files) + " + " + " or ".join(e.weights)
-            where = f"`{e.flag} FOLDER`, else the HF cache (`{e.spec}`)"
+            where = (f"`{e.flag} FOLDER`, else " if e.flag else "") + f"the HF cache (`{e.spec}`)"
         else:
             files = ", ".join(f.name + (f" (sha256 {f.sha256})" if f.sha256 else
                                         f" (sha256 {f.sha256_prefix}...)" if f.sha256_prefix else "")
                               for f in e.release)
-            where = f"`{e.flag} FILE`, else `$V2A_MODELS/{e.name}/`"
+            where = (f"`{e.flag} FILE`, else " if e.flag else "") + f"`$V2A_MODELS/{e.name}/`"
         lines.append(f"| `{e.name}` | {e.title} | {e.source} | {files} | {where} | {'; '.join(e.used_by)} |")
     return "\n".join(lines) + "\n"
 

@@ -62,8 +62,6 @@ class EventClip:
     sample_rate: int  # 0 for video-only files
 
 
-
-
 def write_event_clip(path: str | Path, *, duration_s: float = 10.0, fps: float | Fraction = 25.0,
                      size: tuple[int, int] = (160, 120), event_times: Sequence[float] = DEFAULT_EVENT_TIMES,
                      audio_shift_s: float = 0.0, sample_rate: int = 44100, motion: bool = True,

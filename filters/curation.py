@@ -72,7 +72,7 @@ class CurationFilters:
         "help": "silent when more than this share of 20 ms frames is near-silent (HunyuanVideo-Foley)"})
     static: Switch = field(default="on", metadata={"help": "drop static video"})
     static_motion_max: float = field(default=0.1, metadata={
-        "help": "static when the motion trajectory never exceeds this (px/frame; AV-Align's peak floor)"})
+        "help": "static when the motion trajectory stays below this (px/frame; AV-Align's peak floor)"})
     scene_cuts: SceneAction = field(default="record", metadata={
         "help": "record: keep windows with hard cuts; drop: filter them as scene_cut"})
 
@@ -207,7 +207,7 @@ def curation_reasons(df: pd.DataFrame, rules: CurationFilters, dataset: str) -> 
     if rules.enabled("static", dataset):
         parts.append((col("motion_max") < rules.static_motion_max).map({True: "static", False: ""}))
     if rules.scene_cuts == "drop" and "scene_cuts" in df:
-        has_cut = df["scene_cuts"].map(lambda v: v is not None and len(v) > 0)
+        has_cut = df["scene_cuts"].map(lambda v: isinstance(v, (list, tuple, np.ndarray)) and len(v) > 0)
         parts.append(has_cut.map({True: "scene_cut", False: ""}))
     if not parts or df.empty:
         return pd.Series("", index=df.index, dtype=object)

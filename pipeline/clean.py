@@ -9,7 +9,6 @@ rescore). One run at a time holds OUT (``OUT/.v2a.lock``). See docs/resume.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter

@@ -21,14 +21,15 @@ from core.jsonsafe import json_safe
 from core.keys import is_safe, sanitize
 from core.stage import OK, PENDING, Row
 from pipeline.ledger import read_ledger
-from shards.encode_stage import KIND_CLIP
+from shards.encode_stage import KIND_CLIP, RECIPE_FIELDS, SAMPLE_FIELDS, SCORE_COLUMNS
 from shards.shard_writer import FINGERPRINT
 
 # ledger columns encode reads, with the kind of value each must hold
 LEDGER_STRINGS = ("key", "status", "video_path", "split", "label", "caption", "source")
 LEDGER_NUMBERS = ("start_s", "duration_s")
-# fields of a work row that do not change its sample (bookkeeping of the ledger or of this run)
-NOT_IN_SAMPLE = ("status", "reason", "line", "ledger_status", FINGERPRINT)
+# the fields of a work row that make its sample: what the encode stages read (a ledger column no
+# stage reads, such as clean's settings fingerprint or the curation scores, never forces a re-encode)
+IN_SAMPLE = (*SAMPLE_FIELDS, *SCORE_COLUMNS, *RECIPE_FIELDS)
 
 
 class UsageError(Exception):
@@ -159,7 +160,7 @@ def sample_fingerprint(row: Row, settings_fingerprint: str) -> str:
     A source file replaced in place by one of the same size is not noticed (reading every video to
     hash it would cost a full decode); everything else that changes a sample changes this.
     """
-    sample = {k: v for k, v in row.items() if k not in NOT_IN_SAMPLE}
+    sample = {k: row[k] for k in IN_SAMPLE if k in row}
     paths = [row.get("video_path")] + [s.get("video_path") for s in row.get("segments") or []]
     sizes = [_source_size(p) for p in paths if p]
     return fingerprint({"sample": sample, "source_bytes": sizes, "encoder": settings_fingerprint})

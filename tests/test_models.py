@@ -124,7 +124,10 @@ def test_registry_lists_every_model_the_project_uses():
     assert {"clap", "clip", "audioldm_vae", "audioldm_vocoder", "panns_cnn14_16k", "vggish", "passt",
             "synchformer", "imagebind", "cavp", "msclap"} <= names
     for e in registry.entries().values():
-        assert e.source.startswith("https://") and e.used_by and e.flag.startswith("--")
+        assert e.source.startswith("https://") and e.used_by
+        # a model a command loads has that command's flag; one no command uses yet has none
+        implemented = not all("not yet implemented" in u for u in e.used_by)
+        assert e.flag.startswith("--") if implemented else e.flag == "", e.name
         assert (e.files and e.weights) if e.kind == "hub" else e.release
     # the default ids of the commands come from the registry
     from filters.clap import ClapConfig

@@ -130,8 +130,6 @@ class MetricsLog:
             self.tb.close()
 
 
-
-
 def train(tcfg: TrainConfig, mcfg: ModelConfig, ncfg: NoiseConfig, vae_scaling_factor: float = 0.0) -> dict:
     """Train to ``tcfg.max_steps`` (resuming from ``tcfg.out`` if it has checkpoints); return the summary."""
     if not tcfg.shards or not tcfg.out:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from core.cli_config import check_count, check_finite
-from core.cli_config import check_count, check_finite
 from core.native_threads import limit_native_threads
 from core.stage import Row, Stage, check_chain, drop_fields, mark_failed, transient_fields
 
@@ -87,7 +86,7 @@ class FailureBreaker:
                 f"stopped: {self.errors} of the first {self.seen} rows failed with stage_error (more than "
                 f"{self.share:g} of {self.window}); this looks like a bug or a broken set-up, not bad input. "
                 f"First error: {reason}\n{tb}".rstrip()
-                + "\nThese rows are journaled as failed and are retried by a rerun once the cause is fixed "
+                + "\nThese rows are journaled as failed; a rerun of pipeline.clean retries them once the cause is fixed "
                   "(--max-error-share 1 disables this check).")
 
 
