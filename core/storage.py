@@ -56,12 +56,25 @@ def basename(path: PathLike) -> str:
     return posixpath.basename(str(path).rstrip("/")) if is_url(path) else os.path.basename(str(path))
 
 
+# the environment a filesystem was made under: s3fs reads its endpoint and credentials from it once,
+# so fsspec's own instance cache (keyed by constructor arguments only) would keep a stale endpoint
+_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+             "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")
+_FILESYSTEMS: dict[tuple, object] = {}
+
+
 def filesystem(url: str):
-    """The fsspec filesystem of a URL and the URL's path inside it."""
+    """The fsspec filesystem of a URL and the URL's path inside it (one per scheme and environment)."""
     try:
         import fsspec
 
-        return fsspec.core.url_to_fs(url)
+        key = (urlparse(url).scheme, tuple(os.environ.get(k) for k in _ENV_KEYS))
+        fs = _FILESYSTEMS.get(key)
+        if fs is None:
+            fs, inner = fsspec.core.url_to_fs(url, skip_instance_cache=True)
+            _FILESYSTEMS[key] = fs
+            return fs, inner
+        return fs, fs._strip_protocol(url)
     except ImportError as e:  # e.g. s3fs or gcsfs not installed
         scheme = urlparse(url).scheme
         raise StorageError(f"cannot open {url}: {e} (install the fsspec backend for {scheme}://, "

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.ledger import Ledger
+
 from augment.config import AugmentConfig
 from augment.plan import build_plan
 from augment.recipe import PlanError, Recipe, Segment, write_plan
@@ -61,9 +63,9 @@ def world(tmp_path_factory):
                  status="ok") for k, (c, lab) in clips.items()]
     recipes, _ = build_plan(pd.DataFrame(rows), AugmentConfig(concat_per_clip=2, stretch_rates=(0.8, 1.25)))
     plan_path = write_plan(d / "plan.parquet", recipes, {})
-    pd.DataFrame(rows).to_parquet(d / "ledger.parquet")
+    ledger = Ledger(d).write_final(pd.DataFrame([{**r, "reason": ""} for r in rows]), {"dataset": "sample"})
     return {"dir": d, "clips": {k: c for k, (c, _) in clips.items()}, "recipes": recipes, "plan": plan_path,
-            "ledger": d / "ledger.parquet"}
+            "ledger": ledger}
 
 
 def expected_events(recipe: Recipe, clips: dict) -> tuple[list[float], list[float]]:

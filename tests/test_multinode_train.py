@@ -35,7 +35,7 @@ BUCKET = "s3://v2a-train"
 def _train_args(shards: str, out: Path, max_steps: int) -> list[str]:
     return ["-m", "train", "--shards", shards, "--out", str(out), "--unet-config", TINY_UNET_CONFIG,
             "--batch-size", "4", "--max-steps", str(max_steps), "--ckpt-every", "2", "--log-every", "1",
-            "--lr", "1e-3", "--warmup-steps", "3", "--val-every", "4", "--val-batches", "1",
+            "--lr", "1e-3", "--warmup-steps", "3", "--val-every", "4", "--val-samples", "8",
             "--workers", "1", "--mix-shards", "2", "--condition", "video+text", "--seed", "5"]
 
 

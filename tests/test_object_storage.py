@@ -140,7 +140,8 @@ def test_encode_publishes_the_same_bytes_to_s3_index_last(published):
 
 
 def test_training_reader_streams_the_s3_shards_like_local_ones(published):
-    from shards.reader import decode_sample, find_shards, shard_samples
+    from shards.batch import decode_sample
+    from shards.sources import find_shards, shard_samples
 
     remote, card = find_shards(published["url"])
     local, local_card = find_shards(str(published["local"]))
