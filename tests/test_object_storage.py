@@ -148,7 +148,7 @@ def test_training_reader_streams_the_s3_shards_like_local_ones(published):
     assert card == local_card and card["samples"] == len(CLIPS)
     assert [s.url for s in remote] == [f"{published['url']}/train-00000{i}.tar" for i in range(2)]
     for r, l in zip(remote, local):
-        a, b = list(shard_samples(r.url)), list(shard_samples(l.url))
+        a, b = ([s for _, s in shard_samples(r.url)], [s for _, s in shard_samples(l.url)])
         assert [s["__key__"] for s in a] == [s["__key__"] for s in b] and len(a) == 1
         assert {k: v for k, v in a[0].items() if k != "__url__"} == {k: v for k, v in b[0].items() if k != "__url__"}
         assert decode_sample(a[0])["latent"].shape[0] == 2
