@@ -26,7 +26,8 @@ _HOST_UNSAFE = re.compile(r"[^A-Za-z0-9-]")
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{32}\.tmp$")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in ``folder`` survive a power loss."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -88,7 +89,7 @@ def _replacing(tmp: Path, path: Path, before_rename: Callable[[], None] | None =
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None],

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from core.atomic import fsync_dir
 from train.config import ModelConfig, NoiseConfig, from_dict
 from train.model import VideoToAudioUNet
 from train.optim import adapt_optimizer_state
@@ -66,14 +67,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
 
@@ -114,7 +107,7 @@ def save_checkpoint(run: str | Path, step: int, *, model: torch.nn.Module, ema, 
     _write_json(tmp / RUN_CONFIG, run_config)
     for f in tmp.iterdir():
         _fsync_file(f)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # the same step written again (e.g. a rerun after a crash at this step)
         old = folder / f".old-step-{step:08d}-{os.getpid()}"
         final.rename(old)
@@ -122,7 +115,7 @@ def save_checkpoint(run: str | Path, step: int, *, model: torch.nn.Module, ema, 
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     for _, path in list_checkpoints(run)[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
     return final
