@@ -8,8 +8,11 @@ and writes ``index.json`` (name, split, count, bytes, sha256 of every shard), ``
 Resumable: encoded samples are cached under ``OUT/shards/.work`` under the fingerprint of what
 made them, and shards are written atomically as soon as their samples are all settled, so a rerun
 of a killed command skips finished shards and cached samples and produces the same bytes as an
-uninterrupted run; a sample whose ledger row or recipe changed is encoded again. Exit status: 0
-when samples were encoded, 1 when nothing could be, 2 for bad flags or inputs.
+uninterrupted run; a sample whose ledger row or recipe changed is encoded again, and so is one
+whose last attempt failed in a way a retry may not repeat (``pipeline.ledger.RETRYABLE``: a
+crashed worker, an unexpected stage error, a decode timeout). Exit status: 0 when samples were
+encoded, 1 when nothing could be or the failure-rate breaker stopped the run, 2 for bad flags or
+inputs.
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ from core.models import ModelUnavailable
 from core.stage import Row
 from pipeline.encode_models import Models, random_weights_banner, resolve_models
 from pipeline.encode_work import UsageError, Work, collect_work, fingerprint_rows
-from pipeline.ledger import LedgerError
-from pipeline.runners import RunnerOptions, get_runner
+from pipeline.ledger import RETRYABLE, LedgerError
+from pipeline.runners import FailureRateExceeded, RunnerOptions, get_runner
 from shards.card import CardError, Counts, build_card
 from shards.config import EncoderConfig, MelConfig, ShardConfig
 from shards.encode_stage import EncodeStageConfig, build_encode_stages
@@ -72,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FailureRateExceeded as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def encoder_settings(models: Models, mel: MelConfig, shard_cfg: ShardConfig) -> dict:
@@ -137,6 +143,10 @@ def prepare(args: argparse.Namespace, enc: EncoderConfig, shard_cfg: ShardConfig
     stale = cache.drop_stale(fps)
     if stale:
         print(f"dropped {stale} cached sample(s) made from other inputs (a changed ledger row or recipe)")
+    retried = cache.drop_failures(RETRYABLE)
+    if retried:
+        print(f"retrying {len(retried)} sample(s) whose last attempt failed with {', '.join(RETRYABLE)} "
+              f"(e.g. {retried[0]})")
     splits: dict[str, list[str]] = {}
     for row in work.rows:
         splits.setdefault(row["split"], []).append(row["key"])

@@ -17,7 +17,11 @@ settings); a cached sample or a finished shard is reused only while every finger
 still the one the current run asks for. A shard is written as soon as every key up to its last
 sample is settled (encoded or failed); its record in ``.work/done/`` lets a resumed run skip it,
 and its cached samples are then deleted, so the cache holds at most about one shard's worth of
-samples per split beyond what is still being encoded.
+samples per split beyond what is still being encoded. A failure that a retry may not repeat is
+dropped at the start of a rerun (``SampleCache.drop_failures``): the finished shard whose range
+held it waits until the sample settles again, is kept as it is if it fails again, and is rewritten
+(with every later shard of its split, which move by one sample) if it is encoded now, so the
+folder ends exactly as a run in which it never failed.
 """
 from __future__ import annotations
 
@@ -228,6 +232,23 @@ class SampleCache:
         return sum(remove_abandoned(folder) for folder in (self.root.parent, self.samples, self.failed,
                                                            self.root / "done") if folder.is_dir())
 
+    def drop_failures(self, reasons: tuple[str, ...]) -> list[str]:
+        """Delete the failure records whose reason starts with one of ``reasons`` (failures a retry
+        may not repeat: a crashed worker, an unexpected error, a timeout); returns their keys, so
+        the samples are encoded again and the shards whose range held them are rewritten."""
+        dropped = []
+        for p in sorted(self.failed.glob("*.json")):
+            if p.name.startswith("."):
+                continue
+            try:
+                reason = str(json.loads(p.read_text()).get("reason", ""))
+            except (OSError, ValueError, AttributeError):  # unreadable: not a settled failure either
+                reason = None
+            if reason is None or reason.startswith(reasons):
+                p.unlink(missing_ok=True)
+                dropped.append(p.name.partition(".")[0])
+        return dropped
+
     def drop_stale(self, fingerprints: Mapping[str, str]) -> int:
         """Delete cached samples and failures whose key or fingerprint the current run does not ask for."""
         wanted = {f"{k}.{_fp(fp)}" for k, fp in fingerprints.items()}
@@ -318,14 +339,22 @@ class ShardAssembler:
                     held[key] = rec["name"]
         return held
 
-    def _valid(self, rec: dict, split: str, pos: int) -> bool:
+    def _verdict(self, rec: dict, split: str, pos: int) -> str:
+        """'valid' (keep the finished shard), 'invalid' (take it apart) or 'wait': a key of its range
+        that failed when it was written is being encoded again (a retried failure) and has not settled;
+        if it fails again the shard stays as it is, if it is encoded now the shard is rewritten with it."""
         keys = self.keys[split]
         end = rec["end"]
         if rec["start"] != pos or end > len(keys) or rec["keys_sha256"] != _keys_digest(keys[pos:end]):
-            return False
+            return "invalid"
         recorded = rec.get("fingerprints") or {}
-        return (len(recorded) == rec["count"] and all(self.fps.get(k) == fp for k, fp in recorded.items())
-                and rec.get("fingerprints_sha256") == _fps_digest(keys[pos:end], self.fps))
+        if not (len(recorded) == rec["count"] and all(self.fps.get(k) == fp for k, fp in recorded.items())
+                and rec.get("fingerprints_sha256") == _fps_digest(keys[pos:end], self.fps)):
+            return "invalid"
+        failed = [self.cache.status(k, self.fps[k]) for k in keys[pos:end] if k not in recorded]
+        if "ok" in failed:
+            return "invalid"
+        return "wait" if None in failed else "valid"
 
     def _take_apart(self, name: str) -> None:
         """Put the still-wanted samples of a finished shard back into the cache; remove the shard."""
@@ -369,7 +398,12 @@ class ShardAssembler:
         while pos < len(keys):
             name = shard_name(split, index)
             rec = self._finished(name)
-            if rec is not None and self._valid(rec, split, pos):
+            verdict = self._verdict(rec, split, pos) if rec is not None else "invalid"
+            if verdict == "wait":
+                if final:
+                    raise ShardError(f"a retried sample of {name} was never encoded; rerun to resume")
+                break
+            if verdict == "valid":
                 if name not in self.skipped:
                     self.skipped.append(name)
                     for k in keys[pos:rec["end"]]:  # left behind when a run died between shard and cleanup

@@ -273,3 +273,41 @@ def test_final_advance_refuses_unsettled_keys(tmp_path):
     with pytest.raises(ShardError, match="never encoded"):
         asm.advance(final=True)
     assert shard_name("my-split", 3) == "my_split-000003.tar"
+
+
+def test_a_retried_failure_that_now_passes_rewrites_its_shard_and_the_later_ones(tmp_path):
+    """A crash or unexpected error is dropped at the start of a rerun: its shard waits for the retry,
+    is kept untouched when the sample fails again, and is rewritten (with every later shard, which
+    move by one sample) when it is encoded now: the folder then equals a run where it never failed."""
+    keys = [f"k{i:02d}" for i in range(8)]
+    fps = _fps(keys)
+    early, late = sorted(keys, key=shard_order)[1], sorted(keys, key=shard_order)[7]
+    out = tmp_path / "out"
+    asm = ShardAssembler(out, {"train": keys}, 3, fps)
+    _settle(asm.cache, [k for k in keys if k not in (early, late)], fps)
+    asm.cache.put_failure(early, fps[early], "worker_crashed: worker process 1 killed by SIGKILL")
+    asm.cache.put_failure(late, fps[late], "decode_error: broken file")  # bad input: never retried
+    asm.advance(final=True)
+    first = _shards(out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+
+    again = ShardAssembler(out, {"train": keys}, 3, fps, SampleCache(out))
+    assert again.cache.drop_failures(("worker_crashed", "stage_error")) == [early]
+    again = ShardAssembler(out, {"train": keys}, 3, fps, again.cache)
+    assert again.advance() == [] and again.pending_keys() == {early}  # its shard waits for the retry
+    again.cache.put_failure(early, fps[early], "stage_error: encode: RuntimeError: CUDA error")
+    again.advance(final=True)  # failed again: nothing is rewritten
+    assert _shards(out) == first and {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == stamps
+
+    third = ShardAssembler(out, {"train": keys}, 3, fps, SampleCache(out))
+    assert third.cache.drop_failures(("worker_crashed", "stage_error")) == [early]
+    third = ShardAssembler(out, {"train": keys}, 3, fps, third.cache)
+    third.advance()
+    third.cache.put(early, fps[early], _sample(int(early[1:])))
+    third.advance(final=True)
+    assert _shards(out) == _fresh(tmp_path, "fresh", keys, fps, 3, failed={late})
+    held = [k for name in _shards(out) for k, _ in read_tar_samples(out / name)]
+    assert sorted(held) == sorted(k for k in keys if k != late)  # every sample exactly once
+    assert [f["key"] for f in third.failures()] == [late]
+    assert third.restored == ["train-000000.tar", "train-000001.tar"]  # the retried sample's and the next
+    assert third.written == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]

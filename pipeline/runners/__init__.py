@@ -18,6 +18,7 @@ from typing import Callable
 from core.cli_config import check_count, check_finite
 from core.native_threads import limit_native_threads
 from core.stage import Row, Stage, check_chain, drop_fields, mark_failed, transient_fields
+from pipeline.runners.faults import inject_faults
 
 RUNNERS = ("local", "ray", "beam")
 _log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class FailureBreaker:
                 f"stopped: {self.errors} of the first {self.seen} rows failed with stage_error (more than "
                 f"{self.share:g} of {self.window}); this looks like a bug or a broken set-up, not bad input. "
                 f"First error: {reason}\n{tb}".rstrip()
-                + "\nThese rows are journaled as failed; a rerun of pipeline.clean retries them once the cause is fixed "
+                + "\nThese rows are recorded as failed; a rerun retries them once the cause is fixed "
                   "(--max-error-share 1 disables this check).")
 
 
@@ -120,6 +121,7 @@ def run_stage(stage: Stage, rows: list[Row]) -> list[Row]:
     """
     before = [dict(r) for r in rows]
     try:
+        inject_faults(stage.name, rows)
         return stage.process_batch(rows)
     except Exception as batch_error:  # isolation boundary: one bad row must not lose its batch
         if len(before) == 1:
@@ -127,6 +129,7 @@ def run_stage(stage: Stage, rows: list[Row]) -> list[Row]:
     out: list[Row] = []
     for row in before:
         try:
+            inject_faults(stage.name, [row])
             out.extend(stage.process_batch([dict(row)]))
         except Exception as e:  # same boundary, now for exactly one row
             out.append(_stage_failed(stage, row, e))
