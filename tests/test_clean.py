@@ -320,3 +320,38 @@ def test_second_run_into_a_held_folder_refuses_and_a_stale_lock_is_taken_over(sa
     with pytest.warns(RuntimeWarning, match="stale lock"):
         assert _clean(sample_root, out, "--limit", "2") == 0
     assert not (out / LOCK_NAME).exists()  # released at the end
+
+
+def test_a_systematic_stage_error_stops_the_command_with_exit_1_and_keeps_the_journal(sample_root, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """``python -m pipeline.clean`` where every clip but the first raises (``V2A_INJECT_FAULT``, as a
+    broken library would): the breaker stops the command with exit code 1 and the first traceback; the
+    journal keeps the scored clips, the manifest's decisions and the failures, and a rerun would redo
+    exactly the failures."""
+    from pipeline.ledger import Ledger
+    from pipeline.manifest import vggsound_rows
+    from pipeline.runners.faults import FAULT_ENV
+
+    rows = vggsound_rows(sample_root / "vggsound.csv", sample_root / "video")
+    pending = [r["key"] for r in rows if not r["status"]]
+    good, broken = pending[:1], pending[1:]
+    monkeypatch.setenv(FAULT_ENV, ",".join(f"decode_av_align:{k}" for k in broken))
+    out = tmp_path / "out"
+    code = main(["--dataset", "sample", "--root", str(sample_root), "--out", str(out), "--clap-model", "none",
+                 "--workers", "1", "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "stopped: " in err and "failed with stage_error" in err
+    first = broken[0]  # one worker takes the batches in order: the first broken clip failed first
+    assert f"First error: stage_error: decode_av_align: InjectedFault: {FAULT_ENV} decode_av_align:{first}" in err
+    assert err.count("Traceback (most recent call last)") == 1 and "inject_faults" in err
+    assert not (out / "ledger.parquet").exists()  # not finalized: the run did not finish
+
+    journal = Ledger(out).read_journal().set_index("key")
+    assert set(good) <= set(journal.index) and (journal.loc[good, "status"] != "failed").all()
+    decided = [r["key"] for r in rows if r["status"]]
+    assert set(decided) <= set(journal.index)  # the manifest's own failures (missing files, bad lines)
+    errors = journal[journal["reason"].str.startswith("stage_error")]
+    assert set(errors.index) <= set(broken) and len(pending) / 2 < len(errors) < len(broken)
+    done = Ledger(out).done_keys()
+    assert set(good) <= done and not done & set(broken)  # a rerun retries the failures, keeps the rest

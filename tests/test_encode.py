@@ -174,16 +174,6 @@ def test_no_pickles_in_shards(encoded):
 
 
 @pytest.mark.slow
-def test_rerun_is_byte_identical_whatever_the_batching(dataset, encoded, tiny_clip_dir, tiny_vae_dir, tmp_path):
-    out = tmp_path / "shards"
-    assert main(_args(dataset, out, tiny_clip_dir, tiny_vae_dir, "--workers", "1", "--batch-size", "1",
-                      "--with-mel")) == 0
-    assert _shard_files(out) == _shard_files(encoded)
-    assert (out / "index.json").read_bytes() == (encoded / "index.json").read_bytes()
-    assert (out / "failed.json").read_bytes() == (encoded / "failed.json").read_bytes()
-
-
-@pytest.mark.slow
 def test_process_pool_gives_the_same_samples(dataset, encoded, tiny_clip_dir, tiny_vae_dir, tmp_path):
     """Two worker processes (one CPU thread each): same shards and members; float kernels with another
     thread count may move a latent by one float16 step, nothing else may differ."""
@@ -221,6 +211,41 @@ def test_killed_run_resumes_and_skips_finished_shards(dataset, encoded, tiny_cli
 
     assert main(_args(dataset, out, tiny_clip_dir, tiny_vae_dir, "--workers", "1", "--with-mel")) == 0
     assert "4 skipped" in capsys.readouterr().out  # a finished folder is a no-op
+
+
+@pytest.mark.slow
+def test_crashed_and_raising_samples_are_encoded_by_the_rerun_and_bytes_match_any_batching(
+        dataset, encoded, tiny_clip_dir, tiny_vae_dir, tmp_path, monkeypatch, capsys):
+    """A worker SIGKILLed on one sample and an unexpected error on another (``V2A_INJECT_FAULT``): the
+    first run closes its shards without them; the rerun, the faults gone, encodes both again and
+    rewrites the shards whose ranges held them, ending byte-identical to the reference run, which
+    encoded every sample at its first try in batches of 8 (this one: batches of 1)."""
+    from pipeline.runners.faults import FAULT_ENV
+    from shards.shard_writer import read_tar_samples
+
+    train = sorted((k for k in dataset["encoded"] if k != "vggsound-gen4-000000"), key=shard_order)
+    crashed, raised = train[0], train[4]  # in the first and the second train shard
+    out = tmp_path / "shards"
+    args = _args(dataset, out, tiny_clip_dir, tiny_vae_dir, "--workers", "1", "--batch-size", "1", "--with-mel")
+    monkeypatch.setenv(FAULT_ENV, f"encode_signals:{crashed}:kill,encode_features:{raised}")
+    assert main(args) == 0
+    reasons = {f["key"]: f["reason"] for f in json.loads((out / "failed.json").read_text())}
+    assert reasons[crashed].startswith("worker_crashed: ") and "SIGKILL" in reasons[crashed]
+    assert reasons[raised].startswith("stage_error: encode_features: InjectedFault")
+    held = [k for name in _shard_files(out) for k, _ in read_tar_samples(out / name)]
+    assert crashed not in held and raised not in held and len(held) == len(dataset["encoded"]) - 2
+    capsys.readouterr()
+
+    monkeypatch.delenv(FAULT_ENV)
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "retrying 2 sample(s)" in printed and "this run: 2 samples" in printed
+    held = [k for name in _shard_files(out) for k, _ in read_tar_samples(out / name)]
+    assert sorted(held) == dataset["encoded"]  # each sample exactly once
+    assert _shard_files(out) == _shard_files(encoded)
+    for name in ("index.json", "failed.json", "card.json"):
+        assert (out / name).read_bytes() == (encoded / name).read_bytes(), name
+    assert not list((out / ".work" / "samples").glob("*.tar"))  # nothing left behind in the cache
 
 
 @pytest.mark.slow
