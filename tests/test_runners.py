@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -224,6 +225,91 @@ def test_beam_options_pass_through_and_local_default_is_fn_api_runner():
     assert mine.count("--direct_num_workers=1") == 1 and not any(f.startswith("--direct_num_workers=2") for f in mine)
     with pytest.raises(ValueError, match="key=value"):
         beam_flags(RunnerOptions(runner="beam", beam_option=("=x",)))
+
+
+# ---------------------------------------------------------------- GPU pinning under Beam
+
+@dataclass(frozen=True)
+class GpuProbeConfig:
+    gpus: float = 1.0
+    batch_size: int = 1
+
+
+class GpuProbeStage(Stage):
+    """A "GPU" stage that records which process ran each row and which GPUs that process saw."""
+
+    name = "gpu_probe"
+    reads = ("key",)
+    writes = ("caption", "label")
+
+    def __init__(self, config: GpuProbeConfig):
+        self.resources = Resources(cpus=1.0, gpus=config.gpus, batch_size=config.batch_size)
+
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        time.sleep(0.05)  # long enough for both SDK workers to get bundles
+        for row in rows:
+            row.update(status=OK, reason="", caption=str(os.getpid()),
+                       label=os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
+        return rows
+
+
+def build_gpu_probe(config: GpuProbeConfig) -> list[Stage]:
+    return [GpuProbeStage(config)]
+
+
+@pytest.mark.slow
+def test_beam_workers_are_pinned_one_per_visible_gpu(tmp_path, monkeypatch):
+    """Two (faked) visible GPUs: the local FnApiRunner starts two SDK worker processes and each
+    pins itself in DoFn.setup to its own GPU, as the local runner's workers are."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # what visible_gpus() reads before asking torch
+    ledger = Ledger(tmp_path / "out")
+    get_runner("beam")(toy_rows(12), build_gpu_probe, GpuProbeConfig(), ledger.append, batch_size=1,
+                       options=RunnerOptions(runner="beam"))
+    journal = ledger.read_journal()
+    assert len(journal) == 12 and (journal["status"] == OK).all()
+    seen = journal.groupby("caption")["label"].unique()
+    assert len(seen) == 2, f"expected two SDK worker processes (one per GPU), got {dict(seen)}"
+    assert all(len(devices) == 1 for devices in seen), dict(seen)  # one GPU per process, for all its rows
+    assert sorted(d[0] for d in seen) == ["3", "5"]
+    assert not list(Path(tempfile.gettempdir()).glob("v2a-beam-gpus-*"))  # the slot folder is removed
+
+
+def test_gpu_slots_are_distinct_per_live_process_and_freed_when_it_dies(tmp_path, monkeypatch):
+    from pipeline.runners.beam import gpu_pinning
+    from pipeline.runners.gpus import gpu_assignments
+
+    folder = str(tmp_path / "slots")
+    hold = ("import sys; from pipeline.runners.gpus import pin_worker; "
+            f"print(pin_worker({folder!r}, ['3', '5']), flush=True); sys.stdin.read()")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    first = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                             text=True)
+    second = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                              text=True)
+    try:
+        devices = [first.stdout.readline().strip(), second.stdout.readline().strip()]
+        assert sorted(devices) == ["3", "5"]  # two live workers, two GPUs
+        first.kill()
+        first.wait()
+        third = subprocess.run([sys.executable, "-c", hold], input="", capture_output=True, env=env, text=True)
+        assert third.returncode == 0 and third.stdout.strip() == devices[0]  # the dead worker's slot is reused
+    finally:
+        second.kill()
+        second.wait()
+    assert gpu_assignments(0.5, ["0", "1"], 4) == ["0", "0", "1", "1"]
+    assert gpu_assignments(2.0, ["0", "1", "2", "3"], 2) == ["0,1", "2,3"]
+    import torch  # no CUDA_VISIBLE_DEVICES: visible_gpus() asks torch, faked here to count 3 GPUs
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    pinning, workers = gpu_pinning(build_gpu_probe(GpuProbeConfig()), RunnerOptions(runner="beam"))
+    assert workers == 3 and pinning.assignments == ("0", "1", "2") and pinning.pin() is None  # never the driver
+    assert gpu_pinning(build_gpu_probe(GpuProbeConfig(gpus=0.0)), RunnerOptions(runner="beam")) == (None, 0)
+    remote = RunnerOptions(runner="beam", beam_runner="DataflowRunner")
+    assert gpu_pinning(build_gpu_probe(GpuProbeConfig()), remote) == (None, 0)
 
 
 # ---------------------------------------------------------------- pipeline.clean under every runner

@@ -5,7 +5,10 @@ Locally the pipeline runs on the in-process FnApiRunner with ``--workers`` SDK w
 SparkRunner, DataflowRunner, ...) and ``--beam-option key=value`` pass through to Beam unchanged.
 
 Each stage is one ``ParDo`` whose ``DoFn.setup`` builds and sets up the stage once per DoFn
-instance (Beam reuses instances across bundles), so models load once per worker. Per-row
+instance (Beam reuses instances across bundles), so models load once per worker. When a stage
+runs on GPU, the local FnApiRunner starts one SDK worker per visible GPU (or GPU share, as the
+local runner), and each worker process pins itself to its own GPU in ``setup`` before anything
+loads (``GpuPinning``); remote runners give their workers GPUs themselves. Per-row
 failures become rows inside the DoFn (``run_stage``): an element here is a whole batch, so
 Beam's own error outputs would fail every row of it. Finished batches go to ``sink`` on the
 workers (the ledger journal is picklable and writes atomic parts on a shared filesystem).
@@ -24,20 +27,23 @@ import sys
 import tempfile
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from core.jsonsafe import json_safe
-from core.native_threads import available_cpus, machine_share, threads_per_worker
+from core.native_threads import available_cpus, machine_share, threads_per_worker, visible_gpus
 from pipeline.runners import FailureBreaker, RunnerOptions, Sink, StageBuilder, build_chain, run_stage, set_up
+from pipeline.runners.gpus import gpu_assignments, gpu_worker_count, pin_worker
 from pipeline.runners.local import batches
 from core.stage import Row, Stage, drop_fields, transient_fields
 
 METRICS_NAMESPACE = "v2a"
 
 
-def beam_flags(options: RunnerOptions) -> list[str]:
-    """``--beam-option`` items as Beam command-line flags; local defaults for the FnApiRunner."""
+def beam_flags(options: RunnerOptions, default_workers: int = 0) -> list[str]:
+    """``--beam-option`` items as Beam command-line flags; local defaults for the FnApiRunner
+    (``default_workers``, else one SDK worker per usable core, unless ``--workers`` says)."""
     flags: list[str] = []
     given: set[str] = set()
     for item in options.beam_option:
@@ -48,7 +54,7 @@ def beam_flags(options: RunnerOptions) -> list[str]:
         flags.append(f"--{key}={value}" if sep else f"--{key}")
     if not options.beam_runner:  # the in-process FnApiRunner: real parallel workers, no services
         if "direct_num_workers" not in given:
-            flags.append(f"--direct_num_workers={options.workers or available_cpus()}")
+            flags.append(f"--direct_num_workers={options.workers or default_workers or available_cpus()}")
         if "direct_running_mode" not in given:
             flags.append("--direct_running_mode=multi_processing")
     return flags
@@ -61,17 +67,48 @@ def _worker_threads(stage: Stage, options: RunnerOptions, pipeline_options) -> i
     return machine_share(pipeline_options.get_all_options().get("direct_num_workers") or 1)
 
 
-def _stage_dofn(build: StageBuilder, config: object, index: int, drop: tuple[str, ...], threads: int):
+@dataclass(frozen=True)
+class GpuPinning:
+    """How the local FnApiRunner's SDK worker processes pin themselves to GPUs (``pipeline.runners.gpus``)."""
+
+    slots: str  # folder of the workers' slot lock files
+    assignments: tuple[str, ...]  # CUDA_VISIBLE_DEVICES of worker slot 0, 1, ...
+    driver_pid: int  # DoFns running inside the driver (in-memory or threaded mode) never pin
+
+    def pin(self) -> str | None:
+        if os.getpid() == self.driver_pid:
+            return None
+        return pin_worker(self.slots, list(self.assignments))
+
+
+def gpu_pinning(stages: list[Stage], options: RunnerOptions) -> tuple[GpuPinning | None, int]:
+    """Pinning for a local run whose stages use GPUs, and the default SDK worker count (one per GPU
+    or GPU share, as the local runner); (None, 0) on CPU or on a remote runner, which assigns its
+    workers' GPUs itself."""
+    share = max((s.resources.gpus for s in stages), default=0.0)
+    gpus = visible_gpus() if share > 0 and not options.beam_runner else []
+    if not gpus:
+        return None, 0
+    default = gpu_worker_count(share, gpus)
+    workers = options.workers or default
+    slots = os.path.join(tempfile.gettempdir(), f"v2a-beam-gpus-{uuid.uuid4().hex}")  # made by the first worker
+    return GpuPinning(slots, tuple(gpu_assignments(share, gpus, workers)), os.getpid()), default
+
+
+def _stage_dofn(build: StageBuilder, config: object, index: int, drop: tuple[str, ...], threads: int,
+                pinning: GpuPinning | None = None):
     import apache_beam as beam
 
     class StageFn(beam.DoFn):
         def __init__(self):
             super().__init__()
             self.build, self.config, self.index, self.drop = build, config, index, drop
-            self.threads = threads
+            self.threads, self.pinning = threads, pinning
             self.stage = None
 
         def setup(self):
+            if self.pinning is not None:  # before the stage loads anything onto a GPU
+                self.pinning.pin()
             self.stage = self.build(self.config)[self.index]
             set_up([self.stage], self.threads)
 
@@ -155,7 +192,8 @@ def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, bat
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
     stages = build_chain(build, config)  # on the driver only to name the steps; set up in DoFn.setup
-    pipeline_options = PipelineOptions(beam_flags(options))
+    pinning, default_workers = gpu_pinning(stages, options)
+    pipeline_options = PipelineOptions(beam_flags(options, default_workers))
     temp_location = pipeline_options.get_all_options().get("temp_location") or ""
     progress_dir = tempfile.mkdtemp(prefix="v2a-beam-progress-") if on_batch else ""
     staged = _stage_input(rows, batch_size, temp_location) if temp_location else ""
@@ -172,12 +210,14 @@ def run(rows: list[Row], build: StageBuilder, config: object, sink: Sink, *, bat
         for index, stage in enumerate(stages):
             pcoll = pcoll | f"{index}:{stage.name}" >> beam.ParDo(
                 _stage_dofn(build, config, index, drop if index == len(stages) - 1 else (),
-                            _worker_threads(stage, options, pipeline_options)))
+                            _worker_threads(stage, options, pipeline_options), pinning))
         pcoll | "sink" >> beam.ParDo(_sink_dofn(sink, progress_dir))
         _run_with_progress(pipeline, Path(progress_dir) if progress_dir else None, on_batch)
     finally:
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
+        if pinning is not None:
+            shutil.rmtree(pinning.slots, ignore_errors=True)
         if staged:
             FileSystems.delete([staged])
 

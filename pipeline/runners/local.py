@@ -25,6 +25,7 @@ from typing import Callable
 from core.native_threads import available_cpus, machine_share, visible_gpus
 from core.stage import Row, Stage, mark_failed
 from pipeline.runners import FailureBreaker, RunnerOptions, Sink, StageBuilder, build_chain, run_chain, set_up
+from pipeline.runners.gpus import gpu_assignments, gpu_worker_count
 
 WORKER_CRASHED = "worker_crashed"
 
@@ -115,11 +116,8 @@ def plan_workers(stages: list[Stage], options: RunnerOptions, n_batches: int) ->
     gpu_share = max((s.resources.gpus for s in stages), default=0.0)
     gpus = visible_gpus() if gpu_share > 0 else []
     if gpus:  # a model stage on GPU: one worker per GPU (or per GPU share), each pinned to its own
-        default = max(1, int(len(gpus) / gpu_share))
-        workers = min(options.workers or default, n_batches)
-        per = max(1, int(gpu_share))
-        return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[(i * per + j) % len(gpus)] for j in range(per))
-                 if gpu_share >= 1 else gpus[int(i * gpu_share) % len(gpus)]} for i in range(workers)]
+        workers = min(options.workers or gpu_worker_count(gpu_share, gpus), n_batches)
+        return [{"CUDA_VISIBLE_DEVICES": d} for d in gpu_assignments(gpu_share, gpus, workers)]
     return [{} for _ in range(min(options.workers or available_cpus(), n_batches))]
 
 
