@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.batch_size < 1:  # before the lock: a refused flag leaves nothing behind
+            raise FlagError(f"--batch-size: must be a whole number >= 1, got {args.batch_size}")
         with FolderLock(local_folder(args), purpose="pipeline.encode"):  # the local folder the shards are built in
             return encode(args)
     except (UsageError, ModelUnavailable, ShardError, CardError, LedgerError, FolderLocked, FlagError,
