@@ -366,8 +366,8 @@ def test_a_ledger_without_the_columns_encode_reads_is_refused(tiny_clip_dir, tin
     assert "not a readable ledger" in capsys.readouterr().err
 
 
-def test_a_bad_batch_size_is_one_line_and_exit_2(dataset, tmp_path, capsys):
-    assert main(["--ledger", str(dataset["ledger"]), "--out", str(tmp_path / "s"), "--batch-size", "0"]) == 2
+def test_a_bad_batch_size_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["--ledger", str(tmp_path / "ledger.parquet"), "--out", str(tmp_path / "s"), "--batch-size", "0"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: --batch-size: must be a whole number >= 1, got 0"
     assert not (tmp_path / "s").exists()
