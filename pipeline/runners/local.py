@@ -3,9 +3,8 @@
 Each worker is a spawned process that builds and sets up the stage chain once, then takes one
 batch at a time over a pipe. The driver waits on the result pipes and the processes' sentinels
 together, so a worker that dies (an OOM kill, a decoder segfault) is noticed at once: the rows of
-the batch it held become ``failed: worker_crashed`` (retried when ``pipeline.clean`` resumes; ``pipeline.encode``
-keeps it as the sample's failure), a fresh worker takes its
-place, and the run goes on. A worker that dies or raises before its set-up finished stops the run:
+the batch it held become ``failed: worker_crashed`` (retried when ``pipeline.clean`` or
+``pipeline.encode`` is rerun), a fresh worker takes its place, and the run goes on. A worker that dies or raises before its set-up finished stops the run:
 a broken set-up would only fail again.
 
 Workers: ``--workers``, else one per usable core (affinity and cgroup quota), or, when a stage
