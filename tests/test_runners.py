@@ -263,6 +263,10 @@ def test_beam_workers_are_pinned_one_per_visible_gpu(tmp_path, monkeypatch):
     pins itself in DoFn.setup to its own GPU, as the local runner's workers are."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # what visible_gpus() reads before asking torch
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))  # the workers' slot folder, here and in the SDK workers
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     ledger = Ledger(tmp_path / "out")
     get_runner("beam")(toy_rows(12), build_gpu_probe, GpuProbeConfig(), ledger.append, batch_size=1,
                        options=RunnerOptions(runner="beam"))
@@ -272,32 +276,33 @@ def test_beam_workers_are_pinned_one_per_visible_gpu(tmp_path, monkeypatch):
     assert len(seen) == 2, f"expected two SDK worker processes (one per GPU), got {dict(seen)}"
     assert all(len(devices) == 1 for devices in seen), dict(seen)  # one GPU per process, for all its rows
     assert sorted(d[0] for d in seen) == ["3", "5"]
-    assert not list(Path(tempfile.gettempdir()).glob("v2a-beam-gpus-*"))  # the slot folder is removed
+    assert not list(temp.glob("v2a-beam-gpus-*"))  # the slot folder is removed
 
 
 def test_gpu_slots_are_distinct_per_live_process_and_freed_when_it_dies(tmp_path, monkeypatch):
-    from pipeline.runners.beam import gpu_pinning
+    """Worker processes of one node (a remote runner's, pinning by their own CUDA_VISIBLE_DEVICES):
+    two live ones get the two GPUs, a replacement for a dead one takes its slot."""
+    from pipeline.runners.beam import GpuPinning, gpu_pinning
     from pipeline.runners.gpus import gpu_assignments
 
-    folder = str(tmp_path / "slots")
-    hold = ("import sys; from pipeline.runners.gpus import pin_worker; "
-            f"print(pin_worker({folder!r}, ['3', '5']), flush=True); sys.stdin.read()")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    first = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                             text=True)
-    second = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                              text=True)
+    hold = ("import sys; from pipeline.runners.beam import GpuPinning; "
+            "print(GpuPinning('t', 1.0, (), ('driver-host', 1)).pin(), flush=True); sys.stdin.read()")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": "3,5"}
+    workers = [subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                env=env, text=True) for _ in range(2)]
     try:
-        devices = [first.stdout.readline().strip(), second.stdout.readline().strip()]
+        devices = [w.stdout.readline().strip() for w in workers]
         assert sorted(devices) == ["3", "5"]  # two live workers, two GPUs
-        first.kill()
-        first.wait()
+        workers[0].kill()
+        workers[0].wait()
         third = subprocess.run([sys.executable, "-c", hold], input="", capture_output=True, env=env, text=True)
         assert third.returncode == 0 and third.stdout.strip() == devices[0]  # the dead worker's slot is reused
+        one = subprocess.run([sys.executable, "-c", hold], input="", capture_output=True, text=True,
+                             env={**env, "CUDA_VISIBLE_DEVICES": "3"})
+        assert one.stdout.strip() == "None"  # one GPU in its environment: nothing to spread over
     finally:
-        second.kill()
-        second.wait()
+        workers[1].kill()
+        workers[1].wait()
     assert gpu_assignments(0.5, ["0", "1"], 4) == ["0", "0", "1", "1"]
     assert gpu_assignments(2.0, ["0", "1", "2", "3"], 2) == ["0,1", "2,3"]
     import torch  # no CUDA_VISIBLE_DEVICES: visible_gpus() asks torch, faked here to count 3 GPUs
@@ -305,11 +310,12 @@ def test_gpu_slots_are_distinct_per_live_process_and_freed_when_it_dies(tmp_path
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    pinning, workers = gpu_pinning(build_gpu_probe(GpuProbeConfig()), RunnerOptions(runner="beam"))
-    assert workers == 3 and pinning.assignments == ("0", "1", "2") and pinning.pin() is None  # never the driver
+    pinning, workers_default = gpu_pinning(build_gpu_probe(GpuProbeConfig()), RunnerOptions(runner="beam"))
+    assert workers_default == 3 and pinning.assignments == ("0", "1", "2") and pinning.pin() is None  # not the driver
     assert gpu_pinning(build_gpu_probe(GpuProbeConfig(gpus=0.0)), RunnerOptions(runner="beam")) == (None, 0)
-    remote = RunnerOptions(runner="beam", beam_runner="DataflowRunner")
-    assert gpu_pinning(build_gpu_probe(GpuProbeConfig()), remote) == (None, 0)
+    remote, default = gpu_pinning(build_gpu_probe(GpuProbeConfig()),
+                                  RunnerOptions(runner="beam", beam_runner="FlinkRunner"))
+    assert isinstance(remote, GpuPinning) and remote.assignments == () and default == 0  # the workers decide
 
 
 # ---------------------------------------------------------------- pipeline.clean under every runner

@@ -8,7 +8,8 @@ Each stage is one ``ParDo`` whose ``DoFn.setup`` builds and sets up the stage on
 instance (Beam reuses instances across bundles), so models load once per worker. When a stage
 runs on GPU, the local FnApiRunner starts one SDK worker per visible GPU (or GPU share, as the
 local runner), and each worker process pins itself to its own GPU in ``setup`` before anything
-loads (``GpuPinning``); remote runners give their workers GPUs themselves. Per-row
+loads (``GpuPinning``); on a remote runner, workers of one node spread over the GPUs their
+environment names. Per-row
 failures become rows inside the DoFn (``run_stage``): an element here is a whole batch, so
 Beam's own error outputs would fail every row of it. Finished batches go to ``sink`` on the
 workers (the ledger journal is picklable and writes atomic parts on a shared filesystem).
@@ -23,6 +24,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -67,32 +69,56 @@ def _worker_threads(stage: Stage, options: RunnerOptions, pipeline_options) -> i
     return machine_share(pipeline_options.get_all_options().get("direct_num_workers") or 1)
 
 
+def _this_process() -> tuple[str, int]:
+    return socket.gethostname(), os.getpid()
+
+
 @dataclass(frozen=True)
 class GpuPinning:
-    """How the local FnApiRunner's SDK worker processes pin themselves to GPUs (``pipeline.runners.gpus``)."""
+    """How SDK worker processes pin themselves to GPUs (``pipeline.runners.gpus``).
 
-    slots: str  # folder of the workers' slot lock files
-    assignments: tuple[str, ...]  # CUDA_VISIBLE_DEVICES of worker slot 0, 1, ...
-    driver_pid: int  # DoFns running inside the driver (in-memory or threaded mode) never pin
+    Locally the driver knows the GPUs and hands every worker slot its own. On a remote runner a
+    worker spreads over the GPUs its own environment names in ``CUDA_VISIBLE_DEVICES`` (several
+    SDK processes of one node, e.g. a Flink worker pool), slots counted per node; a worker whose
+    environment names none or one is left as its runner started it.
+    """
+
+    token: str  # names the node-local folder of the slot lock files: one per run
+    share: float  # GPUs per worker the stages declare
+    assignments: tuple[str, ...]  # locally: CUDA_VISIBLE_DEVICES of worker slot 0, 1, ...; remote: ()
+    driver: tuple[str, int]  # DoFns running inside the driver (in-memory or threaded mode) never pin
+
+    @property
+    def slots(self) -> str:
+        return os.path.join(tempfile.gettempdir(), f"v2a-beam-gpus-{self.token}")
 
     def pin(self) -> str | None:
-        if os.getpid() == self.driver_pid:
+        if _this_process() == self.driver:
             return None
-        return pin_worker(self.slots, list(self.assignments))
+        assignments = list(self.assignments)
+        if not assignments:
+            own = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            if len(own) < 2 or own[0] == "-1":
+                return None
+            assignments = gpu_assignments(self.share, own, gpu_worker_count(self.share, own))
+        return pin_worker(self.slots, assignments)
 
 
 def gpu_pinning(stages: list[Stage], options: RunnerOptions) -> tuple[GpuPinning | None, int]:
-    """Pinning for a local run whose stages use GPUs, and the default SDK worker count (one per GPU
-    or GPU share, as the local runner); (None, 0) on CPU or on a remote runner, which assigns its
-    workers' GPUs itself."""
+    """Pinning for a run whose stages use GPUs, and the local default SDK worker count (one per
+    GPU or GPU share, as the local runner); (None, 0) when no stage uses a GPU or none is visible."""
     share = max((s.resources.gpus for s in stages), default=0.0)
-    gpus = visible_gpus() if share > 0 and not options.beam_runner else []
+    if share <= 0:
+        return None, 0
+    token = uuid.uuid4().hex
+    if options.beam_runner:  # the workers' GPUs are not the driver's: each worker looks at its own
+        return GpuPinning(token, share, (), _this_process()), 0
+    gpus = visible_gpus()
     if not gpus:
         return None, 0
     default = gpu_worker_count(share, gpus)
-    workers = options.workers or default
-    slots = os.path.join(tempfile.gettempdir(), f"v2a-beam-gpus-{uuid.uuid4().hex}")  # made by the first worker
-    return GpuPinning(slots, tuple(gpu_assignments(share, gpus, workers)), os.getpid()), default
+    assignments = tuple(gpu_assignments(share, gpus, options.workers or default))
+    return GpuPinning(token, share, assignments, _this_process()), default
 
 
 def _stage_dofn(build: StageBuilder, config: object, index: int, drop: tuple[str, ...], threads: int,
