@@ -322,6 +322,7 @@ def test_second_run_into_a_held_folder_refuses_and_a_stale_lock_is_taken_over(sa
     assert not (out / LOCK_NAME).exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_a_systematic_stage_error_stops_the_command_with_exit_1_and_keeps_the_journal(sample_root, tmp_path,
                                                                                       monkeypatch, capsys):
     """``python -m pipeline.clean`` where every clip but the first raises (``V2A_INJECT_FAULT``, as a
