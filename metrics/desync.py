@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.decode import DecodeRequest
 from metrics.checkpoint import load_state
 from metrics.synchformer import FRAMES_PER_SEGMENT, MEL_BINS, MEL_FRAMES, OFFSETS, SEGMENTS, Synchformer, size_of
 
@@ -41,6 +42,13 @@ MEL_MEAN, MEL_STD = -4.2677393, 4.5689974
 MIN_SECONDS = (SEGMENTS - 1) * FRAME_STEP / FPS + FRAMES_PER_SEGMENT / FPS  # 4.8 s
 # av-benchmark's make_class_grid(-2, 2, 21): numpy float64 linspace cast to float32
 GRID = np.linspace(-2.0, 2.0, OFFSETS).astype(np.float32)
+
+
+def sync_request(start_s: float = 0.0, audio: bool = True, duration_s: float = DURATION_S) -> DecodeRequest:
+    """What DeSync decodes of a clip: 8 s (at most) from ``start_s``, 25 fps RGB at 224 px, 16 kHz audio
+    made with torchaudio's resampling kernel (as av-benchmark's ``torchaudio.transforms.Resample``)."""
+    return DecodeRequest(start_s=start_s, duration_s=min(duration_s, DURATION_S), rgb_fps=FPS, rgb_size=IMAGE_SIZE,
+                         audio_rates=(SAMPLE_RATE,) if audio else (), need_audio=audio, resampler="torchaudio")
 
 
 def mel_banks(n_freqs: int = N_FFT // 2 + 1, n_mels: int = MEL_BINS, rate: int = SAMPLE_RATE) -> torch.Tensor:
@@ -85,18 +93,19 @@ def audio_segments(audio: np.ndarray) -> np.ndarray:
                                                                             SEGMENT_STEP_SAMPLES)])
 
 
-def video_segments(frames: np.ndarray) -> np.ndarray:
-    """uint8 [T, H, W, 3] -> float32 [S, 16, 3, H, W] in [-1, 1]."""
-    x = (np.asarray(frames, np.float32) / 255.0 - 0.5) / 0.5
-    x = x.transpose(0, 3, 1, 2)
-    return np.stack([x[s:s + FRAMES_PER_SEGMENT] for s in segment_starts(len(x), FRAMES_PER_SEGMENT, FRAME_STEP)])
+def video_segments(frames: np.ndarray, starts: list[int] | None = None) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float32 [S, 16, 3, H, W] in [-1, 1] (the segments at ``starts``, default all)."""
+    if starts is None:
+        starts = segment_starts(len(frames), FRAMES_PER_SEGMENT, FRAME_STEP)
+    x = torch.from_numpy(np.stack([frames[s:s + FRAMES_PER_SEGMENT] for s in starts]))
+    return (x.permute(0, 1, 4, 2, 3).float() / 255.0 - 0.5) / 0.5
 
 
 def common_length(frames: np.ndarray, audio: np.ndarray, duration_s: float = DURATION_S) -> tuple[np.ndarray, np.ndarray]:
     """Both streams cut to the same length: the shorter of the two, at most ``duration_s``."""
     seconds = min(len(frames) / FPS, len(audio) / SAMPLE_RATE, duration_s)
     if seconds + 1e-9 < MIN_SECONDS:
-        raise ValueError(f"desync: needs {MIN_SECONDS:.1f} s of video and audio, got {seconds:.2f} s "
+        raise ValueError(f"needs {MIN_SECONDS:.1f} s of video and audio, got {seconds:.2f} s "
                          f"({len(frames)} frames at {FPS:g} fps, {len(audio) / SAMPLE_RATE:.2f} s of audio)")
     return frames[:int(round(seconds * FPS))], audio[:int(round(seconds * SAMPLE_RATE))]
 
@@ -135,9 +144,15 @@ class DesyncScorer:
             raise ValueError(f"{path}: not a Synchformer state dict ({' '.join(str(e).split())[:300]})") from e
         return cls(model.to(device).eval(), device)
 
-    def _chunks(self, fn, x: np.ndarray) -> torch.Tensor:
-        return torch.cat([fn(torch.from_numpy(x[i:i + self.chunk]).to(self.device))
-                          for i in range(0, len(x), self.chunk)])
+    def _video(self, frames: np.ndarray) -> torch.Tensor:
+        starts = segment_starts(len(frames), FRAMES_PER_SEGMENT, FRAME_STEP)  # made a chunk at a time
+        return torch.cat([self.model.video_features(video_segments(frames, starts[i:i + self.chunk]).to(self.device))
+                          for i in range(0, len(starts), self.chunk)])
+
+    def _audio(self, audio: np.ndarray) -> torch.Tensor:
+        segments = torch.from_numpy(audio_segments(audio))
+        return torch.cat([self.model.audio_features(self.mel(segments[i:i + self.chunk].to(self.device)))
+                          for i in range(0, len(segments), self.chunk)])
 
     @torch.inference_mode()
     def features(self, frames: np.ndarray, audio: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,9 +160,8 @@ class DesyncScorer:
         frames, audio = common_length(frames, audio)
         size = self.model.size.image_size
         if frames.shape[1:3] != (size, size):
-            raise ValueError(f"desync: frames must be {size} x {size}, got {frames.shape[1]} x {frames.shape[2]}")
-        video = self._chunks(self.model.video_features, video_segments(frames))
-        sound = self._chunks(lambda a: self.model.audio_features(self.mel(a)), audio_segments(audio))
+            raise ValueError(f"frames must be {size} x {size}, got {frames.shape[1]} x {frames.shape[2]}")
+        video, sound = self._video(frames), self._audio(audio)
         n = min(len(video), len(sound))
         return video[:n], sound[:n]
 

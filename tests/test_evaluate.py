@@ -21,8 +21,11 @@ from metrics.divergence import kl_sigmoid, kl_softmax  # noqa: E402
 from metrics.frechet import frechet_distance_of  # noqa: E402
 from metrics.panns import PannsScorer  # noqa: E402
 from metrics.vggish import Vggish, VggishScorer  # noqa: E402
+from metrics.desync import DesyncScorer, sync_request  # noqa: E402
 from metrics.passt import PasstScorer  # noqa: E402
-from train.evaluate import main, metric_audio  # noqa: E402
+from metrics.synchformer import Synchformer, SynchformerSize  # noqa: E402
+from core.decode import decode  # noqa: E402
+from train.evaluate import main, metric_audio, read_audio  # noqa: E402
 
 VIDEOS = sorted((Path(__file__).parent / "data" / "vggsound" / "video").glob("*.mp4"))
 
@@ -60,7 +63,7 @@ def _run(setup, tmp_path, *extra):
     return main(["--generated", str(gen), "--reference", str(ref), "--out", str(tmp_path / "eval"),
                  "--panns-weights", str(weights), "--vggish-weights", str(weights.with_name("vggish-tiny.pth")),
                  "--passt-weights", str(weights.with_name("passt-tiny.pt")),
-                 "--no-av-align", "--clap-model", "none", "--is-splits", "2", *extra])
+                 "--no-av-align", "--no-desync", "--clap-model", "none", "--is-splits", "2", *extra])
 
 
 def test_set_and_clip_metrics_reproduce_their_definitions(setup, tmp_path, capsys):
@@ -120,6 +123,7 @@ def test_missing_models_stop_before_any_work_and_are_all_named(setup, tmp_path, 
     assert "panns_cnn14_16k" in err and "zenodo.org/record/3987831" in err
     assert "vggish" in err and "torchvggish/releases" in err and "passt" in err and "kkoutini/PaSST" in err
     assert "clap" in err and str(tmp_path / "no-clap") in err and "core.registry check" in err
+    assert "synchformer" in err and "synchformer_state_dict.pth" in err
     assert not (tmp_path / "eval").exists()  # nothing was scored or written
 
 
@@ -136,9 +140,45 @@ def test_random_weights_are_flagged(setup, tmp_path, capsys):
                "--allow-random-weights", "--no-av-align", "--clap-model", "none", "--is-splits", "2"])
     assert rc == 0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["random_weights"] == ["PANNs", "PaSST", "VGGish"]
+    assert summary["random_weights"] == ["PANNs", "PaSST", "Synchformer", "VGGish"]
+    assert "RANDOM WEIGHTS" in summary["metrics"]["desync"]["model"]
     assert "RANDOM WEIGHTS" in summary["metrics"]["fad_vggish"]["model"]
     assert "RANDOM WEIGHTS" in summary["metrics"]["is_panns"]["model"]
     assert summary["metrics"]["fd_panns"]["value"] is None  # no --reference
     captured = capsys.readouterr()
     assert "RANDOM WEIGHTS" in captured.out and "RANDOM WEIGHTS" in captured.err
+
+
+def test_desync_per_clip_and_set_as_av_benchmark(tmp_path, capsys):
+    """Two 5 s outputs on real videos (one starting 2 s in) and one of 3 s (too short: empty, with
+    the reason); a tiny Synchformer in the release's layout at the real 224 px input."""
+    gen = tmp_path / "generated"
+    gen.mkdir()
+    rng = np.random.default_rng(0)
+    for name, seconds, video, start in (("a", 5.0, VIDEOS[0], 0.0), ("b", 5.0, VIDEOS[4], 2.0), ("c", 3.0, VIDEOS[1], 0.0)):
+        sf.write(gen / f"{name}.wav", (0.1 * rng.standard_normal(int(22050 * seconds))).astype(np.float32), 22050)
+        (gen / f"{name}.json").write_text(json.dumps({"video": str(video), "start_s": start, "caption": "x"}))
+    size = SynchformerSize(dim=32, video_depth=1, video_heads=2, audio_depth=1, audio_heads=2, sync_depth=1,
+                           sync_heads=2)
+    g = torch.Generator().manual_seed(7)
+    weights = tmp_path / "synchformer_state_dict.pth"
+    torch.save({k: 0.05 * torch.randn(v.shape, generator=g) for k, v in Synchformer(size).state_dict().items()},
+               weights)
+    rc = main(["--generated", str(gen), "--out", str(tmp_path / "eval"), "--desync-weights", str(weights),
+               "--no-panns", "--no-vggish", "--no-passt", "--no-av-align", "--clap-model", "none"])
+    assert rc == 0
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "eval" / "eval.csv"))}
+    scorer = DesyncScorer.load(weights)
+    for name, start in (("a", 0.0), ("b", 2.0)):
+        meta = json.loads((gen / f"{name}.json").read_text())
+        frames = decode(meta["video"], sync_request(start, audio=False, duration_s=5.0)).rgb
+        assert frames.shape == (125, 224, 224, 3)  # the 5 s of the wav, at 25 fps
+        expected = scorer.score(frames, read_audio(gen / f"{name}.wav", 16000, resampler="torchaudio"))
+        assert float(rows[name]["desync"]) == pytest.approx(expected.desync)
+        assert float(rows[name]["desync_first_s"]) == pytest.approx(expected.first_s)
+        assert float(rows[name]["desync_last_s"]) == pytest.approx(expected.last_s)
+    assert rows["c"]["desync"] == "" and "desync: needs 4.8 s" in rows["c"]["reason"]
+    m = json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"]["desync"]
+    assert m["n"] == 2 and m["value"] == pytest.approx((float(rows["a"]["desync"]) + float(rows["b"]["desync"])) / 2)
+    assert m["weights_sha256"] == file_sha256(weights) and m["settings"]["fps"] == 25.0
+    assert "desync" in capsys.readouterr().out

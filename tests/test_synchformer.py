@@ -66,7 +66,10 @@ def test_segments_of_8_s_and_the_4_8_s_floor():
     with pytest.raises(ValueError, match="needs 4.8 s"):
         common_length(frames[:119], audio)
     pixels = video_segments(np.full((16, 2, 2, 3), 255, np.uint8))
-    assert pixels.shape == (1, 16, 3, 2, 2) and np.all(pixels == 1.0)
+    assert pixels.shape == (1, 16, 3, 2, 2) and bool((pixels == 1.0).all())
+    ramp = np.repeat(np.arange(40, dtype=np.uint8)[:, None, None, None], 3, axis=3)  # frame i has value i
+    segs = video_segments(ramp)  # starts 0, 8, 16, 24 (24 + 16 = 40)
+    assert segs.shape[0] == 4 and segs[2, 0, 0, 0, 0].item() == pytest.approx((16 / 255 - 0.5) / 0.5)
 
 
 def test_divided_attention_equals_attention_within_frames_and_across_time():

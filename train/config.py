@@ -188,6 +188,10 @@ class EvalConfig:
     passt: bool = field(default=True, metadata={"help": "FD, KL (softmax, sigmoid) and IS with PaSST-S 32 kHz"})
     passt_weights: str = field(default="", metadata={
         "help": "passt-s-f128-p16-s10-ap.476-swa.pt (default: MODELS_DIR/passt/)"})
+    desync: bool = field(default=True, metadata={
+        "help": "DeSync: Synchformer's predicted offset (mean |s|) of each clip's first and last 4.8 s"})
+    desync_weights: str = field(default="", metadata={
+        "help": "synchformer_state_dict.pth (default: MODELS_DIR/synchformer/)"})
     audio_length_s: float = field(default=10.0, metadata={
         "help": "seconds of each clip the PANNs/VGGish/PaSST metrics hear (av-benchmark's --audio_length; "
                 "0: the whole file)"})
@@ -196,7 +200,8 @@ class EvalConfig:
     is_splits: int = field(default=10, metadata={"help": "Inception Score splits (AudioLDM's evaluation: 10)"})
     device: str = field(default="cpu", metadata={"help": "device of the metric models (cpu, cuda, cuda:N)"})
     allow_random_weights: bool = field(default=False, metadata={
-        "help": "demo only: a missing PANNs, VGGish or PaSST checkpoint is replaced by RANDOM weights (flagged)"})
+        "help": "demo only: a missing PANNs, VGGish, PaSST or Synchformer checkpoint is replaced by RANDOM weights "
+                "(flagged; Synchformer by a small random instance)"})
 
     def __post_init__(self) -> None:
         if self.is_splits < 1:

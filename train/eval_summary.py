@@ -7,6 +7,7 @@ import numpy as np
 
 from filters.av_align import AVAlignConfig
 from filters.clap import ClapConfig
+from metrics import desync as d
 from metrics.divergence import EPS, inception_score
 from metrics.frechet import frechet_distance_of
 from metrics.panns import SAMPLE_RATE as PANNS_SR
@@ -84,6 +85,23 @@ def vggish_metrics(cfg: EvalConfig, models: Models, gen_feats, ref_feats) -> dic
         value, reason = None, "FAD needs >= 2 VGGish examples (0.96 s each) on both sides (--reference)"
     return {"fad_vggish": _metric(value, sum("vggish" in f for f in gen_feats.values()), model,
                                   models.sha256.get("vggish"), settings, reason)}
+
+
+SYNCHFORMER_MODEL = "Synchformer (AudioSet 24-01-04T16-39-21, MMAudio synchformer_state_dict.pth)"
+
+
+def desync_metrics(rows, models: Models) -> dict:
+    """DeSync: the mean over clips of each clip's mean |offset| (s) of its first and last 4.8 s."""
+    value, n = _mean_of(rows, "desync")
+    model = SYNCHFORMER_MODEL + (" RANDOM WEIGHTS" if "Synchformer" in models.random else "")
+    settings = {"fps": d.FPS, "image_size": d.IMAGE_SIZE, "resize": "short side, bicubic antialiased, centre crop",
+                "normalise": "mean 0.5, std 0.5", "sample_rate": d.SAMPLE_RATE, "resampler": "torchaudio kernel",
+                "mel": {"n_fft": d.N_FFT, "win_length": d.WIN, "hop_length": d.HOP, "n_mels": 128, "scale": "htk",
+                        "log_eps": 1e-6, "frames": 66, "mean": d.MEL_MEAN, "std": d.MEL_STD},
+                "segment_s": 0.64, "step_s": 0.32, "seconds": d.DURATION_S, "windows": "first and last 14 segments",
+                "grid_s": [-2.0, 2.0, 21], "unit": "seconds, |offset|"}
+    return {"desync": _metric(value, n, model, models.sha256.get("desync"), settings,
+                              "no clip could be scored (needs >= 4.8 s of video and sound)")}
 
 
 def _stack(parts: list[np.ndarray]) -> np.ndarray:

@@ -9,7 +9,7 @@ For every sampler output in DIR (``NAME.wav`` + its ``NAME.json`` sidecar) it co
   and PaSST classifiers between the clip and the reference clip of the same file name;
 - per set (``summary.json``, and a table on stdout): the means of those, FD of PANNs CNN14 (16 kHz)
   and PaSST-S (32 kHz) embeddings and FAD of VGGish embeddings between all generated and all
-  reference clips, and the Inception Score of the generated clips' PANNs and PaSST logits. Each metric records its value, model, weights sha256 and settings.
+  reference clips, the Inception Score of the generated clips' PANNs and PaSST logits, and the mean DeSync. Each metric records its value, model, weights sha256 and settings.
 
 Every model is resolved (``core.registry``) before any clip is read: a missing one stops the run
 with one message naming all of them. A score that cannot be computed (no caption, undecodable
@@ -28,21 +28,25 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
 from tqdm import tqdm
 
 from core.cli_config import add_config_args, from_args
 from core.decode import DecodeError, DecodeRequest, decode
 from core.models import ModelUnavailable
+from core.resample import resample
 from filters.av_align import AVAlignConfig, score_clip
 from filters.clap import CLAP_SAMPLE_RATE, ClapConfig
 from metrics.divergence import kl_sigmoid, kl_softmax
+from metrics.desync import MIN_SECONDS as DESYNC_MIN_S
+from metrics.desync import SAMPLE_RATE as DESYNC_SR
+from metrics.desync import sync_request
 from metrics.panns import SAMPLE_RATE as PANNS_SR
 from metrics.passt import SAMPLE_RATE as PASST_SR
 from metrics.vggish import SAMPLE_RATE as VGGISH_SR
 from train.config import EvalConfig
 from train.eval_models import Models, load_models
-from train.eval_summary import CLASSIFIERS, MODES, classifier_metrics, clip_metrics, table, vggish_metrics
+from train.eval_summary import (CLASSIFIERS, MODES, classifier_metrics, clip_metrics, desync_metrics, table,
+                                vggish_metrics)
 from train.sample import mux, write_record
 
 log = logging.getLogger("train.evaluate")
@@ -51,7 +55,7 @@ AUDIO_EXT = (".wav", ".flac", ".ogg", ".mp3")
 VIDEO_EXT = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 COLUMNS = ["name", "wav", "video", "reference", "caption", "av_align_reference", "av_align_fast", "audio_peaks",
            "video_peaks", "clap", "kl_softmax_panns", "kl_sigmoid_panns", "kl_softmax_passt", "kl_sigmoid_passt",
-           "status", "reason", "random_weights"]
+           "desync", "desync_first_s", "desync_last_s", "status", "reason", "random_weights"]
 RATES = {"panns": PANNS_SR, "vggish": VGGISH_SR, "passt": PASST_SR}
 
 
@@ -79,13 +83,12 @@ def find_references(folder: Path) -> dict[str, Path]:
     return found
 
 
-def read_audio(path: Path, rate: int) -> np.ndarray:
-    """Mono float32 audio of an audio file (channel mean, soxr HQ resampling) or a video's audio track."""
+def read_audio(path: Path, rate: int, resampler: str = "soxr_hq") -> np.ndarray:
+    """Mono float32 audio of an audio file (channel mean, soxr HQ or torchaudio's kernel) or a video's audio track."""
     if path.suffix.lower() in AUDIO_EXT:
         audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
-        audio = audio.mean(axis=1)
-        return audio if sr == rate else soxr.resample(audio, sr, rate, quality="HQ").astype(np.float32)
-    clip = decode(path, DecodeRequest(audio_rates=(rate,), need_video=False))
+        return resample(audio.mean(axis=1), sr, rate, resampler)
+    clip = decode(path, DecodeRequest(audio_rates=(rate,), need_video=False, resampler=resampler))
     return np.asarray(clip.audio[rate], np.float32)
 
 
@@ -125,6 +128,23 @@ def _clap(row: dict, wav: Path, models: Models, reasons: list[str]) -> None:
             reasons.append("clap: audio could not be embedded (silent or non-finite)")
         else:
             row["clap"] = score
+
+
+def _desync(row: dict, wav: Path, meta: dict, models: Models, reasons: list[str]) -> None:
+    """av-benchmark's DeSync of the generated sound against the frames of its video (from ``start_s``)."""
+    if models.desync is None:
+        return
+    try:
+        audio = read_audio(wav, DESYNC_SR, resampler="torchaudio")
+        seconds = len(audio) / DESYNC_SR
+        if seconds + 1e-9 < DESYNC_MIN_S:  # refused before the video is decoded
+            raise ValueError(f"needs {DESYNC_MIN_S:.1f} s of sound, the output has {seconds:.2f} s")
+        clip = decode(meta["video"], sync_request(float(meta.get("start_s") or 0.0), audio=False, duration_s=seconds))
+        result = models.desync.score(clip.rgb, audio)
+    except (DecodeError, ValueError, OSError) as e:
+        reasons.append(f"desync: {_short(e)}")
+        return
+    row.update(desync=result.desync, desync_first_s=result.first_s, desync_last_s=result.last_s)
 
 
 def metric_audio(path: Path, rate: int, length_s: float) -> np.ndarray:
@@ -181,6 +201,7 @@ def score_outputs(cfg: EvalConfig, models: Models, outputs, references: dict[str
         if cfg.av_align:
             _av_align(row, wav, meta, out, reasons)
         _clap(row, wav, models, reasons)
+        _desync(row, wav, meta, models, reasons)
         gen_feats[wav.stem] = feats = _features(wav, models, cfg, reasons, "generated")
         _kl_columns(row, feats, ref_feats.get(wav.stem), references, reasons)
         row["reason"] = "; ".join(r for r in reasons if r)
@@ -217,6 +238,8 @@ def evaluate(cfg: EvalConfig, clap_cfg: ClapConfig) -> dict:
             metrics.update(classifier_metrics(cfg, models, rows, gen_feats, ref_feats, attr))
     if models.vggish is not None:
         metrics.update(vggish_metrics(cfg, models, gen_feats, ref_feats))
+    if models.desync is not None:
+        metrics.update(desync_metrics(rows, models))
     random_sources = sorted({s for r in rows for s in r["random_weights"].split(",") if s})
     summary = {"count": len(rows), "failed": sum(r["status"] == "failed" for r in rows),
                "references": len(references), "metrics": metrics, "random_weights": random_sources,
