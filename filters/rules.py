@@ -23,8 +23,13 @@ class FilterConfig:
     av_align_min: float = field(default=0.2, metadata={"help": "keep when AV-Align > this (within [-1, 1]; "
                                                                  "below 0 keeps every score)"})
     clap_min: float = field(default=0.3, metadata={"help": "keep when CLAP cosine > this (within [-1, 1])"})
+    desync_max: float | None = field(default=None, metadata={
+        "help": "keep when DeSync (Synchformer's mean |offset|, s) <= this; scores DeSync (needs its weights). "
+                "Off by default"})
 
     def __post_init__(self) -> None:
+        if self.desync_max is not None:
+            check_finite("desync_max", self.desync_max, lo=0.0)
         # a NaN threshold would silently keep everything (every comparison with NaN is False)
         check_finite("av_align_min", self.av_align_min, lo=-1.0, hi=1.0)
         check_finite("clap_min", self.clap_min, lo=-1.0, hi=1.0)
@@ -43,6 +48,9 @@ def threshold_reasons(df: pd.DataFrame, filters: FilterConfig, speech_music=None
     labelled = df["label"].fillna("").astype(str) != ""
     parts = [np.where(labelled & (clap <= filters.clap_min), f"clap<{filters.clap_min:g}", ""),
              np.where(av <= filters.av_align_min, f"av_align<{filters.av_align_min:g}", "")]
+    if filters.desync_max is not None and "desync" in df:
+        desync = pd.to_numeric(df["desync"], errors="coerce")
+        parts.append(np.where(desync > filters.desync_max, f"desync>{filters.desync_max:g}", ""))
     if speech_music is not None:
         from filters.speech_music import MUSIC, verdicts
 

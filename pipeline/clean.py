@@ -24,12 +24,15 @@ from filters.clap import ClapConfig, ClapModelUnavailable, check_available, run_
 from filters.curation import CurationConfig, CurationFilters
 from filters.speech_music import SpeechMusicConfig
 from filters.rules import FilterConfig, apply_filters
+from metrics.desync_stage import DesyncConfig
 from pipeline.clean_stages import CleanStageConfig, build_clean_stages
 from core import storage
 from core.cli_config import FlagError, add_config_args, check_count, from_args
 from core.config import DecodeLimits, SignalConfig
 from core.fingerprint import SettingsRegistry, differences, fingerprint
 from core.lock import FolderLock, FolderLocked
+from core.models import ModelUnavailable
+from core.registry import require
 from pipeline.ledger import MANIFEST_REASONS, RETRYABLE, Ledger
 from pipeline.report import write_report
 from pipeline.manifest import WindowConfig, load_excluded_ids, vggsound_rows, youtube_rows
@@ -83,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p.add_argument_group("CLAP music rule (speech is decided by the VAD)"), SpeechMusicConfig)
     add_config_args(p.add_argument_group("curation scores"), CurationConfig)
     add_config_args(p.add_argument_group("curation rules"), CurationFilters)
+    add_config_args(p.add_argument_group("DeSync (Synchformer; --desync-max filters on it)"), DesyncConfig,
+                    prefix="desync_")
     p.add_argument("--gallery", type=int, default=0, metavar="N",
                    help="write OUT/gallery/index.html with N clips per bucket (default: 0, no gallery)")
     return p
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return clean(args)
-    except (UsageError, ClapModelUnavailable, FlagError, FolderLocked, storage.StorageError) as e:
+    except (UsageError, ClapModelUnavailable, ModelUnavailable, FlagError, FolderLocked, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except storage.backend_errors() as e:  # the dataset root or CSV could not be read (endpoint, credentials)
@@ -169,7 +174,26 @@ def scoring_settings(args: argparse.Namespace, stage_config: CleanStageConfig) -
             k: getattr(sm, k) for k in ("speech_prompts", "music_prompts", "event_prompts")},
         "windows": asdict(from_args(WindowConfig, args)) if args.dataset == "youtube" else None,
         "curation": asdict(stage_config.curation) if stage_config.curation is not None else None,
+        "desync": desync_settings(stage_config.desync),
     }
+
+
+def desync_settings(desync: tuple | None) -> dict | None:
+    """What makes a DeSync score: the weights file (name and size; hashing 900 MB each run would cost
+    seconds) and the segments per pass (device and chunk do not change the argmax beyond float noise)."""
+    if desync is None:
+        return None
+    path = Path(desync[1])
+    return {"weights": path.name, "bytes": path.stat().st_size}
+
+
+def resolve_desync(filters: FilterConfig, cfg: DesyncConfig) -> tuple[DesyncConfig, str] | None:
+    """The DeSync config and weights path when it is scored (--desync-score or --desync-max); a missing
+    checkpoint stops the run here, before anything is decoded."""
+    if not cfg.score and filters.desync_max is None:
+        return None
+    entry = require({"synchformer": cfg.weights or None}, cfg.models_dir or None)["synchformer"]
+    return cfg, str(entry.path)
 
 
 def check_settings(scan: pd.DataFrame, settings: dict, registry: SettingsRegistry, out: Path, rescore: bool) -> int:
@@ -219,7 +243,8 @@ def clean(args: argparse.Namespace) -> int:
                                     av_align=from_args(AVAlignConfig, args, prefix="av_align_"),
                                     clap=clap if clap.enabled else None,
                                     speech_music=speech_music if clap.enabled else None,
-                                    curation=from_args(CurationConfig, args), batch_size=run_cfg.batch_size)
+                                    curation=from_args(CurationConfig, args), batch_size=run_cfg.batch_size,
+                                    desync=resolve_desync(filters, from_args(DesyncConfig, args, prefix="desync_")))
     curation = from_args(CurationFilters, args)
     root, out = resolve_paths(args)
     clap_meta = check_available(clap)  # a missing model stops the run here, before anything is decoded
@@ -286,6 +311,8 @@ def _clean_locked(args, root: Path, out: Path, run_cfg: RunConfig, stage_config:
         "signal": asdict(signal), "clap": {**run_metadata(clap), **(clap_meta or {})}, "clap_skipped": not clap.enabled,
         "speech_music": {**asdict(speech_music), "enabled": rule is not None},
         "curation": asdict(stage_config.curation),
+        "desync": None if stage_config.desync is None else {**asdict(stage_config.desync[0]),
+                                                            "weights_path": stage_config.desync[1]},
         "curation_rules": {**asdict(curation), "enabled": {name: curation.enabled(name, args.dataset)
                                                            for name in ("speech", "silent", "static")}},
         "settings_fp": fp, "code_version": code_version(),

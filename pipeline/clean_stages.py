@@ -1,4 +1,5 @@
-"""The stages of ``pipeline.clean``: decode + AV-Align (CPU), then CLAP (model), engine-neutral.
+"""The stages of ``pipeline.clean``: decode + AV-Align (CPU), then CLAP (model), then optionally
+DeSync (Synchformer, ``metrics.desync_stage``), engine-neutral.
 
 ``DecodeScoreStage`` decodes each clip once and computes AV-Align from it; when CLAP is on it
 also hands the 48 kHz audio to ``ClapStage`` in the transient ``audio_clap`` field (declared,
@@ -34,6 +35,8 @@ class CleanStageConfig:
     speech_music: object | None = None  # filters.speech_music.SpeechMusicConfig when enabled
     curation: CurationConfig = field(default_factory=CurationConfig)
     batch_size: int = 8
+    # (metrics.desync_stage.DesyncConfig, resolved weights path), or None when DeSync is not scored
+    desync: tuple | None = None
 
 
 def resolve_window(row: Row, signal: SignalConfig, limits: DecodeLimits) -> tuple[float, float | None]:
@@ -171,4 +174,8 @@ def build_clean_stages(config: CleanStageConfig) -> list[Stage]:
     stages: list[Stage] = [DecodeScoreStage(config)]
     if config.clap is not None:
         stages.append(ClapStage(config))
+    if config.desync is not None:
+        from metrics.desync_stage import DesyncStage
+
+        stages.append(DesyncStage(*config.desync))
     return stages

@@ -66,6 +66,10 @@ SCHEMA = pa.schema([
     ("av_align_2023", pa.float64()),
     ("video_peaks_2025", pa.int32()),
     ("video_peaks_2023", pa.int32()),
+    # DeSync (pipeline.clean --desync-max / --desync-score): mean |offset| s, and the two offsets
+    ("desync", pa.float64()),
+    ("desync_first_s", pa.float64()),
+    ("desync_last_s", pa.float64()),
     ("line", pa.int64()),
     ("settings_fp", pa.string()),
 ])

@@ -151,7 +151,7 @@ def test_random_weights_are_flagged(setup, tmp_path, capsys):
 
 def test_desync_per_clip_and_set_as_av_benchmark(tmp_path, capsys):
     """Two 5 s outputs on real videos (one starting 2 s in) and one of 3 s (too short: empty, with
-    the reason); a tiny Synchformer in the release's layout at the real 224 px input."""
+    the reason); a tiny Synchformer in the release's layout (32 px input)."""
     gen = tmp_path / "generated"
     gen.mkdir()
     rng = np.random.default_rng(0)
@@ -159,7 +159,7 @@ def test_desync_per_clip_and_set_as_av_benchmark(tmp_path, capsys):
         sf.write(gen / f"{name}.wav", (0.1 * rng.standard_normal(int(22050 * seconds))).astype(np.float32), 22050)
         (gen / f"{name}.json").write_text(json.dumps({"video": str(video), "start_s": start, "caption": "x"}))
     size = SynchformerSize(dim=32, video_depth=1, video_heads=2, audio_depth=1, audio_heads=2, sync_depth=1,
-                           sync_heads=2)
+                           sync_heads=2, image_size=32)
     g = torch.Generator().manual_seed(7)
     weights = tmp_path / "synchformer_state_dict.pth"
     torch.save({k: 0.05 * torch.randn(v.shape, generator=g) for k, v in Synchformer(size).state_dict().items()},
@@ -171,8 +171,8 @@ def test_desync_per_clip_and_set_as_av_benchmark(tmp_path, capsys):
     scorer = DesyncScorer.load(weights)
     for name, start in (("a", 0.0), ("b", 2.0)):
         meta = json.loads((gen / f"{name}.json").read_text())
-        frames = decode(meta["video"], sync_request(start, audio=False, duration_s=5.0)).rgb
-        assert frames.shape == (125, 224, 224, 3)  # the 5 s of the wav, at 25 fps
+        frames = decode(meta["video"], sync_request(start, audio=False, duration_s=5.0, size=32)).rgb
+        assert frames.shape == (125, 32, 32, 3)  # the 5 s of the wav, at 25 fps (the tiny model's 32 px)
         expected = scorer.score(frames, read_audio(gen / f"{name}.wav", 16000, resampler="torchaudio"))
         assert float(rows[name]["desync"]) == pytest.approx(expected.desync)
         assert float(rows[name]["desync_first_s"]) == pytest.approx(expected.first_s)

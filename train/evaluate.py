@@ -139,7 +139,9 @@ def _desync(row: dict, wav: Path, meta: dict, models: Models, reasons: list[str]
         seconds = len(audio) / DESYNC_SR
         if seconds + 1e-9 < DESYNC_MIN_S:  # refused before the video is decoded
             raise ValueError(f"needs {DESYNC_MIN_S:.1f} s of sound, the output has {seconds:.2f} s")
-        clip = decode(meta["video"], sync_request(float(meta.get("start_s") or 0.0), audio=False, duration_s=seconds))
+        request = sync_request(float(meta.get("start_s") or 0.0), audio=False, duration_s=seconds,
+                               size=models.desync.model.size.image_size)
+        clip = decode(meta["video"], request)
         result = models.desync.score(clip.rgb, audio)
     except (DecodeError, ValueError, OSError) as e:
         reasons.append(f"desync: {_short(e)}")
