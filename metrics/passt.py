@@ -81,7 +81,9 @@ class _Attention(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
 
-class _Mlp(nn.Module):
+class VitMlp(nn.Module):
+    """timm's ViT MLP (``fc1``, exact GELU, ``fc2``); MotionFormer's blocks use the same."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
@@ -94,7 +96,7 @@ class _Block(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn, self.mlp = _Attention(dim, heads), _Mlp(dim, 4 * dim)
+        self.attn, self.mlp = _Attention(dim, heads), VitMlp(dim, 4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from metrics.passt import VitMlp
+
 PATCH = 16
 FRAMES_PER_SEGMENT, TEMPORAL_PATCH = 16, 2
 MEL_BINS, MEL_FRAMES, AUDIO_STRIDE = 128, 66, 10
@@ -87,15 +89,6 @@ class _DividedAttention(nn.Module):
         return self.proj(torch.cat([cls_out, out], dim=2).transpose(1, 2).reshape(b, n, d))
 
 
-class _Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class _DividedBlock(nn.Module):
     """Time attention (``norm3``/``timeattn``), then space attention (``norm1``/``attn``), then the MLP."""
 
@@ -103,7 +96,7 @@ class _DividedBlock(nn.Module):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
         self.attn, self.timeattn = _DividedAttention(dim, heads), _DividedAttention(dim, heads)
-        self.mlp = _Mlp(dim, 4 * dim)
+        self.mlp = VitMlp(dim, 4 * dim)
 
     def forward(self, x: torch.Tensor, per_frame: int) -> torch.Tensor:
         x = x + self.timeattn(self.norm3(x), per_frame, over_time=True)
