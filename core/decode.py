@@ -72,6 +72,10 @@ class DecodeRequest:
     # consumers that shrink the frames anyway; it applies to every frame of the video decode
     skip_loop_filter: bool = False
     rgb_fps: float | None = None  # frames sampled on a fixed grid, RGB
+    # which frame shows a grid point: "last" = the last frame at or before it; "nearest" = the last
+    # frame before the point plus half a grid step, i.e. FFmpeg's fps filter (round=near), which
+    # torio/torchvision-based readers use (av-benchmark's DeSync)
+    rgb_grid: str = "last"
     rgb_size: int | None = None  # RGB frames resized (short side) and centre-cropped to this, as decoded
     audio_native: bool = False  # also keep the window's audio at its native rate, channels unmixed, unpadded
     need_audio: bool = True
@@ -79,6 +83,8 @@ class DecodeRequest:
     resampler: str = "soxr_hq"  # how audio_rates are made from the native rate (core.resample.RESAMPLERS)
 
     def __post_init__(self) -> None:
+        if self.rgb_grid not in ("last", "nearest"):
+            raise ValueError(f"rgb_grid must be last or nearest, not {self.rgb_grid!r}")
         if self.gray_scaler not in GRAY_SCALERS:
             raise ValueError(f"gray_scaler must be one of {', '.join(GRAY_SCALERS)}, not {self.gray_scaler!r}")
         for name in ("gray_max_side", "rgb_size"):
@@ -349,8 +355,8 @@ class _VideoFrames:
         if t >= self.start:
             if self.req.gray:
                 self._add_gray(frame, t)
-            if self.req.rgb_fps:  # a grid point is shown by the last frame whose time is <= it
-                self._fill_grid(self.prev if self.prev is not None else frame, min(t, self.end))
+            if self.req.rgb_fps:  # grid points before this frame takes over are shown by the previous one
+                self._fill_grid(self.prev if self.prev is not None else frame, min(t, self.end), self._shift())
             self.last_t = max(self.last_t, t)
         self.prev = frame
         return False
@@ -373,9 +379,16 @@ class _VideoFrames:
             self._converted = (frame, arr)
         return self._converted[1]
 
-    def _fill_grid(self, shown_by, until: float) -> None:
+    def _shift(self) -> float:
+        """How far before a grid point a frame takes it over: 0 ("last"), half a grid step ("nearest")."""
+        return 0.5 / self.req.rgb_fps if self.req.rgb_grid == "nearest" else 0.0
+
+    def _fill_grid(self, shown_by, until: float, shift: float = 0.0) -> None:
+        """Grid points up to ``until`` get ``shown_by``: those before it ("last"), or, with ``shift``, those
+        whose point + shift is at or before it (FFmpeg rounds a tie to the later frame's point)."""
         fps = self.req.rgb_fps
-        while self.start + len(self.rgb_t) / fps < until:
+        while ((self.start + len(self.rgb_t) / fps + shift <= until + 1e-9) if shift
+               else (self.start + len(self.rgb_t) / fps < until)):
             self.rgb.append(self._rgb(shown_by))
             self.rgb_t.append(len(self.rgb_t) / fps)
 

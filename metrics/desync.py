@@ -46,11 +46,12 @@ GRID = np.linspace(-2.0, 2.0, OFFSETS).astype(np.float32)
 
 def sync_request(start_s: float = 0.0, audio: bool = True, duration_s: float = DURATION_S,
                  size: int = IMAGE_SIZE) -> DecodeRequest:
-    """What DeSync decodes of a clip: 8 s (at most) from ``start_s``, 25 fps RGB at 224 px (``size``: a
-    test model's input), 16 kHz audio made with torchaudio's resampling kernel (as av-benchmark's
-    ``torchaudio.transforms.Resample``)."""
-    return DecodeRequest(start_s=start_s, duration_s=min(duration_s, DURATION_S), rgb_fps=FPS, rgb_size=size,
-                         audio_rates=(SAMPLE_RATE,) if audio else (), need_audio=audio, resampler="torchaudio")
+    """What DeSync decodes of a clip: 8 s (at most) from ``start_s``; 25 fps RGB frames picked as FFmpeg's
+    fps filter picks them (torio's ``frame_rate=25``), at 224 px (``size``: a test model's input); 16 kHz
+    audio made with torchaudio's resampling kernel (as av-benchmark's ``torchaudio.transforms.Resample``)."""
+    return DecodeRequest(start_s=start_s, duration_s=min(duration_s, DURATION_S), rgb_fps=FPS, rgb_grid="nearest",
+                         rgb_size=size, audio_rates=(SAMPLE_RATE,) if audio else (), need_audio=audio,
+                         resampler="torchaudio")
 
 
 def mel_banks(n_freqs: int = N_FFT // 2 + 1, n_mels: int = MEL_BINS, rate: int = SAMPLE_RATE) -> torch.Tensor:

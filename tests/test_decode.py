@@ -128,6 +128,8 @@ def test_request_options_are_validated():
         DecodeRequest(gray=True, gray_max_side=64, gray_scaler="nearest-ish")
     with pytest.raises(ValueError, match="rgb_size"):
         DecodeRequest(rgb_fps=2.0, rgb_size=0)
+    with pytest.raises(ValueError, match="rgb_grid"):
+        DecodeRequest(rgb_fps=2.0, rgb_grid="round")
 
 
 def test_rgb_frames_sized_as_decoded_equal_the_encoders_resize():
@@ -230,3 +232,45 @@ def test_file_named_like_an_ffmpeg_protocol_is_read_as_a_file(tmp_path, monkeypa
     assert [r["video_path"] for r in rows] == ["pipe:0.mp4"] and rows[0]["status"] == ""
     clip = decode("pipe:0.mp4", DecodeRequest(audio_rates=(16000,), need_video=False))
     assert clip.duration_s > 9.0 and probe("pipe:0.mp4").has_video
+
+
+def _ffmpeg_fps_frames(path: Path, fps: int, count: int) -> list[np.ndarray]:
+    """What FFmpeg's own fps filter (round=near, as torio's ``frame_rate=`` uses it) outputs."""
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        graph = av.filter.Graph()
+        src, fps_filter, sink = graph.add_buffer(template=stream), graph.add("fps", f"fps={fps}"), graph.add("buffersink")
+        src.link_to(fps_filter)
+        fps_filter.link_to(sink)
+        graph.configure()
+        out = []
+        for frame in c.decode(stream):
+            graph.push(frame)
+            while len(out) < count:
+                try:
+                    out.append(graph.pull().to_ndarray(format="rgb24"))
+                except (av.error.BlockingIOError, av.error.EOFError):
+                    break
+            if len(out) >= count:
+                return out
+    return out
+
+
+@pytest.mark.parametrize("source", ["counter", "real"])
+def test_nearest_rgb_grid_picks_the_frames_ffmpegs_fps_filter_picks(source, tmp_path):
+    """A 30 fps source on a 25 fps grid: "last" takes the frame at or before each point, "nearest"
+    equals FFmpeg's fps filter frame for frame (on a real 30 fps clip and on exact timestamps)."""
+    if source == "counter":
+        path = write_counter_video(tmp_path / "c.mkv", [i / 30 for i in range(60)])
+    else:
+        path = FIXTURES / "-26aVYRtEAc_000030.mp4"  # 30 fps
+    got = decode(path, DecodeRequest(duration_s=1.6, rgb_fps=25, rgb_grid="nearest", need_audio=False)).rgb
+    last = decode(path, DecodeRequest(duration_s=1.6, rgb_fps=25, need_audio=False)).rgb
+    expected = _ffmpeg_fps_frames(path, 25, len(got))
+    assert len(got) == len(expected) == 40
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+    assert not all(np.array_equal(a, b) for a, b in zip(last, expected))
+    if source == "counter":  # grid point j at j/25 s: nearest 30 fps frame round(1.2 j), previous floor(1.2 j)
+        levels = [round(int(f[0, 0, 0]) / 10) for f in got[:20]]  # grey 10 * frame index, below 255
+        assert levels == [int(np.floor(1.2 * j + 0.5)) for j in range(20)]
+        assert [round(int(f[0, 0, 0]) / 10) for f in last[:20]] == [int(np.floor(1.2 * j + 1e-9)) for j in range(20)]
