@@ -94,7 +94,7 @@ def desync_metrics(rows, models: Models) -> dict:
     """DeSync: the mean over clips of each clip's mean |offset| (s) of its first and last 4.8 s."""
     value, n = _mean_of(rows, "desync")
     model = SYNCHFORMER_MODEL + (" RANDOM WEIGHTS" if "Synchformer" in models.random else "")
-    settings = {"fps": d.FPS, "image_size": d.IMAGE_SIZE, "resize": "short side, bicubic antialiased, centre crop",
+    settings = {"fps": d.FPS, "frames": "FFmpeg fps filter's pick (nearest)", "image_size": d.IMAGE_SIZE, "resize": "short side, bicubic antialiased, centre crop",
                 "normalise": "mean 0.5, std 0.5", "sample_rate": d.SAMPLE_RATE, "resampler": "torchaudio kernel",
                 "mel": {"n_fft": d.N_FFT, "win_length": d.WIN, "hop_length": d.HOP, "n_mels": 128, "scale": "htk",
                         "log_eps": 1e-6, "frames": 66, "mean": d.MEL_MEAN, "std": d.MEL_STD},
