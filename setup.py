@@ -23,6 +23,7 @@ CORE = [
     "aiohttp>=3.9,<4",  # fsspec's http(s) backend: shards and index.json read from a web server
     "tensorboard>=2.16,<3",
     "silero-vad>=6.2,<7",  # speech detector; its wheel ships the weights (no download)
+    "onnxruntime>=1.20,<2",  # runs Silero's sequence VAD model (one call per 16 s instead of per 32 ms)
     "scenedetect-headless>=0.7,<0.8",  # scene cuts on the decoded frames
 ]
 RAY = ["ray[data]==2.60.*"]

@@ -134,11 +134,16 @@ def _concat_of_two_real_clips(path: Path, cut_s: float) -> Path:
     return mux(path, track, AudioTrack(pcm=audio[None, :], sample_rate=SR, codec="flac"), container_format="matroska")
 
 
+@pytest.fixture(scope="module")
+def cut_clip(tmp_path_factory) -> Path:
+    return _concat_of_two_real_clips(tmp_path_factory.mktemp("cut") / "cut.mkv", cut_s=4.0)
+
+
 @pytest.mark.parametrize("mode", ["fast", pytest.param("reference", marks=pytest.mark.slow)])
-def test_scene_cut_found_on_the_frames_av_align_decoded(tmp_path, mode):
+def test_scene_cut_found_on_the_frames_av_align_decoded(cut_clip, mode):
     from filters.av_align import AVAlignConfig
 
-    path = _concat_of_two_real_clips(tmp_path / "cut.mkv", cut_s=4.0)
+    path = cut_clip
     stage = DecodeScoreStage(CleanStageConfig(av_align=AVAlignConfig(mode=mode)))
     stage.setup()
     row = stage.process_row({"key": "k", "video_path": str(path), "source": "youtube", "start_s": 0.0,
@@ -154,17 +159,41 @@ def test_real_single_shot_clips_have_no_cut():
         assert scene_cut_times(clip.gray, clip.gray_times, clip.video_fps, CurationConfig()) == [], name
 
 
-def test_batched_vad_gives_silero_own_spans(speech, vad):
-    """The batch path equals ``silero_vad.get_speech_timestamps`` run clip by clip."""
+def test_sequence_vad_gives_silero_streaming_spans(speech, vad):
+    """The sequence model's spans equal ``silero_vad.get_speech_timestamps`` with the streaming
+    model (the one Silero's README runs), clip by clip."""
     import torch
-    from silero_vad import get_speech_timestamps
+    from silero_vad import get_speech_timestamps, load_silero_vad
 
+    streaming = load_silero_vad()
     clips = [_audio(name) for name in (*VOICELESS, TALKING)] + [_mix(_audio(VOICELESS[1]), speech, 0)[:7 * SR]]
     for clip, got in zip(clips, vad.scores_batch(clips)):
-        spans = get_speech_timestamps(torch.from_numpy(clip), vad.model, sampling_rate=SR)
+        spans = get_speech_timestamps(torch.from_numpy(clip), streaming, sampling_rate=SR)
         runs = [(s["end"] - s["start"]) / SR for s in spans]
         assert got["speech_share"] == pytest.approx(sum(runs) / (clip.size / SR), abs=1e-9)
         assert got["speech_run_s"] == pytest.approx(max(runs, default=0.0), abs=1e-9)
+    assert vad.scores_batch([np.zeros(100, np.float32)]) == [{"speech_share": None, "speech_run_s": None}]
+
+
+def test_scene_cuts_equal_pyscenedetect_frame_by_frame(cut_clip):
+    """The vectorised scores + FlashFilter give ContentDetector.process_frame's cuts on real frames:
+    a real cut, flashes closer than min_scene_len (merged), and a single-shot clip."""
+    import cv2
+    from scenedetect import ContentDetector, FrameTimecode
+
+    clip = decode(str(cut_clip), DecodeRequest(gray=True, gray_max_side=64))
+    flashes = clip.gray.copy()
+    flashes[[60, 63, 200]] = 255 - flashes[[60, 63, 200]]  # two flashes 3 frames apart, one alone
+    still = decode(str(VIDEO / VOICELESS[0]), DecodeRequest(gray=True, gray_max_side=64))
+    config = CurationConfig()
+    for gray, times, fps in ((clip.gray, clip.gray_times, clip.video_fps), (flashes, clip.gray_times, clip.video_fps),
+                             (still.gray, still.gray_times, still.video_fps)):
+        detector = ContentDetector(threshold=config.scene_threshold, luma_only=True,
+                                   min_scene_len=max(1, int(round(config.scene_min_len_s * fps))))
+        expected = [c for i, f in enumerate(gray)
+                    for c in detector.process_frame(FrameTimecode(i, fps), cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))]
+        assert scene_cut_times(gray, times, fps, config) == [round(float(times[c.frame_num]), 4) for c in expected]
+    assert len(scene_cut_times(flashes, clip.gray_times, clip.video_fps, config)) >= 2
 
 
 def test_rules_on_a_journal_without_scored_rows():
