@@ -99,8 +99,8 @@ class DecodeScoreStage(Stage):
         return audio
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
-        """Decode and score each row, then run the VAD on the whole batch at once (one batched
-        forward pass per 32 ms step instead of one per clip: about 3x less CPU)."""
+        """Decode and score each row, then run the VAD on the batch's audio (Silero's sequence
+        model: one ONNX call per 16 s of audio, docs/benchmarks.md#clean)."""
         voiced = [(row, audio) for row in rows if (audio := self._score(row)) is not None]
         for (row, _), scores in zip(voiced, self.speech.scores_batch([a for _, a in voiced])):
             row.update(scores)
