@@ -19,13 +19,19 @@ end); the project averages channels to mono first, as every other metric here do
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
+
+from metrics.msclap import PAD_ID, MsClap, MsClapSize
 
 SAMPLE_RATE = 44100
 WINDOW_S = 7
 WINDOW = SAMPLE_RATE * WINDOW_S
 PROMPTS = ("the sound is clear and clean.", "the sound is noisy and with artifacts.")
+TEXT_LEN = 77
 
 
 def pam_windows(audio: np.ndarray) -> np.ndarray:
@@ -65,3 +71,45 @@ def pam_score(window_probabilities: np.ndarray) -> float:
     if p.size == 0:
         raise ValueError("PAM of a clip needs at least one window")
     return float(p.mean())
+
+
+def prompt_tokens(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's text input: each prompt + ' <|endoftext|>', GPT-2 ids padded with '!' to 77."""
+    tokenizer.add_special_tokens({"pad_token": "!"})
+    if tokenizer.pad_token_id != PAD_ID:
+        raise ValueError(f"not GPT-2's tokenizer: '!' is id {tokenizer.pad_token_id}, GPT-2's is {PAD_ID}")
+    enc = tokenizer([p + " <|endoftext|>" for p in PROMPTS], padding="max_length", max_length=TEXT_LEN,
+                    return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@dataclass(frozen=True)
+class PamResult:
+    score: float
+    windows: np.ndarray  # each 7 s window's positive-prompt probability
+
+
+class PamScorer:
+    """PAM of 44.1 kHz mono clips with one MS-CLAP; the two prompts are embedded once."""
+
+    def __init__(self, model: MsClap, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 device: str = "cpu", chunk: int = 4) -> None:
+        self.model, self.device, self.chunk = model.to(device).eval(), device, chunk
+        with torch.no_grad():
+            self.prompts = model.text_embeddings(input_ids.to(device), attention_mask.to(device)).double().cpu().numpy()
+            self.scale = float(model.logit_scale.exp())
+
+    @classmethod
+    def load(cls, weights: str | Path, tokenizer_dir: str | Path, device: str = "cpu",
+             size: MsClapSize = MsClapSize()) -> "PamScorer":
+        from transformers import AutoTokenizer
+
+        return cls(MsClap.load(weights, size), *prompt_tokens(AutoTokenizer.from_pretrained(str(tokenizer_dir))), device)
+
+    def score(self, audio: np.ndarray) -> PamResult:
+        windows = torch.from_numpy(pam_windows(audio))
+        with torch.no_grad():
+            emb = torch.cat([self.model.audio_embeddings(windows[i:i + self.chunk].to(self.device)).cpu()
+                             for i in range(0, len(windows), self.chunk)])
+        probabilities = pam_probabilities(emb.double().numpy(), self.prompts, self.scale)
+        return PamResult(pam_score(probabilities), probabilities)
