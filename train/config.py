@@ -192,6 +192,10 @@ class EvalConfig:
         "help": "DeSync: Synchformer's predicted offset (mean |s|) of each clip's first and last 4.8 s"})
     desync_weights: str = field(default="", metadata={
         "help": "synchformer_state_dict.pth (default: MODELS_DIR/synchformer/)"})
+    cavp: bool = field(default=False, metadata={
+        "help": "CAVP score: cosine of Diff-Foley's CAVP video and audio embeddings per 0.25 s (opt-in)"})
+    cavp_weights: str = field(default="", metadata={
+        "help": "Diff-Foley cavp_epoch66.ckpt (default: MODELS_DIR/cavp/)"})
     audio_length_s: float = field(default=10.0, metadata={
         "help": "seconds of each clip the PANNs/VGGish/PaSST metrics hear (av-benchmark's --audio_length; "
                 "0: the whole file)"})

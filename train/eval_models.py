@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from core.models import ModelUnavailable, file_sha256
 from core.registry import require
 from filters.clap import ClapConfig, ClapModelUnavailable, ClapScorer
+from metrics.cavp import Cavp, CavpScorer, CavpSize
 from metrics.desync import DesyncScorer
 from metrics.panns import Cnn14, PannsScorer
 from metrics.passt import Passt, PasstScorer
@@ -27,6 +28,7 @@ class Models:
     vggish: VggishScorer | None = None
     passt: PasstScorer | None = None
     desync: DesyncScorer | None = None
+    cavp: CavpScorer | None = None
     sha256: dict[str, str | None] = field(default_factory=dict)
     random: list[str] = field(default_factory=list)
 
@@ -35,12 +37,16 @@ class Models:
 RANDOM_SYNCHFORMER = SynchformerSize(dim=64, video_depth=2, video_heads=4, audio_depth=2, audio_heads=4,
                                      sync_depth=1, sync_heads=4)
 
+# the demo's random CAVP: the release's structure, one block per stage, narrow
+RANDOM_CAVP = CavpSize(base=8, blocks=(1, 1, 1, 1), audio_width=8)
+
 # attribute, registry name, label, loader, random-weights builder
 RELEASES = (("panns", "panns_cnn14_16k", "PANNs", PannsScorer.load, lambda dev: PannsScorer(Cnn14().eval().to(dev), dev)),
             ("vggish", "vggish", "VGGish", VggishScorer.load, lambda dev: VggishScorer(Vggish().eval().to(dev), dev)),
             ("passt", "passt", "PaSST", PasstScorer.load, lambda dev: PasstScorer(Passt().eval().to(dev), dev)),
             ("desync", "synchformer", "Synchformer", DesyncScorer.load,
-             lambda dev: DesyncScorer(Synchformer(RANDOM_SYNCHFORMER).eval().to(dev), dev)))
+             lambda dev: DesyncScorer(Synchformer(RANDOM_SYNCHFORMER).eval().to(dev), dev)),
+            ("cavp", "cavp", "CAVP", CavpScorer.load, lambda dev: CavpScorer(Cavp(RANDOM_CAVP).eval().to(dev), dev)))
 
 
 def _load_release(cfg: EvalConfig, models: Models, problems: list[str], release) -> None:

@@ -7,6 +7,7 @@ import numpy as np
 
 from filters.av_align import AVAlignConfig
 from filters.clap import ClapConfig
+from metrics import cavp as c
 from metrics import desync as d
 from metrics.divergence import EPS, inception_score
 from metrics.frechet import frechet_distance_of
@@ -102,6 +103,24 @@ def desync_metrics(rows, models: Models) -> dict:
                 "grid_s": [-2.0, 2.0, 21], "unit": "seconds, |offset|"}
     return {"desync": _metric(value, n, model, models.sha256.get("desync"), settings,
                               "no clip could be scored (needs >= 4.8 s of video and sound)")}
+
+
+CAVP_MODEL = "Diff-Foley CAVP (cavp_epoch66.ckpt)"
+
+
+def cavp_metrics(rows, models: Models) -> dict:
+    """CAVP score: the mean over clips of each clip's mean cosine of its 0.25 s video and audio embeddings."""
+    value, n = _mean_of(rows, "cavp")
+    model = CAVP_MODEL + (" RANDOM WEIGHTS" if "CAVP" in models.random else "")
+    settings = {"fps": c.FPS, "frames": "FFmpeg fps filter's pick (nearest), no re-encode",
+                "image_size": c.IMAGE_SIZE, "resize": "squashed, PIL bilinear", "range": "[0, 1], no normalisation",
+                "clip_frames": c.CLIP_FRAMES, "sample_rate": c.SAMPLE_RATE, "resampler": "soxr HQ",
+                "seconds": "int(min(video, sound))",
+                "mel": {"n_fft": c.N_FFT, "hop_length": c.HOP, "n_mels": c.N_MELS, "fmin": c.F_MIN, "fmax": c.F_MAX,
+                        "power": 1, "scale": "slaney (librosa)", "db": "clip((20 log10(max(x, 1e-5)) - 20 + 100) / 100, 0, 1)"},
+                "pairing": "one video frame per 16 spectrogram frames, cut to the shorter", "unit": "cosine"}
+    return {"cavp": _metric(value, n, model, models.sha256.get("cavp"), settings,
+                            "no clip could be scored (needs >= 1 s of video and sound)")}
 
 
 def _stack(parts: list[np.ndarray]) -> np.ndarray:
