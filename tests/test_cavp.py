@@ -147,12 +147,12 @@ def test_under_one_second_is_refused(tiny):
 
 
 def test_evaluate_reports_cavp_per_clip_and_set(tiny, tmp_path, capsys):
-    """Two 3 s outputs on real videos (one 2 s in) and one of 0.5 s (empty, with the reason)."""
+    """Two 2 s outputs on real videos (one 2 s in) and one of 0.5 s (empty, with the reason)."""
     weights, _ = tiny
     gen = tmp_path / "generated"
     gen.mkdir()
     rng = np.random.default_rng(2)
-    for name, seconds, video, start in (("a", 3.0, VIDEOS[0], 0.0), ("b", 3.0, VIDEOS[3], 2.0), ("c", 0.5, VIDEOS[1], 0.0)):
+    for name, seconds, video, start in (("a", 2.0, VIDEOS[0], 0.0), ("b", 2.0, VIDEOS[3], 2.0), ("c", 0.5, VIDEOS[1], 0.0)):
         sf.write(gen / f"{name}.wav", (0.1 * rng.standard_normal(int(22050 * seconds))).astype(np.float32), 22050)
         (gen / f"{name}.json").write_text(json.dumps({"video": str(video), "start_s": start, "caption": "x"}))
     rc = main(["--generated", str(gen), "--out", str(tmp_path / "eval"), "--cavp", "--cavp-weights", str(weights),
@@ -161,8 +161,8 @@ def test_evaluate_reports_cavp_per_clip_and_set(tiny, tmp_path, capsys):
     rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "eval" / "eval.csv"))}
     scorer = CavpScorer.load(weights)  # the release's 224 px
     for name, start in (("a", 0.0), ("b", 2.0)):
-        frames = decode(json.loads((gen / f"{name}.json").read_text())["video"], cavp_request(start, 3.0)).rgb
-        assert len(frames) == 12  # 3 s at 4 fps
+        frames = decode(json.loads((gen / f"{name}.json").read_text())["video"], cavp_request(start, 2.0)).rgb
+        assert len(frames) == 8  # 2 s at 4 fps
         expected = scorer.score(frames, read_audio(gen / f"{name}.wav", 16000))
         assert float(rows[name]["cavp"]) == pytest.approx(expected.score, abs=1e-6)
     assert rows["a"]["cavp"] != rows["b"]["cavp"]
@@ -171,3 +171,17 @@ def test_evaluate_reports_cavp_per_clip_and_set(tiny, tmp_path, capsys):
     assert m["n"] == 2 and m["value"] == pytest.approx((float(rows["a"]["cavp"]) + float(rows["b"]["cavp"])) / 2)
     assert m["weights_sha256"] == file_sha256(weights) and m["settings"]["fps"] == 4.0
     assert "cavp" in capsys.readouterr().out
+
+
+def test_missing_weights_stop_the_run_or_give_a_flagged_random_model(tmp_path):
+    from core.models import ModelUnavailable
+    from filters.clap import ClapConfig
+    from train.config import EvalConfig
+    from train.eval_models import RANDOM_CAVP, load_models
+
+    cfg = dict(generated=str(tmp_path), panns=False, vggish=False, passt=False, desync=False, cavp=True,
+               models_dir=str(tmp_path / "none"))
+    with pytest.raises(ModelUnavailable, match="cavp"):
+        load_models(EvalConfig(**cfg), ClapConfig(model="none"))
+    models = load_models(EvalConfig(**cfg, allow_random_weights=True), ClapConfig(model="none"))
+    assert models.random == ["CAVP"] and models.sha256["cavp"] is None and models.cavp.model.size == RANDOM_CAVP
