@@ -35,6 +35,7 @@ from torch import nn
 
 from core.decode import DecodeRequest
 from metrics.checkpoint import load_state
+from metrics.panns import ConvBlock
 
 SAMPLE_RATE = 16000
 FPS = 4.0
@@ -107,18 +108,6 @@ class ResNet3dSlowOnly(nn.Module):
         for i in range(self.layers):
             x = getattr(self, f"layer{i + 1}")(x)
         return x.mean(dim=(3, 4))
-
-
-class ConvBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn1, self.bn2 = nn.BatchNorm2d(cout), nn.BatchNorm2d(cout)
-
-    def forward(self, x: torch.Tensor, pool) -> torch.Tensor:
-        x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-        return F.avg_pool2d(x, pool)
 
 
 class SpecCnn14(nn.Module):
@@ -231,7 +220,8 @@ class CavpScorer:
         except (KeyError, IndexError, RuntimeError, ValueError) as e:
             raise ValueError(f"{path}: not a CAVP checkpoint ({' '.join(str(e).split())[:300]})") from e
         if missing:
-            raise ValueError(f"{path}: not a CAVP checkpoint ({len(missing)} weights missing: {', '.join(missing[:5])})")
+            raise ValueError(f"{path}: not a CAVP checkpoint ({len(missing)} weights missing: "
+                             f"{', '.join(missing[:5])})")
         return cls(model.to(device).eval(), device)
 
     @torch.inference_mode()

@@ -71,7 +71,9 @@ class _LogMel(nn.Module):
         return 10.0 * torch.log10(torch.clamp(power @ self.melW, min=1e-10))  # ref 1.0, no top_db
 
 
-class _ConvBlock(nn.Module):
+class ConvBlock(nn.Module):
+    """PANNs' conv block (also Diff-Foley's CAVP Cnn14): two 3x3 conv + BN + ReLU, then average pooling."""
+
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
@@ -79,9 +81,9 @@ class _ConvBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.bn2 = nn.BatchNorm2d(c_out)
 
-    def forward(self, x: torch.Tensor, pool: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pool: int | tuple[int, int]) -> torch.Tensor:
         x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-        return F.avg_pool2d(x, pool) if pool > 1 else x
+        return F.avg_pool2d(x, pool) if pool not in (1, (1, 1)) else x
 
 
 class Cnn14(nn.Module):
@@ -94,7 +96,7 @@ class Cnn14(nn.Module):
         self.bn0 = nn.BatchNorm2d(N_MELS)
         ins = (1,) + tuple(widths[:-1])
         for i, (c_in, c_out) in enumerate(zip(ins, widths), start=1):
-            self.add_module(f"conv_block{i}", _ConvBlock(c_in, c_out))
+            self.add_module(f"conv_block{i}", ConvBlock(c_in, c_out))
         self.fc1 = nn.Linear(widths[-1], widths[-1])
         self.fc_audioset = nn.Linear(widths[-1], classes)
         self.n_blocks = len(widths)

@@ -117,7 +117,8 @@ def cavp_metrics(rows, models: Models) -> dict:
                 "clip_frames": c.CLIP_FRAMES, "sample_rate": c.SAMPLE_RATE, "resampler": "soxr HQ",
                 "seconds": "int(min(video, sound))",
                 "mel": {"n_fft": c.N_FFT, "hop_length": c.HOP, "n_mels": c.N_MELS, "fmin": c.F_MIN, "fmax": c.F_MAX,
-                        "power": 1, "scale": "slaney (librosa)", "db": "clip((20 log10(max(x, 1e-5)) - 20 + 100) / 100, 0, 1)"},
+                        "power": 1, "scale": "slaney (librosa)",
+                        "db": "clip((20 log10(max(x, 1e-5)) - 20 + 100) / 100, 0, 1)"},
                 "pairing": "one video frame per 16 spectrogram frames, cut to the shorter", "unit": "cosine"}
     return {"cavp": _metric(value, n, model, models.sha256.get("cavp"), settings,
                             "no clip could be scored (needs >= 1 s of video and sound)")}
