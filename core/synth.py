@@ -96,6 +96,38 @@ def write_audio_only(path: str | Path, *, duration_s: float = 10.0, event_times:
                   fps_is_variable=False, with_video=False, with_audio=True)
 
 
+_SOUNDFILE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
+
+
+def write_audio_file(path: str | Path, *, duration_s: float = 10.0,
+                     event_times: Sequence[float] = DEFAULT_EVENT_TIMES, sample_rate: int = 44100,
+                     sound: bool = True, seed: int = 0) -> EventClip:
+    """A plain audio file (.wav, .flac, .ogg), as audio corpora ship them: the hum and a click starting
+    exactly on each event time (rounded to a sample); ``sound=False`` writes digital silence."""
+    import soundfile as sf
+
+    path = Path(path)
+    if path.suffix.lower() not in _SOUNDFILE_FORMATS:
+        raise ValueError(f"unsupported audio file {path.suffix!r}: use one of {', '.join(_SOUNDFILE_FORMATS)}")
+    if duration_s <= 0:
+        raise ValueError(f"duration_s must be positive, got {duration_s}")
+    rng = np.random.default_rng(seed)
+    n = int(round(duration_s * sample_rate))
+    pcm = np.zeros(n, np.float32)
+    starts = [int(round(t * sample_rate)) for t in event_times if 0 <= t < duration_s] if sound else []
+    if sound:
+        pcm += (np.sin(2 * np.pi * _HUM_HZ * np.arange(n) / sample_rate) * np.sqrt(2.0)
+                * 10.0 ** (_HUM_DBFS / 20.0)).astype(np.float32)
+        click = _click(sample_rate, rng)
+        for s in starts:
+            pcm[s: s + click.size] += click[: n - s]
+    fmt, subtype = _SOUNDFILE_FORMATS[path.suffix.lower()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.clip(pcm, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
+    return EventClip(path=path, event_times=(), audio_event_times=tuple(s / sample_rate for s in starts), fps=0.0,
+                     duration_s=float(duration_s), sample_rate=sample_rate)
+
+
 def truncate_file(path: str | Path, fraction: float = 0.5) -> int:
     """Cut a file to ``fraction`` of its bytes, like an interrupted download; returns the new size."""
     p = Path(path)

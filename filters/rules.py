@@ -39,13 +39,14 @@ def threshold_reasons(df: pd.DataFrame, filters: FilterConfig, speech_music=None
     """Why each scored row is dropped, comma-joined ("" keeps it). Thresholds are strict: keep when
     score > min. Vectorised: 200k rows take well under a second.
 
-    The CLAP threshold applies to labelled rows only: an unlabelled web video's score against its
-    title is recorded, but a title rarely describes the sound, so it does not decide. A missing
-    score (NaN) never filters.
+    The CLAP threshold applies to labelled rows and to audio-corpus captions (written to describe
+    the sound): an unlabelled web video's score against its title is recorded, but a title rarely
+    describes the sound, so it does not decide. A missing score (NaN) never filters.
     """
     clap = pd.to_numeric(df["clap_score"], errors="coerce")
     av = pd.to_numeric(df["av_align"], errors="coerce")
-    labelled = df["label"].fillna("").astype(str) != ""
+    audio = df["source"].fillna("").astype(str) == "audio" if "source" in df else False
+    labelled = (df["label"].fillna("").astype(str) != "") | audio
     parts = [np.where(labelled & (clap <= filters.clap_min), f"clap<{filters.clap_min:g}", ""),
              np.where(av <= filters.av_align_min, f"av_align<{filters.av_align_min:g}", "")]
     if filters.desync_max is not None and "desync" in df:

@@ -35,12 +35,14 @@ from core.models import ModelUnavailable
 from core.registry import require
 from pipeline.ledger import MANIFEST_REASONS, RETRYABLE, Ledger
 from pipeline.report import write_report
-from pipeline.manifest import WindowConfig, load_excluded_ids, vggsound_rows, youtube_rows
+from pipeline.manifest import WindowConfig, audio_rows, load_excluded_ids, vggsound_rows, youtube_rows
 from pipeline.runners import FailureRateExceeded, RunnerOptions, get_runner
 from core.version import code_version
 from core.stage import FAILED, FILTERED, OK, Row, is_pending
 
-DATASETS = ("vggsound", "youtube", "sample")
+DATASETS = ("vggsound", "youtube", "sample", "audio")
+# scores that need a picture: recorded as not applicable (missing) for audio-only corpora, never as failures
+VIDEO_ONLY_SCORES = ("av_align", "audio_peaks", "video_peaks", "motion_max", "motion_mean", "scene_cuts")
 
 
 class UsageError(Exception):
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p.add_argument_group("thresholds"), FilterConfig)
     add_config_args(p.add_argument_group("AV-Align"), AVAlignConfig, prefix="av_align_")
     add_config_args(p.add_argument_group("decoding"), DecodeLimits)
-    add_config_args(p.add_argument_group("YouTube windows"), WindowConfig)
+    add_config_args(p.add_argument_group("windows of long files (youtube, audio)"), WindowConfig)
     add_config_args(p.add_argument_group("CLAP"), ClapConfig, prefix="clap_")
     add_config_args(p.add_argument_group("CLAP music rule (speech is decided by the VAD)"), SpeechMusicConfig)
     add_config_args(p.add_argument_group("curation scores"), CurationConfig)
@@ -114,6 +116,11 @@ def build_manifest(args: argparse.Namespace, root: Path | str, signal: SignalCon
         if not storage.is_file(csv_path):
             raise UsageError(f"VGGSound CSV {csv_path} not found (pass --csv FILE)")
         rows = vggsound_rows(csv_path, args.video_dir or storage.join(root, "video"), signal, excluded)
+    elif args.dataset == "audio":
+        try:
+            rows = audio_rows(root, signal, from_args(WindowConfig, args), excluded)
+        except ValueError as e:  # no caption manifest in the folder
+            raise UsageError(str(e)) from e
     else:
         rows = youtube_rows(root, signal, from_args(WindowConfig, args), excluded)
     return rows[: args.limit] if args.limit > 0 else rows
@@ -172,7 +179,7 @@ def scoring_settings(args: argparse.Namespace, stage_config: CleanStageConfig) -
         "clap": None if clap is None else {k: getattr(clap, k) for k in ("model", "template", "window")},
         "speech_music_prompts": None if sm is None else {
             k: getattr(sm, k) for k in ("speech_prompts", "music_prompts", "event_prompts")},
-        "windows": asdict(from_args(WindowConfig, args)) if args.dataset == "youtube" else None,
+        "windows": asdict(from_args(WindowConfig, args)) if args.dataset in ("youtube", "audio") else None,
         "curation": asdict(stage_config.curation) if stage_config.curation is not None else None,
         "desync": desync_settings(stage_config.desync),
     }
@@ -318,6 +325,7 @@ def _clean_locked(args, root: Path, out: Path, run_cfg: RunConfig, stage_config:
         "settings_fp": fp, "code_version": code_version(),
         "counts": {k: summary[k] for k in ("total", "ok", "filtered", "failed")},
         "reasons": summary["reasons"],
+        "not_applicable": list(VIDEO_ONLY_SCORES) if args.dataset == "audio" else [],
     }
     ledger.write_final(final, meta)
     report = write_report(final, meta, out / "report.html")
@@ -331,6 +339,8 @@ def _clean_locked(args, root: Path, out: Path, run_cfg: RunConfig, stage_config:
                              stage_config.limits)
         print(f"   gallery: {page}")
     print_summary(summary, out, clap_skipped=not clap.enabled)
+    if meta["not_applicable"]:
+        print(f"   not applicable to an audio-only corpus (left empty): {', '.join(meta['not_applicable'])}")
     if not clap.enabled and args.dataset == "youtube":
         print("   speech/music filter did NOT run: it needs CLAP embeddings")
     print(f"   report: {report}")

@@ -22,6 +22,7 @@ from core.device import wants_gpu
 from core.stage import OK, Resources, Row, Stage, is_pending, mark_failed
 
 AUDIO_FOR_CLAP = "audio_clap"  # float32 [n] at SignalConfig.clap_sr, for ClapStage only
+AUDIO_SOURCE = "audio"  # rows of an audio-only corpus (pipeline.manifest.audio_rows)
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,29 @@ class DecodeScoreStage(Stage):
             rates.add(self.config.signal.clap_sr)
         return replace(req, start_s=start, duration_s=duration, audio_rates=tuple(sorted(rates)))
 
+    def _score_audio(self, row: Row) -> np.ndarray | None:
+        """An audio-only corpus window: decode the sound only; AV-Align, motion and cuts stay missing."""
+        rates = (VAD_SAMPLE_RATE,) + ((self.config.signal.clap_sr,) if self.config.clap is not None else ())
+        req = DecodeRequest(start_s=float(row.get("start_s") or 0.0), duration_s=row.get("duration_s"),
+                            audio_rates=tuple(sorted(set(rates))), need_video=False)
+        try:
+            clip = decode(row["video_path"], req, self.config.limits)
+        except DecodeError as e:
+            mark_failed(row, e.ledger_reason)
+            return None
+        audio = clip.audio[VAD_SAMPLE_RATE]
+        row.update(start_s=clip.start_s, duration_s=clip.duration_s, status=OK, reason="",
+                   **silence_scores(audio, VAD_SAMPLE_RATE, self.config.curation.silent_frame_db))
+        if self.config.clap is not None:
+            row[AUDIO_FOR_CLAP] = clip.audio[self.config.signal.clap_sr]
+        return audio
+
     def _score(self, row: Row) -> np.ndarray | None:
         """Decode and score one row in place; returns its 16 kHz audio for the VAD (None: failed)."""
         if not is_pending(row):
             return None
+        if row.get("source") == AUDIO_SOURCE:
+            return self._score_audio(row)
         try:
             start, duration = resolve_window(row, self.config.signal, self.config.limits)
             clip = decode(row["video_path"], self._request(start, duration), self.config.limits)
@@ -114,7 +134,8 @@ class ClapStage(Stage):
     """CLAP audio-text score (and speech/music/event scores) for rows decoded upstream.
 
     Labelled rows are compared with the template applied to their label; unlabelled web videos
-    with their caption (yt-dlp title/tags). A row with neither keeps ``clap_score`` missing.
+    with their caption (yt-dlp title/tags), audio-corpus windows with their caption as the prompt.
+    A row with neither keeps ``clap_score`` missing.
     """
 
     name = "clap"

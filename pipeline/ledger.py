@@ -77,7 +77,7 @@ COLUMNS = SCHEMA.names
 # failures worth retrying on resume: a hung decode or an unexpected error may not repeat
 RETRYABLE = ("decode_timeout", "stage_error", "worker_crashed")
 # decided by the manifest on every run (a file may have appeared since): never skipped on resume
-MANIFEST_REASONS = ("missing_file", "bad_csv_row", "duplicate_id", "test_leak")
+MANIFEST_REASONS = ("missing_file", "bad_csv_row", "bad_manifest_row", "duplicate_id", "test_leak")
 # what every ledger since the first version holds; readers needing more pass ``required``
 CORE_COLUMNS = ("key", "source", "video_path", "label", "caption", "split", "start_s", "duration_s", "status",
                 "reason")

@@ -271,3 +271,242 @@ def youtube_rows(root: str | Path, signal: SignalConfig = SignalConfig(), window
             seen.add(row["key"])
             rows.append(_apply_exclusion(row, excluded))
     return rows
+
+
+# ---- audio-only corpora (WavCaps, AudioCaps, a plain captions.csv) ---------------------------
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac")
+AUDIOCAPS_HEADER = ["audiocap_id", "youtube_id", "start_time", "caption"]
+AUDIOCAPS_SPLITS = {"train.csv": "train", "val.csv": "test", "test.csv": "test"}
+PLAIN_CAPTIONS = "captions.csv"
+
+
+@dataclass(frozen=True)
+class AudioItem:
+    """One captioned audio file of a caption manifest, before windowing; ``problem`` marks a bad entry."""
+
+    ident: str
+    path: str  # resolved file, or "" when it could not be found
+    caption: str
+    split: str = "train"
+    youtube_id: str = ""
+    start_s: float | None = None  # AudioCaps: where the clip starts in an untrimmed file
+    line: int | None = None
+    where: str = ""  # manifest name + line/entry, for messages
+    problem: str = ""  # bad_manifest_row / missing_file detail
+
+
+def _index_audio(root: str) -> tuple[dict[str, str], set[str]]:
+    """Stem -> path of every audio file below ``root`` (first in sorted order wins), and all paths."""
+    files = sorted(p for p in storage.list_files(root, recursive=True)
+                   if os.path.splitext(p)[1].lower() in AUDIO_EXTENSIONS)
+    index: dict[str, str] = {}
+    for path in files:
+        index.setdefault(os.path.splitext(storage.basename(path))[0], path)
+    return index, set(files)
+
+
+def _resolve_audio(root: str, name: str, files: set[str]) -> str:
+    """A manifest's file reference: absolute, or relative to the root; "" when no such file is listed."""
+    if not name:
+        return ""
+    candidates = [name] if os.path.isabs(name) or storage.is_url(name) else []
+    candidates.append(storage.join(root, name.lstrip("/")))
+    for c in candidates:
+        if c in files or (not storage.is_url(c) and os.path.isfile(c)):
+            return str(c)
+    return ""
+
+
+def _bad(where: str, line: int | None, ident: str, detail: str) -> AudioItem:
+    return AudioItem(ident=ident, path="", caption="", line=line, where=where, problem=f"bad_manifest_row: {detail}")
+
+
+def _caption_problem(caption: object) -> str:
+    if not isinstance(caption, str) or not caption.strip():
+        return "empty caption"
+    return _check_text([caption])
+
+
+def wavcaps_items(path: str, root: str, stems: dict[str, str], files: set[str]) -> list[AudioItem]:
+    """Entries of a WavCaps JSON ``{"data": [{"id", "caption", "audio" | "wav_path", "duration"}]}``."""
+    name = storage.basename(path)
+    try:
+        data = json.loads((storage.read_bytes(path) or b"").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [_bad(name, None, sanitize(name), f"{name} is not JSON ({e})")]
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return [_bad(name, None, sanitize(name), f'{name} has no "data" list')]
+    items = []
+    for i, entry in enumerate(entries, start=1):
+        where = f"{name} entry {i}"
+        if not isinstance(entry, dict) or not str(entry.get("id") or "").strip():
+            items.append(_bad(where, i, f"{sanitize(name)}-E{i:06d}", "entry is not an object with an id"))
+            continue
+        ident = str(entry["id"]).strip()
+        problem = _caption_problem(entry.get("caption"))
+        if problem:
+            items.append(_bad(where, i, ident, problem))
+            continue
+        ref = str(entry.get("audio") or entry.get("wav_path") or "")
+        found = _resolve_audio(root, ref, files) or stems.get(os.path.splitext(storage.basename(ref))[0] or ident) \
+            or stems.get(ident, "")
+        items.append(AudioItem(ident=ident, path=found, caption=entry["caption"].strip(), line=i, where=where,
+                               problem="" if found else f"missing_file: {storage.join(root, ref) if ref else ident}"))
+    return items
+
+
+def _csv_dicts(path: str) -> Iterator[tuple[int, list[str], list[str] | str]]:
+    """``(line, header, fields or problem)`` for every record after a CSV's header line."""
+    with storage.open_file(path, "r", newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        records = csv_records(f)
+        header = next((fields for _, fields in records if isinstance(fields, list) and fields), None)
+        if header is None:
+            return
+        header = [h.strip() for h in header]
+        for line, fields in records:
+            if isinstance(fields, list) and not any(x.strip() for x in fields):
+                continue
+            yield line, header, fields
+
+
+def _csv_record(header: list[str], fields: list[str] | str) -> dict[str, str] | str:
+    if isinstance(fields, str):
+        return fields
+    problem = _check_text(fields)
+    if problem:
+        return problem
+    if len(fields) != len(header):
+        return f"expected {len(header)} fields ({','.join(header)}), got {len(fields)}"
+    return {h: v.strip() for h, v in zip(header, fields)}
+
+
+def audiocaps_items(path: str, split: str, stems: dict[str, str]) -> list[AudioItem]:
+    """Rows of an AudioCaps CSV (``audiocap_id,youtube_id,start_time,caption``). A row's file is found
+    as ``{audiocap_id}``, ``{youtube_id}_{start_time}`` (trimmed clips) or ``[Y]{youtube_id}`` (untrimmed)."""
+    name = storage.basename(path)
+    items = []
+    for line, header, fields in _csv_dicts(path):
+        where = f"{name} line {line}"
+        rec = _csv_record(header, fields)
+        if isinstance(rec, dict) and not rec.get("audiocap_id"):
+            rec = "empty audiocap_id"
+        if isinstance(rec, str):
+            items.append(_bad(where, line, f"{sanitize(name)}-L{line:06d}", rec))
+            continue
+        start = parse_start(rec["start_time"])
+        problem = start if isinstance(start, str) else _caption_problem(rec["caption"])
+        if problem:
+            items.append(_bad(where, line, rec["audiocap_id"], problem))
+            continue
+        yid = rec["youtube_id"]
+        trimmed = stems.get(rec["audiocap_id"]) or stems.get(f"{yid}_{start}") or stems.get(f"{yid}_{start:06d}")
+        untrimmed = stems.get(f"Y{yid}") or stems.get(yid)
+        found = trimmed or untrimmed or ""
+        items.append(AudioItem(ident=rec["audiocap_id"], path=found, caption=rec["caption"], split=split,
+                               youtube_id=sanitize(yid), start_s=None if trimmed else float(start), line=line,
+                               where=where, problem="" if found else
+                               f"missing_file: no audio named {rec['audiocap_id']}, {yid}_{start} or {yid}"))
+    return items
+
+
+def plain_caption_items(path: str, root: str, files: set[str]) -> list[AudioItem]:
+    """Rows of ``captions.csv`` with the header ``file,caption`` (optional ``split``); paths relative to the root."""
+    items = []
+    for line, header, fields in _csv_dicts(path):
+        where = f"{PLAIN_CAPTIONS} line {line}"
+        rec = _csv_record(header, fields)
+        if isinstance(rec, dict) and not {"file", "caption"} <= set(rec):
+            rec = f"header must name file and caption, not {','.join(header)}"
+        if isinstance(rec, dict) and rec.get("split", "train") not in ("train", "test"):
+            rec = f"split {rec['split'][:40]!r} is not train or test"
+        problem = rec if isinstance(rec, str) else (_caption_problem(rec["caption"]) or
+                                                     ("" if rec["file"] else "empty file name"))
+        if problem:
+            items.append(_bad(where, line, f"captions-L{line:06d}", problem))
+            continue
+        found = _resolve_audio(root, rec["file"], files)
+        items.append(AudioItem(ident=os.path.splitext(rec["file"])[0], path=found, caption=rec["caption"],
+                               split=rec.get("split") or "train", line=line, where=where,
+                               problem="" if found else f"missing_file: {storage.join(root, rec['file'])}"))
+    return items
+
+
+def caption_manifests(root: str) -> list[tuple[str, str]]:
+    """``(kind, path)`` of every caption manifest at the top of ``root``: captions.csv, AudioCaps's
+    train/val/test.csv (recognised by their header), WavCaps JSON files."""
+    found = []
+    for path in sorted(storage.list_files(root)):
+        name = storage.basename(path)
+        if name == PLAIN_CAPTIONS:
+            found.append(("plain", path))
+        elif name in AUDIOCAPS_SPLITS:
+            header = next((h for _, h, _ in _csv_dicts(path)), None)
+            if header == AUDIOCAPS_HEADER:
+                found.append(("audiocaps", path))
+        elif name.endswith(".json") and not name.endswith(".info.json") and name != "sample_manifest.json":
+            found.append(("wavcaps", path))
+    return found
+
+
+def audio_items(root: str) -> list[AudioItem]:
+    manifests = caption_manifests(root)
+    if not manifests:
+        raise ValueError(f"{root} has no caption manifest: captions.csv (file,caption), AudioCaps "
+                         f"train/val/test.csv ({','.join(AUDIOCAPS_HEADER)}) or a WavCaps JSON")
+    stems, files = _index_audio(root)
+    items: list[AudioItem] = []
+    for kind, path in manifests:
+        if kind == "plain":
+            items += plain_caption_items(path, root, files)
+        elif kind == "audiocaps":
+            items += audiocaps_items(path, AUDIOCAPS_SPLITS[storage.basename(path)], stems)
+        else:
+            items += wavcaps_items(path, root, stems, files)
+    return items
+
+
+def _audio_windows(item: AudioItem, duration_s: float, signal: SignalConfig,
+                   windows: WindowConfig) -> list[tuple[float, float]]:
+    """An AudioCaps row in an untrimmed file is its one window; every other file is cut like a long video."""
+    if item.start_s is not None and duration_s > signal.window_s + 1.0 and item.start_s < duration_s:
+        return [(item.start_s, min(signal.window_s, duration_s - item.start_s))]
+    return windows_for(duration_s, signal, windows)
+
+
+def audio_rows(root: str | Path, signal: SignalConfig = SignalConfig(), windows: WindowConfig = WindowConfig(),
+               excluded: set[str] = frozenset()) -> list[Row]:
+    """Rows for every window of every captioned audio file below ``root``; bad entries are rows too.
+
+    Each window is scored against its own caption (the caption is the CLAP prompt). The file's path
+    is kept in ``video_path``, the ledger's one media-path column.
+    """
+    rows: list[Row] = []
+    seen: set[str] = set()
+    for item in audio_items(str(root)):
+        common = dict(source="audio", youtube_id=item.youtube_id, video_path=item.path, caption=item.caption,
+                      split=item.split, line=item.line)
+        base = make_key("audio", sanitize(item.ident))
+        if item.problem:
+            key = make_key(base, "bad", f"L{item.line or 0:06d}") if base in seen else base
+            seen.add(key)
+            rows.append(_row(key=key, **common, status=FAILED, reason=f"{item.problem} ({item.where})"))
+            continue
+        try:
+            spans = _audio_windows(item, probe(item.path).duration_s, signal, windows)
+        except DecodeError as e:
+            spans, reason = [(0.0, None)], e.ledger_reason
+        else:
+            reason = ""
+        for start, length in spans:
+            key = make_key(base, f"{int(start):06d}")
+            row = _row(key=key, **common, start_s=start, duration_s=length)
+            if reason:
+                row.update(status=FAILED, reason=reason)
+            if key in seen:
+                row.update(key=make_key(key, f"dupL{item.line or 0:06d}"), status=FAILED,
+                           reason=f"duplicate_id: {item.ident} window {int(start)} repeats an earlier entry ({item.where})")
+            seen.add(row["key"])
+            rows.append(_apply_exclusion(row, excluded))
+    return rows

@@ -5,7 +5,7 @@ event time, optionally shifted). ``generate`` lays such clips out as a VGGSound 
 or a YouTube corpus folder, together with the broken inputs the pipeline must survive, and writes
 ``sample_manifest.json`` saying what every row and file is and what decoding it must give.
 
-    python -m pipeline.sample --out data/vggsound [--kind vggsound|youtube] [--seed 0]
+    python -m pipeline.sample --out data/vggsound [--kind vggsound|youtube|audio] [--seed 0]
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from core.cli_config import add_config_args, from_args
 from core.config import DEFAULT_SIGNAL, DecodeLimits
-from core.synth import EventClip, truncate_file, write_audio_only, write_event_clip, write_video_only
+from core.synth import EventClip, truncate_file, write_audio_file, write_audio_only, write_event_clip, write_video_only
 
 MANIFEST_NAME = "sample_manifest.json"
 _N_VGG_IDS = 30  # ids drawn per VGGSound sample (more than its rows need)
@@ -38,8 +38,9 @@ _YT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_
 class SampleConfig:
     """What ``python -m pipeline.sample`` generates."""
 
-    kind: Literal["vggsound", "youtube"] = field(
-        default="vggsound", metadata={"help": "dataset layout: a VGGSound root or a YouTube corpus folder"})
+    kind: Literal["vggsound", "youtube", "audio"] = field(
+        default="vggsound", metadata={"help": "dataset layout: a VGGSound root, a YouTube corpus folder or an "
+                                              "audio-only corpus (captions.csv, WavCaps JSON, AudioCaps CSV)"})
     seed: int = field(default=0, metadata={"help": "seed for ids, event times, textures and clicks"})
 
 
@@ -291,6 +292,40 @@ def _generate_youtube(root: Path, seed: int) -> dict:
     return {"layout": "youtube", "window_s": DEFAULT_SIGNAL.window_s, "files": files}
 
 
+_AUDIO_FILES = (  # (file, seconds, caption, sound): one long file cut into windows, one silent
+    ("clips/rain_long.wav", 25.0, "clicks on a steady hum, recorded close", True),
+    ("clips/quiet.flac", 6.0, "an empty room", False),
+)
+
+
+def _generate_audio(root: Path, seed: int) -> dict:
+    """An audio-only corpus in all three caption formats, with a long file, a silent one and bad entries."""
+    files = []
+    for i, (rel, seconds, caption, sound) in enumerate(_AUDIO_FILES):
+        write_audio_file(root / rel, duration_s=seconds, sound=sound, seed=seed * 1000 + 3000 + i)
+        files.append({"file": rel, "caption": caption, "kind": "long" if seconds > 10 else "silent",
+                      "expect": "ok" if sound else "silent", "seconds": seconds, "format": "captions.csv"})
+    lines = [["file", "caption"], *([f["file"], f["caption"]] for f in files), ["clips/gone.wav", "a missing file"],
+             ["clips/no_caption.wav", ""]]
+    files += [{"file": "clips/gone.wav", "kind": "missing", "expect": "missing_file", "format": "captions.csv"},
+              {"file": "clips/no_caption.wav", "kind": "malformed", "expect": "bad_manifest_row",
+               "format": "captions.csv"}]
+    with open(root / "captions.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, lineterminator="\n").writerows(lines)
+    write_audio_file(root / "wavcaps" / "fs_1001.flac", duration_s=8.0, seed=seed * 1000 + 3100)
+    (root / "wavcaps.json").write_text(json.dumps({"data": [
+        {"id": "fs_1001", "caption": "a door knocks several times", "audio": "wavcaps/fs_1001.flac", "duration": 8.0},
+        {"id": "fs_1002", "caption": "wind", "wav_path": "wavcaps/fs_1002.flac", "duration": 4.0}]}, indent=1) + "\n")
+    files += [{"file": "wavcaps/fs_1001.flac", "kind": "short", "expect": "ok", "format": "wavcaps"},
+              {"file": "wavcaps/fs_1002.flac", "kind": "missing", "expect": "missing_file", "format": "wavcaps"}]
+    yid = youtube_ids(seed, 1, "audiocaps")[0]
+    write_audio_file(root / "audiocaps" / "91139.wav", duration_s=10.0, seed=seed * 1000 + 3200)
+    (root / "train.csv").write_text(f"audiocap_id,youtube_id,start_time,caption\n91139,{yid},30,"
+                                    f"a man knocks on wood\n", encoding="utf-8")
+    files.append({"file": "audiocaps/91139.wav", "kind": "trimmed", "expect": "ok", "format": "audiocaps"})
+    return {"layout": "audio", "window_s": DEFAULT_SIGNAL.window_s, "files": files}
+
+
 def _write_info(video: Path, yid: str, title: str, tags: list[str], categories: list[str], seconds: float,
                 fps: int, root: Path) -> str:
     """A yt-dlp style ``{stem}.info.json`` beside the video."""
@@ -339,14 +374,15 @@ def generate(out_dir: str | Path, kind: str = "vggsound", seed: int = 0) -> Path
     Files are built in a hidden sibling folder and moved in at the end, so a failed run leaves
     ``out_dir`` as it was. A folder holding anything but an earlier sample is never touched.
     """
-    if kind not in ("vggsound", "youtube"):
-        raise ValueError(f"unknown sample kind {kind!r}: use 'vggsound' or 'youtube'")
+    generators = {"vggsound": _generate_vggsound, "youtube": _generate_youtube, "audio": _generate_audio}
+    if kind not in generators:
+        raise ValueError(f"unknown sample kind {kind!r}: use 'vggsound', 'youtube' or 'audio'")
     out = Path(out_dir)
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        body = _generate_vggsound(staging, seed) if kind == "vggsound" else _generate_youtube(staging, seed)
+        body = generators[kind](staging, seed)
         written = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         manifest = {"generator": "pipeline.sample", "kind": kind, "seed": seed, **body, "written": written}
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -384,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         counts[item["kind"]] = counts.get(item["kind"], 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     print(f"wrote {cfg.kind} sample (seed {cfg.seed}) to {out}: {len(manifest['written'])} files, "
-          f"{len(items)} {'CSV rows' if cfg.kind == 'vggsound' else 'videos'} ({summary}) "
+          f"{len(items)} {dict(vggsound='CSV rows', youtube='videos').get(cfg.kind, 'audio entries')} ({summary}) "
           f"in {time.perf_counter() - t0:.1f}s; ground truth in {manifest_path}")
     return 0
 
