@@ -82,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def encoder_settings(models: Models, mel: MelConfig, shard_cfg: ShardConfig) -> dict:
+def encoder_settings(models: Models, mel: MelConfig, shard_cfg: ShardConfig, audio_only: bool = False) -> dict:
     """Everything besides a sample's own inputs that changes its bytes or the shard layout."""
     hashes = models.weight_hashes()
-    return {"cache_format": CACHE_FORMAT, "clip_weights_sha256": hashes["clip"], "vae_weights_sha256": hashes["vae"],
+    extra = {"audio_only": True} if audio_only else {}  # absent for video sets: their settings stay as they were
+    return {**extra, "cache_format": CACHE_FORMAT, "clip_weights_sha256": hashes["clip"], "vae_weights_sha256": hashes["vae"],
             "clip_normalize": models.encoders.clip_normalize, "with_mel": models.encoders.with_mel,
             "mel": asdict(mel), "signal": asdict(DEFAULT_SIGNAL), "shard_size": shard_cfg.shard_size}
 
@@ -126,6 +127,11 @@ def local_folder(args: argparse.Namespace) -> Path:
     return Path(destination(args))
 
 
+def is_audio_only(work: Work) -> bool:
+    """A ledger of an audio-only corpus (``pipeline.clean --dataset audio``): shards without video members."""
+    return work.run_meta.get("dataset") == "audio"
+
+
 def prepare(args: argparse.Namespace, enc: EncoderConfig, shard_cfg: ShardConfig, mel: MelConfig) -> EncodeRun:
     """Check the inputs, find the models, fingerprint every sample and set up cache and layout."""
     work = collect_work(args.ledger, args.plan)
@@ -139,7 +145,7 @@ def prepare(args: argparse.Namespace, enc: EncoderConfig, shard_cfg: ShardConfig
     if models.random:
         print(random_weights_banner(models.random_reason or "random-weight folders were passed explicitly"),
               flush=True)
-    settings = encoder_settings(models, mel, shard_cfg)
+    settings = encoder_settings(models, mel, shard_cfg, is_audio_only(work))
     check_settings(cache.root, settings)
     fps = fingerprint_rows(work.rows, settings)
     stale = cache.drop_stale(fps)
@@ -161,7 +167,8 @@ def run_encoders(run: EncodeRun, args: argparse.Namespace, mel: MelConfig,
     """Encode every sample not yet in the cache or a finished shard; returns (samples, seconds)."""
     stage_config = EncodeStageConfig(encoders=run.models.encoders, mel=mel, signal=DEFAULT_SIGNAL,
                                      limits=DecodeLimits(), clip_image_size=run.models.clip_image_size(),
-                                     batch_size=args.batch_size, render=render_row)
+                                     batch_size=args.batch_size, render=render_row,
+                                     audio_only=is_audio_only(run.work))
     assembler = run.assembler
     assembler.advance()  # a resumed run first finishes what the cache already holds
     pending = assembler.pending_keys()
@@ -218,6 +225,8 @@ def encode(args: argparse.Namespace) -> int:
     if remote:
         check_destination(remote)  # a wrong endpoint or missing credentials fail now, not after the work
     run = prepare(args, enc, shard_cfg, mel)
+    if is_audio_only(run.work) and run.work.n_plan:
+        raise UsageError("an augmentation plan needs video; this ledger is an audio-only corpus (--dataset audio)")
     todo, seconds = run_encoders(run, args, mel, options)
 
     failed = sorted(run.assembler.failures() + run.work.pre_failed, key=lambda r: r["key"])
@@ -227,7 +236,7 @@ def encode(args: argparse.Namespace) -> int:
     write_index(run.out, shards)
     card = build_card(run.models.encoders, run.models.clip, run.models.vae, run.models.weight_hashes(), mel,
                       shard_cfg, len(shards), counts, run.work.run_meta, run.work.plan_meta,
-                      run.models.random_reason)
+                      run.models.random_reason, audio_only=is_audio_only(run.work))
     atomic_write_text(run.out / "card.json", card.to_json())
     summarise(run, counts, todo, seconds)
     if remote and counts.samples:

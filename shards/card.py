@@ -13,7 +13,7 @@ from typing import Any
 from core.config import DEFAULT_SIGNAL
 from core.resample import RESAMPLER_NOTES
 from core.version import code_version
-from shards.config import MEMBER_MEL, MEMBER_ORDER, EncoderConfig, MelConfig, ShardConfig, latent_shape
+from shards.config import MEMBER_CLIP, MEMBER_MEL, MEMBER_ORDER, EncoderConfig, MelConfig, ShardConfig, latent_shape
 from core.models import ResolvedModel
 from shards.random_models import is_random
 
@@ -86,6 +86,9 @@ class DatasetCard:
     # before it was recorded lack it
     feature_resampler: dict[str, Any] = field(default_factory=dict)
     av_align_version: str | None = None  # the AV-Align revision the ledger filtered on
+    # an audio-only corpus: latent + text (the caption) members, no video features; the clip_* fields
+    # describe the CLIP whose text tower made text.npy
+    audio_only: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
@@ -134,13 +137,18 @@ def _audio_fields(enc: EncoderConfig, vae: ResolvedModel, hashes: dict[str, str]
 
 def build_card(enc: EncoderConfig, clip: ResolvedModel, vae: ResolvedModel, hashes: dict[str, dict[str, str]],
                mel: MelConfig, shard_cfg: ShardConfig, shards: int, counts: Counts, run_meta: dict,
-               plan_meta: dict | None, random_reason: str) -> DatasetCard:
+               plan_meta: dict | None, random_reason: str, audio_only: bool = False) -> DatasetCard:
     random_weights = is_random(clip.path) or is_random(vae.path)
     reason = (random_reason or "weights were built by shards.random_models") if random_weights else ""
     ledger_run = {k: run_meta[k] for k in ("dataset", "code_version", "counts", "clap", "clap_skipped", "av_align",
                                            "av_align_version", "av_align_revisions") if k in run_meta}
+    audio = _audio_fields(enc, vae, hashes["vae"], mel)
+    visual = _clip_fields(enc, clip, hashes["clip"])
+    if audio_only:
+        audio["members"] = [m for m in audio["members"] if m != MEMBER_CLIP]
+        visual["clip_feature"] = "none: audio-only set (no video members)"
     return DatasetCard(code_version=code_version(), random_weights=random_weights, random_weights_reason=reason,
-                       **_clip_fields(enc, clip, hashes["clip"]), **_audio_fields(enc, vae, hashes["vae"], mel),
+                       **visual, **audio, audio_only=audio_only,
                        thresholds=run_meta.get("filters", run_meta.get("thresholds")), ledger_run=ledger_run,
                        augmentation_plan=plan_meta, shard_size=shard_cfg.shard_size, shards=shards, **asdict(counts),
                        feature_resampler=RESAMPLER_NOTES[mel.resampler],

@@ -57,6 +57,8 @@ class EncodeStageConfig:
     # plays a plan row (an augmentation recipe) into a DecodedClip; the orchestrator passes
     # augment.render.render_row, so this library never imports another stage library
     render: Callable[..., DecodedClip] | None = None
+    # an audio-only corpus (pipeline.clean --dataset audio): no picture is decoded, no clip.npy written
+    audio_only: bool = False
 
 
 def flac_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
@@ -113,6 +115,10 @@ class SignalStage(Stage):
         if (row.get("kind") or KIND_CLIP) == KIND_CLIP:
             duration = row.get("duration_s")
             duration = float(duration) if duration is not None and not math.isnan(float(duration)) else sig.window_s
+            if self.config.audio_only:
+                req = DecodeRequest(start_s=float(row.get("start_s") or 0.0), duration_s=duration,
+                                    audio_rates=(sig.feature_sr,), resampler=self.config.mel.resampler, need_video=False)
+                return decode(row["video_path"], req, self.config.limits)
             # frames resized to CLIP's input as they are decoded: memory follows the output, not the source
             req = DecodeRequest(start_s=float(row.get("start_s") or 0.0), duration_s=duration,
                                 audio_rates=(sig.feature_sr,), rgb_fps=sig.clip_fps, resampler=self.config.mel.resampler,
@@ -137,12 +143,13 @@ class SignalStage(Stage):
             return mark_failed(row, f"render_error: {' '.join(str(e).split())[:200]}")
         frames = clip.rgb if clip.rgb is not None else np.zeros((0, 1, 1, 3), np.uint8)
         audio = clip.audio.get(self.config.signal.feature_sr)
-        if len(frames) == 0:
+        if len(frames) == 0 and not self.config.audio_only:
             return mark_failed(row, "no_frames: no video frame on the CLIP frame grid")
         if audio is None or audio.size == 0:
             return mark_failed(row, "no_audio: no audio in the window")
         audio = audio[: self.config.mel.num_samples]
-        row[FRAMES] = resize_crop(frames, self.config.clip_image_size)  # no-op for decoded clips, sized already
+        if not self.config.audio_only:
+            row[FRAMES] = resize_crop(frames, self.config.clip_image_size)  # no-op for decoded clips, sized already
         row[WAVE] = prepare_waveform(audio, self.config.mel)
         row[MEMBER_AUDIO] = flac_bytes(audio, self.config.signal.feature_sr)
         row[AUDIO_SAMPLES] = int(audio.size)
@@ -173,9 +180,9 @@ class FeatureStage(Stage):
         from shards.encoders import AudioVAE, ClipImageEncoder, ClipTextEncoder, check_vae_fits_mel
 
         enc = self.config.encoders
-        self.image = ClipImageEncoder.load(enc.clip_model, enc.device, normalize=enc.clip_normalize,
-                                           batch_frames=enc.clip_batch_frames)
-        if self.image.image_size != self.config.clip_image_size:
+        self.image = None if self.config.audio_only else ClipImageEncoder.load(
+            enc.clip_model, enc.device, normalize=enc.clip_normalize, batch_frames=enc.clip_batch_frames)
+        if self.image is not None and self.image.image_size != self.config.clip_image_size:
             raise ValueError(f"CLIP {enc.clip_model} takes {self.image.image_size}px frames, the signal stage "
                              f"crops to {self.config.clip_image_size}px")
         self.text = ClipTextEncoder.load(enc.clip_model, enc.device)
@@ -199,10 +206,11 @@ class FeatureStage(Stage):
         from shards.encoders import posterior_member
         from shards.mel import log_mel_torch
 
-        todo = [r for r in rows if is_pending(r) and r.get(FRAMES) is not None]
+        todo = [r for r in rows if is_pending(r) and (r.get(FRAMES) is not None or
+                                                      (self.config.audio_only and r.get(WAVE) is not None))]
         if not todo:
             return rows
-        image_emb = self.image.encode_clips([r[FRAMES] for r in todo])
+        image_emb = [None] * len(todo) if self.image is None else self.image.encode_clips([r[FRAMES] for r in todo])
         text_emb = self._text([str(r.get("caption") or r.get("label") or "") for r in todo])
         mels = torch.cat([log_mel_torch(torch.from_numpy(r[WAVE][None]).to(self.vae.device), self.config.mel)
                           for r in todo])
@@ -211,17 +219,19 @@ class FeatureStage(Stage):
         sr = self.config.signal.feature_sr
         for i, row in enumerate(todo):
             latent = posterior_member(mean[i].numpy(), std[i].numpy())
-            clip16 = image_emb[i].astype(np.float16)
+            clip16 = image_emb[i].astype(np.float16) if image_emb[i] is not None else None
             text16 = text_emb[i].astype(np.float16)
-            if not all(np.isfinite(a).all() for a in (clip16, text16, latent)):
+            if not all(np.isfinite(a).all() for a in (clip16, text16, latent) if a is not None):
                 mark_failed(row, "encode_error: non-finite features (float16 overflow or a broken model)")
                 continue
-            row[MEMBER_CLIP] = npy_bytes(clip16)
+            if clip16 is not None:
+                row[MEMBER_CLIP] = npy_bytes(clip16)
             row[MEMBER_TEXT] = npy_bytes(text16)
             row[MEMBER_LATENT] = npy_bytes(latent)
             if self.config.encoders.with_mel:
                 row[MEMBER_MEL] = npy_bytes(mels[i].astype(np.float16))
-            row[MEMBER_JSON] = sample_json(row, clip16.shape[0], int(row.get(AUDIO_SAMPLES) or 0), sr)
+            row[MEMBER_JSON] = sample_json(row, 0 if clip16 is None else clip16.shape[0],
+                                           int(row.get(AUDIO_SAMPLES) or 0), sr)
             row["status"], row["reason"] = OK, ""
         for row in rows:
             if row.get("status") == FAILED:
