@@ -30,10 +30,11 @@ log = logging.getLogger(__name__)
 
 
 def _stream_pipeline(source: ResampledMixSource, batch_size: int, need_text: bool,
-                     latent_shape: tuple[int, ...] | None) -> wds.DataPipeline:
+                     latent_shape: tuple[int, ...] | None, need_video: bool = True) -> wds.DataPipeline:
     return wds.DataPipeline(
         source,
-        wds.map(functools.partial(decode_sample, need_text=need_text, latent_shape=latent_shape),
+        wds.map(functools.partial(decode_sample, need_text=need_text, latent_shape=latent_shape,
+                                  need_video=need_video),
                 handler=skip_bad_sample),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
@@ -58,12 +59,13 @@ class TrainLoader:
     def __init__(self, shards: list[Shard], batch_size: int, rank: int, world_size: int,
                  cfg: ReaderConfig = ReaderConfig(), need_text: bool = False,
                  latent_shape: tuple[int, ...] | None = None, state: dict | None = None,
-                 pin_memory: bool = False, generation: int = 0):
+                 pin_memory: bool = False, generation: int = 0, need_video: bool = True):
         self.shards = list(shards)
         if not self.shards:
             raise ShardSourceError("no training shards")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.cfg, self.need_text, self.latent_shape, self.pin_memory = cfg, need_text, latent_shape, pin_memory
+        self.need_video = need_video
         self.workers = max(0, cfg.workers)
         self.streams = max(1, self.workers)
         self.counts = [0] * self.streams
@@ -77,7 +79,8 @@ class TrainLoader:
                         len(self.shards), world_size, self.streams, world_size * self.streams)
 
     def _fingerprint(self) -> str:
-        names = "\n".join(posixpath.basename(s.url) for s in self.shards)
+        names = "\n".join(posixpath.basename(s.url) + (f" {s.weight!r}" if s.weight != 1.0 else "")
+                          for s in self.shards)
         return hashlib.sha256(names.encode()).hexdigest()[:16]
 
     def _layout(self) -> dict:
@@ -108,7 +111,7 @@ class TrainLoader:
         seed = stable_hash("stream", self.cfg.seed, self.generation) if self.generation else self.cfg.seed
         source = ResampledMixSource(self.shards, self.rank, seed, self.cfg.mix_shards, self.cfg.shuffle_buffer,
                                     resume=self.states)
-        pipeline = _stream_pipeline(source, self.batch_size, self.need_text, self.latent_shape)
+        pipeline = _stream_pipeline(source, self.batch_size, self.need_text, self.latent_shape, self.need_video)
         loader = DataLoader(pipeline, batch_size=None, collate_fn=_as_is, num_workers=self.workers,
                             pin_memory=self.pin_memory,
                             prefetch_factor=self.cfg.prefetch if self.workers else None,
@@ -129,7 +132,7 @@ class TrainLoader:
 
 
 def validation_samples(shards: list[Shard], limit: int, need_text: bool = False,
-                       latent_shape: tuple[int, ...] | None = None) -> list[dict]:
+                       latent_shape: tuple[int, ...] | None = None, need_video: bool = True) -> list[dict]:
     """The first ``limit`` usable samples of ``shards`` in index and file order (all when ``limit``
     is 0): a fixed list, read once, never resampled. Unusable samples are logged and skipped."""
     out: list[dict] = []
@@ -137,7 +140,7 @@ def validation_samples(shards: list[Shard], limit: int, need_text: bool = False,
         try:
             for _, raw in shard_samples(shard.url):
                 try:
-                    out.append(decode_sample(raw, need_text, latent_shape))
+                    out.append(decode_sample(raw, need_text, latent_shape, need_video))
                 except SampleError as e:
                     log.warning("validation: skipping sample: %s", e)
                 if limit and len(out) >= limit:

@@ -13,7 +13,8 @@ import logging
 import os
 import posixpath
 import tarfile
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Container, Iterator
 from urllib.parse import urlparse
@@ -36,6 +37,39 @@ class Shard:
     url: str
     split: str
     count: int | None  # samples, when the index says
+    # relative chance of being drawn by a training stream (mixtures of shard sets; 1.0 otherwise)
+    weight: float = 1.0
+
+
+_MIX_PART = re.compile(r"^(?P<source>.+):(?P<weight>[0-9]*\.?[0-9]+)$")
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]] | None:
+    """``A:0.7,B:0.3`` -> [(A, 0.7), (B, 0.3)]; None when ``spec`` is one source (no weights)."""
+    parts = spec.split(",")
+    matches = [_MIX_PART.match(p.strip()) for p in parts]
+    if not all(matches):
+        if any(matches) and len(parts) > 1:
+            raise ShardSourceError(f"--shards {spec!r}: every part of a mixture is SOURCE:WEIGHT")
+        return None
+    mixture = [(m["source"], float(m["weight"])) for m in matches]
+    if any(w <= 0 for _, w in mixture):
+        raise ShardSourceError(f"--shards {spec!r}: mixture weights must be > 0")
+    if len({s for s, _ in mixture}) != len(mixture):
+        raise ShardSourceError(f"--shards {spec!r}: a shard set is named twice")
+    return mixture
+
+
+def weighted_shards(shards: list[Shard], weight: float) -> list[Shard]:
+    """A set's shards with draw weights that give the set ``weight`` of the samples in the long run.
+
+    A stream reads a drawn shard to its end before the next draw, so a shard's share of samples is
+    its draw chance times its sample count: drawing each shard with ``weight / samples of its set``
+    makes the set's share exactly ``weight / sum of weights`` (in expectation; docs/study.md).
+    Without counts (an explicit URL list), every shard counts as one sample.
+    """
+    total = sum((s.count or 1) for s in shards)
+    return [replace(s, weight=weight / total) for s in shards]
 
 
 def _is_url(source: str) -> bool:

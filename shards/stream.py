@@ -16,6 +16,8 @@ the trainer consumed.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import tarfile
 from collections import defaultdict
@@ -29,6 +31,11 @@ from shards.sources import TRAIN_MEMBERS, Shard, ShardSourceError, shard_samples
 log = logging.getLogger(__name__)
 
 _END = 2**62  # "to the end of the shard"
+
+
+def _cumulative(weights: list[float]) -> list[float]:
+    total = sum(weights)
+    return [x / total for x in itertools.accumulate(weights)]
 
 
 class ResampledMixSource(IterableDataset):
@@ -46,6 +53,9 @@ class ResampledMixSource(IterableDataset):
         self.resume = resume or {}
         self.members = members
         self.max_failed_draws = max_failed_draws
+        weights = [s.weight for s in self.shards]
+        # a mixture draws shards by weight (cumulative table); equal weights keep the plain modulo draw
+        self.cumulative = None if len(set(weights)) == 1 else _cumulative(weights)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -80,7 +90,9 @@ class _WorkerStream:
                 "slots": [list(s) for s in self.slots], "buffer": list(self.ids)}
 
     def _draw(self) -> list[int]:
-        index = stable_hash(*self.stream, "shard", self.draws) % len(self.src.shards)
+        h = stable_hash(*self.stream, "shard", self.draws)
+        index = h % len(self.src.shards) if self.src.cumulative is None else \
+            min(bisect.bisect_right(self.src.cumulative, h / 2**64), len(self.src.shards) - 1)
         count = self.src.shards[index].count
         offset = stable_hash(*self.stream, "offset", self.draws) % count if count else 0
         self.draws += 1

@@ -39,13 +39,18 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(str(e))
     if not tcfg.shards or not tcfg.out:
         build_parser().error("--shards and --out are required")
-    from train.trainer import train
+    from train.checkpoint import CheckpointError
+    from train.trainer import pretrain_model_config, train
+    try:
+        pretrain_model_config(tcfg, mcfg)
+    except ValueError as e:
+        build_parser().error(str(e))
     # rank 0 holds the run folder for the whole job; if it refuses, torchrun stops the other ranks
     lock = FolderLock(tcfg.out, purpose="python -m train") if rank == "0" else contextlib.nullcontext()
     try:
         with lock:
             train(tcfg, mcfg, ncfg, args.vae_scaling_factor)
-    except FolderLocked as e:
+    except (FolderLocked, CheckpointError) as e:  # CheckpointError: an --init-from that does not fit
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -218,3 +218,54 @@ def load_for_inference(path: str | Path, use_ema: bool = True,
 
 def noise_config_of(run_config: dict) -> NoiseConfig:
     return from_dict(NoiseConfig, run_config["noise"])
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _init_state(source: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """The weights an ``--init-from`` source holds, the sha256 of each file read, and which weights."""
+    if source.is_file():
+        if source.suffix == ".safetensors":
+            return _read(source, "weights", lambda p: load_file(str(p))), {source.name: _sha256(source)}, "file"
+        state = _read(source, "state dict", lambda p: torch.load(p, map_location="cpu", weights_only=True))
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{source}: not a state dict of tensors")
+        return state, {source.name: _sha256(source)}, "file"
+    ckpt = resolve_checkpoint(source)
+    files = [ckpt / "model.safetensors"] + ([ckpt / "ema.safetensors"] if (ckpt / "ema.safetensors").is_file() else [])
+    state: dict[str, torch.Tensor] = {}
+    for f in files:  # the EMA weights (what the source run samples with) replace the raw ones
+        state.update(_read(f, "weights", lambda p: load_file(str(p))))
+    return state, {str(f.relative_to(ckpt.parent.parent)): _sha256(f) for f in files}, \
+        "ema" if len(files) > 1 else "raw"
+
+
+def init_from(model: torch.nn.Module, source: str | Path) -> dict:
+    """Load every parameter of another run into ``model`` (fine-tuning); return what was loaded.
+
+    All of the model's state must be there with the same shapes: a mismatch is an error that names
+    the keys, never a partial load. The optimiser, EMA, LR schedule and step are not taken."""
+    path = Path(source).resolve()
+    state, hashes, which = _init_state(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(state)
+                    if tuple(state[k].shape) != tuple(own[k].shape))
+    problems = [f"{what} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
+                for what, keys in (("missing in the source", missing), ("not in this model", unexpected),
+                                   ("shape differs (source vs this model)", shapes)) if keys]
+    if problems:
+        raise CheckpointError(f"--init-from {path}: its weights do not fit this model: " + "; ".join(problems))
+    model.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in state.items()})
+    primary = next(reversed(hashes))  # the EMA file when there is one
+    return {"path": str(path), "sha256": hashes[primary], "file": primary, "files": hashes, "weights": which,
+            "tensors": len(state)}

@@ -21,7 +21,9 @@ TINY_UNET_CONFIG = str(CONFIG_DIR / "tiny_unet.json")
 
 _READER = {f.name: f for f in dataclasses.fields(ReaderConfig)}  # the reader's defaults and help, not copies
 
-Condition = Literal["video", "video+text", "video+pe", "video+text+pe"]
+# "text": the CLIP text token(s) only (audio pre-training, text-to-audio); "none": unconditional
+Condition = Literal["video", "video+text", "video+pe", "video+text+pe", "text", "none"]
+Pretrain = Literal["none", "audio"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class ModelConfig:
         "help": "diffusers UNet2DConditionModel config JSON (VTA-LDM's full config by default)"})
     condition: Condition = field(default="video", metadata={
         "help": "conditioning variant: CLIP frame tokens, plus the CLIP text token and/or a "
-                "sinusoidal positional embedding of the frame index"})
+                "sinusoidal positional embedding of the frame index; text: the text token only; "
+                "none: unconditional (audio self-supervised pre-training)"})
     text_repeat: int = field(default=1, metadata={
         "help": "copies of the text token in the context: 1 gives text about 1/(T+1) of the attention; "
                 "0 = one copy per real CLIP frame, VTA-LDM's recipe (about half the attention)"})
@@ -51,6 +54,10 @@ class ModelConfig:
     @property
     def use_pe(self) -> bool:
         return "pe" in self.condition
+
+    @property
+    def use_video(self) -> bool:
+        return self.condition.startswith("video")
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,14 @@ class TrainConfig:
     """How one run optimises: data, steps, optimiser, checkpoints, logging."""
 
     shards: str = field(default="", metadata={
-        "help": "shard folder (with index.json), URL of one, or brace/'::' list of shard URLs"})
+        "help": "shard folder (with index.json), URL of one, or brace/'::' list of shard URLs; several "
+                "folders mixed with weights: A:0.7,B:0.3 (docs/study.md)"})
+    pretrain: Pretrain = field(default="none", metadata={
+        "help": "audio: pre-train on the audio (latent + caption) of any shards, audio-only sets included; "
+                "the condition becomes text (or stays none with --condition none)"})
+    init_from: str = field(default="", metadata={
+        "help": "fine-tune: start from another run's weights (run folder, checkpoint folder, .safetensors "
+                "or a .pt state dict); fresh optimiser, step 0"})
     out: str = field(default="", metadata={"help": "run folder: checkpoints, logs, TensorBoard"})
     batch_size: int = field(default=8, metadata={"help": "samples per rank per micro-step"})
     max_steps: int = field(default=10000, metadata={"help": "optimiser steps to train to"})
@@ -147,7 +161,8 @@ class SamplerConfig:
     """One soundtrack from one video (``python -m train.sample``)."""
 
     ckpt: str = field(default="", metadata={"help": "run folder (its latest checkpoint) or a checkpoint folder"})
-    video: str = field(default="", metadata={"help": "input video"})
+    video: str = field(default="", metadata={
+        "help": "input video (omit it and pass --caption for text-to-audio with a model trained with text)"})
     out: str = field(default="", metadata={"help": "output wav (16 kHz, 10.24 s); a .json sidecar is written beside it"})
     mux: str = field(default="", metadata={"help": "also write this mp4: the video with the generated sound"})
     clip_model: str = field(default="", metadata={
@@ -160,7 +175,8 @@ class SamplerConfig:
     scheduler: Literal["ddim", "dpm"] = field(default="ddim", metadata={"help": "DDIM or DPM-Solver++"})
     seed: int = field(default=0, metadata={"help": "initial-noise seed"})
     start_s: float = field(default=0.0, metadata={"help": "where in the video the 10 s window starts"})
-    caption: str = field(default="", metadata={"help": "caption, for models trained with the text token"})
+    caption: str = field(default="", metadata={
+        "help": "caption, for models trained with the text token (alone: text-to-audio)"})
     ema: bool = field(default=True, metadata={"help": "use the EMA weights"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, cuda:N"})
     allow_random_weights: bool = field(default=False, metadata={

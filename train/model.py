@@ -48,9 +48,17 @@ class ConditionEncoder(nn.Module):
     def context_length(self, frames: int) -> int:
         return frames + self.text_copies(frames)
 
-    def forward(self, clip: torch.Tensor, clip_mask: torch.Tensor, text: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``clip`` [B,T,D], ``clip_mask`` [B,T] (True = real frame), ``text`` [B,D], ``drop`` [B] bool."""
+    def forward(self, clip: torch.Tensor | None, clip_mask: torch.Tensor | None, text: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``clip`` [B,T,D], ``clip_mask`` [B,T] (True = real frame), ``text`` [B,D], ``drop`` [B] bool.
+
+        Without video (``clip`` None: a text-only condition, or text-to-audio with a video+text
+        model) the context is the text token(s) alone; condition "none" is always the null context.
+        """
+        if self.cfg.condition == "none":
+            return self.null_context(batch or _batch_of(clip, text, drop), 1)
+        if clip is None or not self.cfg.use_video:
+            return self._text_only(text, drop)
         if clip.shape[-1] != self.cfg.clip_dim:
             raise ValueError(f"CLIP tokens are {clip.shape[-1]}-d, the model expects {self.cfg.clip_dim}")
         frames = clip.shape[1]
@@ -70,6 +78,19 @@ class ConditionEncoder(nn.Module):
             text_mask = mask if self.cfg.text_repeat == 0 else torch.ones_like(mask[:, :1]).expand(-1, copies)
             tokens = torch.cat([text_tokens, tokens], dim=1)
             mask = torch.cat([text_mask, mask], dim=1)
+        return self._dropped(tokens, mask, drop)
+
+    def _text_only(self, text: torch.Tensor | None, drop: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text token, ``text_repeat`` copies (one when 0: there are no frames to match)."""
+        if not self.cfg.use_text or text is None:
+            raise ValueError(f"condition {self.cfg.condition!r} without video tokens needs the CLIP text "
+                             f"embedding (a model trained with text, and text.npy or --caption)")
+        tokens = self.proj(text.to(self.proj.weight.dtype))[:, None].expand(-1, self.cfg.text_repeat or 1, -1)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return self._dropped(tokens, mask, drop)
+
+    def _dropped(self, tokens: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor | None):
+        """Replace the dropped samples' context by the null condition (classifier-free guidance)."""
         if drop is not None:
             null_tokens, null_mask = self.null_context(tokens.shape[0], tokens.shape[1])
             tokens = torch.where(drop[:, None, None], null_tokens.to(tokens.dtype), tokens)
@@ -82,6 +103,10 @@ class ConditionEncoder(nn.Module):
         mask = torch.zeros(batch, length, dtype=torch.bool, device=self.null.device)
         mask[:, 0] = True
         return tokens, mask
+
+
+def _batch_of(*tensors: torch.Tensor | None) -> int:
+    return next(t.shape[0] for t in tensors if t is not None)
 
 
 class VideoToAudioUNet(nn.Module):
@@ -98,10 +123,10 @@ class VideoToAudioUNet(nn.Module):
     def latent_channels(self) -> int:
         return self.unet.config.in_channels
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, clip: torch.Tensor,
-                clip_mask: torch.Tensor, text: torch.Tensor | None = None,
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, clip: torch.Tensor | None,
+                clip_mask: torch.Tensor | None, text: torch.Tensor | None = None,
                 drop: torch.Tensor | None = None) -> torch.Tensor:
-        context, mask = self.cond(clip, clip_mask, text, drop)
+        context, mask = self.cond(clip, clip_mask, text, drop, batch=noisy.shape[0])
         return self.unet(noisy, timesteps, encoder_hidden_states=context,
                          encoder_attention_mask=mask).sample
 
@@ -173,7 +198,7 @@ class DiffusionLoss:
         x0 = (mean + std * eps_z) * scaling_factor
         noisy = self.scheduler.add_noise(x0, noise, timesteps)
         target = self.scheduler.get_velocity(x0, noise, timesteps) if self.cfg.prediction_type == "v_prediction" else noise
-        pred = model(noisy, timesteps, batch["clip"], batch["clip_mask"], batch.get("text"), drop)
+        pred = model(noisy, timesteps, batch.get("clip"), batch.get("clip_mask"), batch.get("text"), drop)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         per_sample = per_sample * self.weights(timesteps)
         return LossTerms(loss=per_sample.mean(), per_sample=per_sample.detach(), drop=drop)

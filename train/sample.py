@@ -1,5 +1,9 @@
 """``python -m train.sample --ckpt RUN --video IN.mp4 --out OUT.wav [--mux OUT.mp4]``: one soundtrack.
 
+Without ``--video``, ``--caption "..."`` makes text-to-audio with the same model (the paper's TTA
+demo): the condition is the caption's CLIP text token alone, so the model must have been trained
+with text (``--condition text``, ``video+text``...); one trained without text is refused.
+
 The video goes through the encode stage's own code (``core.decode`` at the run's CLIP frame
 rate, ``shards.encoders.ClipImageEncoder`` with the card's pixel normalisation), so the model sees
 features made exactly as in training. Denoising uses a diffusers DDIM or DPM-Solver++ scheduler
@@ -77,21 +81,22 @@ def clip_tokens(video: str, start_s: float, card: dict, clip_dir: Path, device) 
 
 
 @torch.inference_mode()
-def denoise(model: VideoToAudioUNet, clip: torch.Tensor, text: torch.Tensor | None, run_config: dict,
+def denoise(model: VideoToAudioUNet, clip: torch.Tensor | None, text: torch.Tensor | None, run_config: dict,
             steps: int, guidance: float, scheduler_kind: str, seed: int) -> torch.Tensor:
-    """Latents [1, C, H, W] (diffusion scale) for one condition, guided against the null condition."""
+    """Latents [1, C, H, W] (diffusion scale) for one condition, guided against the null condition.
+    ``clip`` None: no video (text-to-audio, or an unconditional model)."""
     device = next(model.parameters()).device
     scheduler = sampling_scheduler(noise_config_of(run_config), scheduler_kind)
     scheduler.set_timesteps(steps, device=device)
     shape = (1, *run_config["data"]["latent_shape"][1:])
     gen = torch.Generator(device="cpu").manual_seed(seed)
     latents = (torch.randn(shape, generator=gen) * scheduler.init_noise_sigma).to(device)
-    clip = clip[None].to(device)
-    mask = torch.ones(clip.shape[:2], dtype=torch.bool, device=device)
+    clip = clip[None].to(device) if clip is not None else None
+    mask = torch.ones(clip.shape[:2], dtype=torch.bool, device=device) if clip is not None else None
     text = text[None].to(device) if text is not None else None
-    guided = guidance != 1.0
+    guided = guidance != 1.0 and model.cfg.condition != "none"
     if guided:  # one batch: row 0 the null condition, row 1 the video
-        clip, mask = clip.repeat(2, 1, 1), mask.repeat(2, 1)
+        clip, mask = (clip.repeat(2, 1, 1), mask.repeat(2, 1)) if clip is not None else (None, None)
         text = text.repeat(2, 1) if text is not None else None
         drop = torch.tensor([True, False], device=device)
     else:
@@ -176,12 +181,27 @@ def write_record(path: Path, record: dict) -> dict:
     return record
 
 
+def check_inputs(cfg: SamplerConfig, condition: str) -> None:
+    """Video-to-audio needs a video model; text-to-audio (no ``--video``) a model trained with text."""
+    if not (cfg.ckpt and cfg.out) or not (cfg.video or cfg.caption):
+        raise SamplerError("--ckpt and --out are required, and --video (video-to-audio) or --caption (text-to-audio)")
+    if not cfg.video:
+        if "text" not in condition:
+            raise SamplerError(f"text-to-audio needs a model trained with the text condition; this one was trained "
+                               f"with --condition {condition} (train with --condition text or video+text)")
+        if cfg.mux:
+            raise SamplerError("--mux needs --video")
+    elif not condition.startswith("video"):
+        raise SamplerError(f"this model was trained without video (--condition {condition}): drop --video")
+
+
 def generate(cfg: SamplerConfig) -> dict:
     """Write the wav (and the mp4 with ``cfg.mux``) and its JSON sidecar; return the sidecar."""
-    if not (cfg.ckpt and cfg.video and cfg.out):
-        raise SamplerError("--ckpt, --video and --out are required")
+    if not cfg.ckpt:
+        raise SamplerError("--ckpt is required")
     device = torch_device(cfg.device)
     model, run_config, ckpt_dir = load_for_inference(cfg.ckpt, use_ema=cfg.ema, device=device)
+    check_inputs(cfg, model.cfg.condition)
     card = run_config["data"].get("card") or {}
     state = json.loads((ckpt_dir / "trainer_state.json").read_text())
     random_dir = Path(cfg.out).parent / ".random-models"
@@ -196,7 +216,7 @@ def generate(cfg: SamplerConfig) -> dict:
     _check_same_weights(card, "clip_weights_sha256", clip_res, "CLIP")
     _check_same_weights(card, "vae_weights_sha256", vae_res, "VAE")
 
-    tokens = torch.from_numpy(clip_tokens(cfg.video, cfg.start_s, card, clip_res.path, device))
+    tokens = torch.from_numpy(clip_tokens(cfg.video, cfg.start_s, card, clip_res.path, device)) if cfg.video else None
     text = None
     if model.cfg.use_text:
         if not cfg.caption:
@@ -225,9 +245,10 @@ def generate(cfg: SamplerConfig) -> dict:
                                               ("vocoder", vocoder_dir)) if is_random(path)]
     if card.get("random_weights"):
         random_sources.append("the training shards' encoders")
-    sidecar = {"wav": str(out), "mux": cfg.mux or None, "video": str(cfg.video), "start_s": cfg.start_s,
+    sidecar = {"wav": str(out), "mux": cfg.mux or None, "video": str(cfg.video) if cfg.video else None,
+               "mode": "video-to-audio" if cfg.video else "text-to-audio", "start_s": cfg.start_s,
                "caption": cfg.caption or None, "sample_rate": sr, "samples": int(len(wave)),
-               "clip_frames": int(tokens.shape[0]), "checkpoint": str(ckpt_dir), "trained_steps": int(state["step"]),
+               "clip_frames": int(tokens.shape[0]) if tokens is not None else 0, "checkpoint": str(ckpt_dir), "trained_steps": int(state["step"]),
                "condition": model.cfg.condition, "random_weights": random_sources,
                "models": {"clip": str(clip_res.spec), "vae": str(vae_res.spec), "vocoder": str(vocoder_res.spec)},
                "settings": {k: v for k, v in asdict(cfg).items() if k in ("steps", "guidance", "scheduler", "seed",

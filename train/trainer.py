@@ -10,6 +10,7 @@ losses of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from core.keys import stable_hash
 from shards.batch import decode_sample
 from shards.reader import ReaderConfig, TrainLoader
-from shards.sources import find_shards, shard_samples, split_shards
+from shards.sources import find_shards, parse_mixture, shard_samples, split_shards, weighted_shards
 from train import checkpoint as ckpt
 from train.config import ModelConfig, NoiseConfig, TrainConfig, load_unet_config, to_dict
 from train.model import DiffusionLoss, VideoToAudioUNet
@@ -65,12 +66,24 @@ def _seed_all(seed: int, rank: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(stream)
 
 
+# what must agree between the shard sets of a mixture (the latents they hold must be the same kind)
+_MIX_MUST_AGREE = ("latent_shape", "vae_scaling_factor", "vae_weights_sha256", "text_dim", "sample_rate")
+
+
 class DataInfo:
-    """What the shards say about themselves: latent shape, VAE scaling, CLIP frame rate."""
+    """What the shards say about themselves: latent shape, VAE scaling, CLIP frame rate.
+
+    ``source`` is one shard set or a weighted mixture ``A:0.7,B:0.3``; a mixture's card is its first
+    set's, and ``mixture`` lists every set with its weight and card (run_config.json keeps both)."""
 
     def __init__(self, source: str, vae_scaling_factor: float = 0.0):
-        self.shards, self.card = find_shards(source)
-        self.train = split_shards(self.shards, "train")
+        self.mixture = None
+        sets = parse_mixture(source)
+        if sets is None:
+            self.shards, self.card = find_shards(source)
+            self.train = split_shards(self.shards, "train")
+        else:
+            self._mix(sets)
         self.test = split_shards(self.shards, "test")
         if not self.train:
             raise ValueError(f"{source}: no train shards (index lists {len(self.shards)} shard(s))")
@@ -82,6 +95,29 @@ class DataInfo:
         shape = card.get("latent_shape")
         self.latent_shape = tuple(int(x) for x in shape) if shape else self._first_latent_shape()
         self.clip_fps = float(card.get("clip_fps", 2.0))
+        self.audio_only = bool(card.get("audio_only")) or any(m["audio_only"] for m in self.mixture or [])
+
+    def _mix(self, sets: list[tuple[str, float]]) -> None:
+        found = [(src, weight, *find_shards(src)) for src, weight in sets]
+        cards = [card or {} for *_, card in found]
+        for key in _MIX_MUST_AGREE:
+            values = {json.dumps(c.get(key), sort_keys=True) for c in cards}
+            if len(values) > 1:
+                raise ValueError(f"the mixed shard sets disagree on {key} ({', '.join(sorted(values))}): "
+                                 f"they cannot be trained on together")
+        self.shards = [s for *_, shards, _ in found for s in shards]
+        self.card = cards[0]
+        self.train = []
+        for src, weight, shards, _ in found:
+            train = split_shards(shards, "train")
+            if not train:
+                raise ValueError(f"{src}: no train shards to mix")
+            self.train += weighted_shards(train, weight)
+        total = sum(w for _, w in sets)
+        self.mixture = [{"source": src, "weight": weight, "share": weight / total,
+                         "train_samples": sum(s.count or 0 for s in split_shards(shards, "train")),
+                         "audio_only": bool((card or {}).get("audio_only")), "card": card}
+                        for src, weight, shards, card in found]
 
     def _first_latent_shape(self) -> tuple[int, ...]:
         for _, sample in shard_samples(self.train[0].url):
@@ -134,12 +170,28 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, ncfg: NoiseConfig, vae_scaling_f
     """Train to ``tcfg.max_steps`` (resuming from ``tcfg.out`` if it has checkpoints); return the summary."""
     if not tcfg.shards or not tcfg.out:
         raise ValueError("--shards and --out are required")
+    mcfg = pretrain_model_config(tcfg, mcfg)
     d = init_distributed(tcfg.backend)
     try:
         return Trainer(d, tcfg, mcfg, ncfg, vae_scaling_factor).run()
     finally:
         if d.initialised:
             dist.destroy_process_group()
+
+
+def pretrain_model_config(tcfg: TrainConfig, mcfg: ModelConfig) -> ModelConfig:
+    """``--pretrain audio`` learns from the audio alone: the condition is the caption's text token
+    (``--condition none``: unconditional). The default condition (video) becomes text; any other
+    video condition is refused, since no video is read."""
+    if tcfg.pretrain != "audio":
+        return mcfg
+    if mcfg.condition in ("text", "none"):
+        return mcfg
+    if mcfg.condition != "video":
+        raise ValueError(f"--pretrain audio reads no video: use --condition text (the default) or none, "
+                         f"not {mcfg.condition}")
+    log.info("--pretrain audio: condition text (the caption's CLIP text token)")
+    return dataclasses.replace(mcfg, condition="text")
 
 
 class Window:
@@ -171,6 +223,11 @@ class Trainer:
         unet_config = load_unet_config(mcfg.unet_config)
         self.model = VideoToAudioUNet(mcfg, unet_config).to(d.device)
         _check_shapes(self.model, self.data.latent_shape)
+        if self.data.audio_only and mcfg.use_video:
+            raise ValueError(f"{tcfg.shards}: audio-only shards (card.json audio_only) have no video features; "
+                             f"train on them with --pretrain audio (text) or --condition text|none")
+        # fine-tuning: every rank loads the same weights (a resumed run then overwrites them anyway)
+        self.init_source = ckpt.init_from(self.model, tcfg.init_from) if tcfg.init_from else None
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.ema = build_ema(self.model, tcfg) if d.is_main else None  # validation broadcasts it
@@ -178,7 +235,9 @@ class Trainer:
         self.run_config = {"model": to_dict(mcfg), "unet": unet_config, "noise": to_dict(ncfg),
                            "data": {"latent_shape": list(self.data.latent_shape),
                                     "vae_scaling_factor": self.data.scaling_factor,
-                                    "clip_fps": self.data.clip_fps, "card": self.data.card},
+                                    "clip_fps": self.data.clip_fps, "card": self.data.card,
+                                    "mixture": self.data.mixture, "audio_only": self.data.audio_only},
+                           "init_from": self.init_source,
                            "train": to_dict(tcfg), "world_size": d.world_size}
         self.step, self.resumed_from = 0, None
 
@@ -279,12 +338,14 @@ class Trainer:
         if d.is_main:
             (self.run_dir / ckpt.RUN_CONFIG).write_text(json.dumps(self.run_config, indent=1, sort_keys=True))
         ddp = torch.nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.initialised else self.model
+            self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+            find_unused_parameters=self.mcfg.condition == "none") if d.initialised else self.model  # none: no projection
         rcfg = ReaderConfig(workers=tcfg.workers, mix_shards=tcfg.mix_shards, shuffle_buffer=tcfg.shuffle_buffer,
                             seed=tcfg.seed)
         loader = TrainLoader(self.data.train, tcfg.batch_size, d.rank, d.world_size, rcfg,
                              need_text=self.mcfg.use_text, latent_shape=self.data.latent_shape, state=data_state,
-                             pin_memory=d.device.type == "cuda", generation=self.step)
+                             pin_memory=d.device.type == "cuda", generation=self.step,
+                             need_video=self.mcfg.use_video)
         validator = self._validator()
         metrics = MetricsLog(self.run_dir, d.is_main, self.step)
         self.total_wait = self.total_time = 0.0
@@ -304,7 +365,8 @@ class Trainer:
                 log.warning("no test shards: validation loss is skipped")
             return None
         return Validator(self.d, self.data.test, tcfg.val_samples, tcfg.batch_size, tcfg.seed, self.loss_fn,
-                         self.data.scaling_factor, self.mcfg.use_text, self.data.latent_shape, self.autocast)
+                         self.data.scaling_factor, self.mcfg.use_text, self.data.latent_shape, self.autocast,
+                         need_video=self.mcfg.use_video)
 
     def _loop(self, ddp, batches, loader: TrainLoader, validator: Validator | None, metrics: MetricsLog) -> None:
         tcfg = self.tcfg
