@@ -226,8 +226,7 @@ class Trainer:
         if self.data.audio_only and mcfg.use_video:
             raise ValueError(f"{tcfg.shards}: audio-only shards (card.json audio_only) have no video features; "
                              f"train on them with --pretrain audio (text) or --condition text|none")
-        # fine-tuning: every rank loads the same weights (a resumed run then overwrites them anyway)
-        self.init_source = ckpt.init_from(self.model, tcfg.init_from) if tcfg.init_from else None
+        self.init_source = self._init_weights()
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.ema = build_ema(self.model, tcfg) if d.is_main else None  # validation broadcasts it
@@ -240,6 +239,16 @@ class Trainer:
                            "init_from": self.init_source,
                            "train": to_dict(tcfg), "world_size": d.world_size}
         self.step, self.resumed_from = 0, None
+
+    def _init_weights(self) -> dict | None:
+        """``--init-from``: every rank loads the source's weights before step 0. A run that already has
+        checkpoints resumes from its own instead, and keeps the record of the source it started from."""
+        if not self.tcfg.init_from:
+            return None
+        if ckpt.list_checkpoints(self.run_dir):
+            previous = self.run_dir / ckpt.RUN_CONFIG
+            return json.loads(previous.read_text()).get("init_from") if previous.is_file() else None
+        return ckpt.init_from(self.model, self.tcfg.init_from)
 
     def autocast(self):
         return torch.autocast(self.d.device.type, dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
