@@ -23,7 +23,7 @@ from core.keys import stable_hash
 from shards.batch import collate, decode_sample, skip_bad_sample
 from shards.config import ReaderConfig
 from shards.npy import SampleError
-from shards.sources import Shard, ShardSourceError, shard_samples
+from shards.sources import TRAIN_MEMBERS, Shard, ShardSourceError, shard_samples
 from shards.stream import ResampledMixSource
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,10 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict]:
         seed = stable_hash("stream", self.cfg.seed, self.generation) if self.generation else self.cfg.seed
+        # without video (audio pre-training, text-only conditions) clip.npy is not even read
+        members = TRAIN_MEMBERS if self.need_video else tuple(m for m in TRAIN_MEMBERS if m != "clip.npy")
         source = ResampledMixSource(self.shards, self.rank, seed, self.cfg.mix_shards, self.cfg.shuffle_buffer,
-                                    resume=self.states)
+                                    resume=self.states, members=members)
         pipeline = _stream_pipeline(source, self.batch_size, self.need_text, self.latent_shape, self.need_video)
         loader = DataLoader(pipeline, batch_size=None, collate_fn=_as_is, num_workers=self.workers,
                             pin_memory=self.pin_memory,

@@ -317,7 +317,7 @@ def test_torchrun_two_ranks_unconditional_audio_pretraining_on_a_mixture(audio_s
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
          "--shards", f"{audio_set}:0.7,{video_set}:0.3", "--out", str(run), "--pretrain", "audio", "--condition",
          "none", "--unet-config", TINY_UNET_CONFIG, "--batch-size", "2", "--max-steps", "3", "--ckpt-every", "3",
-         "--val-every", "3", "--val-samples", "4", "--workers", "1", "--log-every", "1", "--warmup-steps", "1"],
+         "--val-every", "3", "--val-samples", "4", "--workers", "0", "--log-every", "1", "--warmup-steps", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
