@@ -42,7 +42,7 @@ from core.stage import FAILED, FILTERED, OK, Row, is_pending
 
 DATASETS = ("vggsound", "youtube", "sample", "audio")
 # scores that need a picture: recorded as not applicable (missing) for audio-only corpora, never as failures
-VIDEO_ONLY_SCORES = ("av_align", "audio_peaks", "video_peaks", "motion_max", "motion_mean", "scene_cuts")
+VIDEO_ONLY_SCORES = ("av_align", "audio_peaks", "video_peaks", "motion_max", "motion_mean", "scene_cuts", "desync")
 
 
 class UsageError(Exception):
@@ -246,6 +246,9 @@ def clean(args: argparse.Namespace) -> int:
     speech_music = from_args(SpeechMusicConfig, args)
     filters = from_args(FilterConfig, args)
     options = from_args(RunnerOptions, args)
+    wants_desync = filters.desync_max is not None or from_args(DesyncConfig, args, prefix="desync_").score
+    if args.dataset == "audio" and wants_desync:
+        raise UsageError("DeSync measures audio-video sync: an audio-only corpus (--dataset audio) has no video")
     stage_config = CleanStageConfig(signal=signal, limits=from_args(DecodeLimits, args),
                                     av_align=from_args(AVAlignConfig, args, prefix="av_align_"),
                                     clap=clap if clap.enabled else None,

@@ -506,7 +506,8 @@ def audio_rows(root: str | Path, signal: SignalConfig = SignalConfig(), windows:
                 row.update(status=FAILED, reason=reason)
             if key in seen:
                 row.update(key=make_key(key, f"dupL{item.line or 0:06d}"), status=FAILED,
-                           reason=f"duplicate_id: {item.ident} window {int(start)} repeats an earlier entry ({item.where})")
+                           reason=f"duplicate_id: {item.ident} window {int(start)} repeats an earlier entry "
+                                  f"({item.where})")
             seen.add(row["key"])
             rows.append(_apply_exclusion(row, excluded))
     return rows

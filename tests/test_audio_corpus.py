@@ -106,3 +106,11 @@ def test_excluded_ids_and_no_manifest(corpus, tmp_path):
     write_audio_file(tmp_path / "x.wav", duration_s=1.0)
     with pytest.raises(ValueError, match="no caption manifest"):
         audio_rows(tmp_path)
+
+
+def test_clean_refuses_desync_for_an_audio_corpus(corpus, tmp_path, capsys):
+    from pipeline.clean import main
+
+    assert main(["--dataset", "audio", "--root", str(corpus), "--out", str(tmp_path / "out"), "--clap-model", "none",
+                 "--desync-max", "0.5"]) == 2
+    assert "no video" in capsys.readouterr().err and not (tmp_path / "out").exists()
