@@ -86,8 +86,8 @@ def encoder_settings(models: Models, mel: MelConfig, shard_cfg: ShardConfig, aud
     """Everything besides a sample's own inputs that changes its bytes or the shard layout."""
     hashes = models.weight_hashes()
     extra = {"audio_only": True} if audio_only else {}  # absent for video sets: their settings stay as they were
-    return {**extra, "cache_format": CACHE_FORMAT, "clip_weights_sha256": hashes["clip"], "vae_weights_sha256": hashes["vae"],
-            "clip_normalize": models.encoders.clip_normalize, "with_mel": models.encoders.with_mel,
+    return {**extra, "cache_format": CACHE_FORMAT, "clip_weights_sha256": hashes["clip"],
+            "vae_weights_sha256": hashes["vae"], "clip_normalize": models.encoders.clip_normalize, "with_mel": models.encoders.with_mel,
             "mel": asdict(mel), "signal": asdict(DEFAULT_SIGNAL), "shard_size": shard_cfg.shard_size}
 
 
