@@ -45,7 +45,7 @@ from shards.encode_stage import EncodeStageConfig, build_encode_stages
 from shards.publish import check_destination, publish
 from shards.shard_writer import SampleCache, ShardAssembler, ShardError, write_index
 
-CACHE_FORMAT = 2  # 2: samples cached and shards recorded under their fingerprints
+CACHE_FORMAT = 3  # 2: samples cached and shards recorded under their fingerprints; 3: vision-<encoder>.npy members
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,9 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def encoder_settings(models: Models, mel: MelConfig, shard_cfg: ShardConfig) -> dict:
     """Everything besides a sample's own inputs that changes its bytes or the shard layout."""
-    hashes = models.weight_hashes()
+    hashes, enc = models.weight_hashes(), models.encoders
+    vision = {e: {"weights_sha256": hashes["clip" if e == "clip" else f"vision_{e}"], "fps": enc.fps_of(e)}
+              for e in enc.encoders}
+    flow = {"pair_fps": enc.flow_pair_fps, "min_scale": enc.flow_min_scale} if enc.with_flow else None
     return {"cache_format": CACHE_FORMAT, "clip_weights_sha256": hashes["clip"], "vae_weights_sha256": hashes["vae"],
-            "clip_normalize": models.encoders.clip_normalize, "with_mel": models.encoders.with_mel,
+            "clip_normalize": enc.clip_normalize, "with_mel": enc.with_mel, "vision": vision, "flow": flow,
             "mel": asdict(mel), "signal": asdict(DEFAULT_SIGNAL), "shard_size": shard_cfg.shard_size}
 
 
@@ -161,6 +164,7 @@ def run_encoders(run: EncodeRun, args: argparse.Namespace, mel: MelConfig,
     """Encode every sample not yet in the cache or a finished shard; returns (samples, seconds)."""
     stage_config = EncodeStageConfig(encoders=run.models.encoders, mel=mel, signal=DEFAULT_SIGNAL,
                                      limits=DecodeLimits(), clip_image_size=run.models.clip_image_size(),
+                                     image_sizes=run.models.image_sizes(),
                                      batch_size=args.batch_size, render=render_row)
     assembler = run.assembler
     assembler.advance()  # a resumed run first finishes what the cache already holds
@@ -227,7 +231,8 @@ def encode(args: argparse.Namespace) -> int:
     write_index(run.out, shards)
     card = build_card(run.models.encoders, run.models.clip, run.models.vae, run.models.weight_hashes(), mel,
                       shard_cfg, len(shards), counts, run.work.run_meta, run.work.plan_meta,
-                      run.models.random_reason)
+                      run.models.random_reason,
+                      vision={e: run.models.describe(e) for e in run.models.encoders.encoders})
     atomic_write_text(run.out / "card.json", card.to_json())
     summarise(run, counts, todo, seconds)
     if remote and counts.samples:

@@ -13,7 +13,8 @@ from typing import Any
 from core.config import DEFAULT_SIGNAL
 from core.resample import RESAMPLER_NOTES
 from core.version import code_version
-from shards.config import MEMBER_MEL, MEMBER_ORDER, EncoderConfig, MelConfig, ShardConfig, latent_shape
+from shards.config import (MEMBER_CLIP, MEMBER_MEL, MEMBER_ORDER, EncoderConfig, MelConfig, ShardConfig,
+                           flow_member, latent_shape, vision_member)
 from core.models import ResolvedModel
 from shards.random_models import is_random
 
@@ -86,6 +87,11 @@ class DatasetCard:
     # before it was recorded lack it
     feature_resampler: dict[str, Any] = field(default_factory=dict)
     av_align_version: str | None = None  # the AV-Align revision the ledger filtered on
+    # per vision encoder (vision-<name>.npy): model, weights_sha256, fps, image_size, token_layout,
+    # frames and tokens of a full window, dim, feature; cards written before them lack it (clip.npy)
+    vision_encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    with_flow: bool = False  # flow-<name>.npy members, one per vision encoder
+    flow: dict[str, Any] = field(default_factory=dict)  # how the flow images were made
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
@@ -128,14 +134,33 @@ def _audio_fields(enc: EncoderConfig, vae: ResolvedModel, hashes: dict[str, str]
         "sample_rate": mel.sample_rate, "audio_seconds": mel.seconds, "window_s": DEFAULT_SIGNAL.window_s,
         "audio_member": "audio.flac: 16-bit mono at sample_rate, the decoded window (not padded)",
         "mel": {**asdict(mel), **_MEL_FIXED}, "with_mel": enc.with_mel,
-        "members": [m for m in MEMBER_ORDER if enc.with_mel or m != MEMBER_MEL],
+        "members": members(enc),
     }
+
+
+def members(enc: EncoderConfig) -> list[str]:
+    """A sample's members in shard order (by name)."""
+    fixed = [m for m in MEMBER_ORDER if m != MEMBER_CLIP and (enc.with_mel or m != MEMBER_MEL)]
+    vision = [vision_member(e) for e in enc.encoders] + [flow_member(e) for e in enc.encoders if enc.with_flow]
+    return sorted(fixed + vision)
+
+
+def flow_fields(enc: EncoderConfig) -> dict[str, Any]:
+    if not enc.with_flow:
+        return {}
+    return {"method": "Farneback (core.flow.FARNEBACK, AV-Align's parameters) on the encoder-sized luma",
+            "pairs": "image k: flow from the frame at the encoder's grid point k to the frame 1/(fps * step) s "
+                     "later, step = round(pair_fps / fps)", "pair_fps": enc.flow_pair_fps,
+            "rendering": "HSV wheel: hue = direction (degrees / 2), saturation 255, value = magnitude / scale, "
+                         "scale = the clip's largest magnitude, at least min_scale px/frame",
+            "min_scale": enc.flow_min_scale, "members": [flow_member(e) for e in enc.encoders]}
 
 
 def build_card(enc: EncoderConfig, clip: ResolvedModel, vae: ResolvedModel, hashes: dict[str, dict[str, str]],
                mel: MelConfig, shard_cfg: ShardConfig, shards: int, counts: Counts, run_meta: dict,
-               plan_meta: dict | None, random_reason: str) -> DatasetCard:
-    random_weights = is_random(clip.path) or is_random(vae.path)
+               plan_meta: dict | None, random_reason: str, vision: dict[str, dict] | None = None) -> DatasetCard:
+    vision = vision or {}
+    random_weights = is_random(clip.path) or is_random(vae.path) or any(v.get("random_weights") for v in vision.values())
     reason = (random_reason or "weights were built by shards.random_models") if random_weights else ""
     ledger_run = {k: run_meta[k] for k in ("dataset", "code_version", "counts", "clap", "clap_skipped", "av_align",
                                            "av_align_version", "av_align_revisions") if k in run_meta}
@@ -144,4 +169,5 @@ def build_card(enc: EncoderConfig, clip: ResolvedModel, vae: ResolvedModel, hash
                        thresholds=run_meta.get("filters", run_meta.get("thresholds")), ledger_run=ledger_run,
                        augmentation_plan=plan_meta, shard_size=shard_cfg.shard_size, shards=shards, **asdict(counts),
                        feature_resampler=RESAMPLER_NOTES[mel.resampler],
-                       av_align_version=run_meta.get("av_align_version", (run_meta.get("av_align") or {}).get("version")))
+                       av_align_version=run_meta.get("av_align_version", (run_meta.get("av_align") or {}).get("version")),
+                       vision_encoders=vision, with_flow=enc.with_flow, flow=flow_fields(enc))

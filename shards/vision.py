@@ -307,7 +307,7 @@ def _random(builder: str) -> Callable[[Path], Path]:
     return build
 
 
-VISION_KINDS: dict[str, VisionKind] = {
+VISION_KINDS: dict[str, VisionKind] = {  # one per name in shards.config.VISION_ENCODERS (a test checks)
     "clip": VisionKind("clip", "clip", ClipVision.load, _random_clip),
     "siglip2": VisionKind("siglip2", "siglip2", Siglip2Vision.load, _random("build_random_siglip2")),
     "vivit": VisionKind("vivit", "vivit", VivitVision.load, _random("build_random_vivit")),
@@ -315,19 +315,35 @@ VISION_KINDS: dict[str, VisionKind] = {
 }
 
 
-def parse_encoders(text: str) -> tuple[str, ...]:
-    """``clip,siglip2,vivit`` -> the names, checked, in the given order, without repeats."""
-    names = tuple(dict.fromkeys(n.strip() for n in str(text).split(",") if n.strip()))
-    unknown = [n for n in names if n not in VISION_KINDS]
-    if unknown or not names:
-        raise ValueError(f"unknown vision encoder(s) {', '.join(unknown) or '(none given)'}: choose from "
-                         f"{', '.join(VISION_KINDS)}")
-    return names
+def describe(name: str, cfg: dict, fps: float, window_s: float) -> dict:
+    """What the dataset card says of one encoder, read from its config.json: input side, token
+    layout, width, frames and tokens of a full window (``frames`` grid points of ``fps``)."""
+    vision = cfg.get("vision_config", cfg)
+    frames = int(round(window_s * fps))
+    tubelet, window = 1, 1
+    if name == "clip":
+        size, dim = int(vision.get("image_size", 224)), int(vision.get("projection_dim", cfg.get("projection_dim", 0)))
+    elif name == "siglip2":
+        patch = int(vision.get("patch_size", 16))
+        size = int(vision["image_size"]) if "image_size" in vision else math.isqrt(int(vision["num_patches"])) * patch
+        dim = int(vision["hidden_size"])
+    elif name == "vivit":
+        size, dim = int(cfg["image_size"]), int(cfg["hidden_size"])
+        tubelet, window = int(list(cfg["tubelet_size"])[0]), int(cfg["num_frames"])
+    elif name == "vjepa2":
+        size, dim = int(cfg["crop_size"]), int(cfg["hidden_size"])
+        tubelet, window = int(cfg["tubelet_size"]), int(cfg["frames_per_clip"])
+    else:
+        raise ValueError(f"unknown vision encoder {name!r}")
+    layout = PER_FRAME if tubelet == 1 else SPATIO_TEMPORAL
+    info = {"fps": float(fps), "image_size": size, "dim": dim, "token_layout": layout, "frames": frames,
+            "tokens": -(-frames // tubelet), "feature": _FEATURES[name]}
+    if layout == SPATIO_TEMPORAL:
+        info.update(window_frames=window, tubelet_frames=tubelet, token_seconds=tubelet / float(fps),
+                    token_time="token i covers [i, i + 1) * tubelet_frames / fps s of the window; windows of "
+                               "window_frames frames, the last padded with its last frame")
+    return info
 
 
-def vision_member(name: str) -> str:
-    return f"vision-{name}.npy"
-
-
-def flow_member(name: str) -> str:
-    return f"flow-{name}.npy"
+_FEATURES = {"clip": ClipVision.feature, "siglip2": Siglip2Vision.feature, "vivit": VivitVision.feature,
+             "vjepa2": Vjepa2Vision.feature}

@@ -10,6 +10,7 @@ losses of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -82,6 +83,29 @@ class DataInfo:
         shape = card.get("latent_shape")
         self.latent_shape = tuple(int(x) for x in shape) if shape else self._first_latent_shape()
         self.clip_fps = float(card.get("clip_fps", 2.0))
+        self.source = source
+
+    def condition_config(self, mcfg: ModelConfig) -> ModelConfig:
+        """``mcfg`` with the vision token width, token count and text width the card records for
+        ``--vision-encoder`` (unchanged without a card); a condition the shards cannot serve is refused."""
+        card = self.card
+        if not card:
+            return mcfg
+        listed = card.get("vision_encoders") or {}
+        name = mcfg.vision_encoder
+        vision = listed.get(name)
+        if vision is None and (name != "clip" or listed):
+            raise ValueError(f"{self.source}: the shards hold no {name} vision tokens (card.json lists "
+                             f"{', '.join(listed) or 'only the clip.npy of older shards'}); encode with "
+                             f"pipeline.encode --vision-encoders {name}")
+        if mcfg.use_flow and not card.get("with_flow"):
+            raise ValueError(f"{self.source}: condition {mcfg.condition!r} needs flow-{name}.npy; "
+                             f"encode with pipeline.encode --with-flow")
+        dim = int(vision["dim"]) if vision else int(card.get("clip_dim", mcfg.clip_dim))
+        tokens = int(vision.get("tokens", 0)) if vision else 0
+        self.clip_fps = float(vision["fps"]) if vision else self.clip_fps
+        return dataclasses.replace(mcfg, clip_dim=dim, text_dim=int(card.get("text_dim", mcfg.text_dim)),
+                                   max_frames=max(mcfg.max_frames, tokens))
 
     def _first_latent_shape(self) -> tuple[int, ...]:
         for _, sample in shard_samples(self.train[0].url):
@@ -165,6 +189,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.run_dir)
         self.data = DataInfo(tcfg.shards, vae_scaling_factor)
+        self.mcfg = mcfg = self.data.condition_config(mcfg)
         self.use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and d.device.type == "cuda")
         self.gen = _seed_all(tcfg.seed, d.rank, d.device)
         torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
@@ -284,7 +309,8 @@ class Trainer:
                             seed=tcfg.seed)
         loader = TrainLoader(self.data.train, tcfg.batch_size, d.rank, d.world_size, rcfg,
                              need_text=self.mcfg.use_text, latent_shape=self.data.latent_shape, state=data_state,
-                             pin_memory=d.device.type == "cuda", generation=self.step)
+                             pin_memory=d.device.type == "cuda", generation=self.step,
+                             vision=self.mcfg.vision_encoder, need_flow=self.mcfg.use_flow)
         validator = self._validator()
         metrics = MetricsLog(self.run_dir, d.is_main, self.step)
         self.total_wait = self.total_time = 0.0
@@ -304,7 +330,8 @@ class Trainer:
                 log.warning("no test shards: validation loss is skipped")
             return None
         return Validator(self.d, self.data.test, tcfg.val_samples, tcfg.batch_size, tcfg.seed, self.loss_fn,
-                         self.data.scaling_factor, self.mcfg.use_text, self.data.latent_shape, self.autocast)
+                         self.data.scaling_factor, self.mcfg.use_text, self.data.latent_shape, self.autocast,
+                         self.mcfg.vision_encoder, self.mcfg.use_flow)
 
     def _loop(self, ddp, batches, loader: TrainLoader, validator: Validator | None, metrics: MetricsLog) -> None:
         tcfg = self.tcfg
