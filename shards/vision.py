@@ -10,8 +10,10 @@ its ``image_size``) into float32 tokens ``[N, dim]``:
   (the attention-pooling head's ``pooler_output``, which is what ``get_image_features`` returns and
   what HunyuanVideo-Foley feeds its model, from google/siglip2-base-patch16-512 at 8 fps).
 - ``spatio-temporal`` encoders see ``window`` frames at once and make tubelet tokens (``tubelet``
-  frames x patch x patch); the tokens of one tubelet time step are averaged over space, so each
-  token covers ``tubelet / fps`` seconds and token ``i`` starts at ``i * tubelet / fps``: ViViT
+  frames x patch x patch); the tokens of one tubelet time step are averaged over space, so token
+  ``i`` is the output at frames ``[i * tubelet, (i + 1) * tubelet)``, i.e. it starts at
+  ``i * tubelet / fps`` s (both encoders attend over the whole window, so a token also carries
+  context from the window's other frames; windows are independent): ViViT
   (google/vivit-b-16x2-kinetics400: 32-frame windows, tubelets of 2) and V-JEPA 2
   (facebook/vjepa2-vitl-fpc64-256: 64-frame windows, tubelets of 2). A clip longer than a window
   is encoded window by window (the last padded by repeating its last frame) and its tokens are
@@ -340,8 +342,9 @@ def describe(name: str, cfg: dict, fps: float, window_s: float) -> dict:
             "tokens": -(-frames // tubelet), "feature": _FEATURES[name]}
     if layout == SPATIO_TEMPORAL:
         info.update(window_frames=window, tubelet_frames=tubelet, token_seconds=tubelet / float(fps),
-                    token_time="token i covers [i, i + 1) * tubelet_frames / fps s of the window; windows of "
-                               "window_frames frames, the last padded with its last frame")
+                    token_time="token i is the encoder output at frames [i, i + 1) * tubelet_frames (from "
+                               "i * tubelet_frames / fps s), averaged over space; attention spans its window of "
+                               "window_frames frames (the last window padded with its last frame)")
     return info
 
 
