@@ -181,6 +181,7 @@ def _samples(shards: Path) -> list[dict]:
     return list(wds.WebDataset(urls, shardshuffle=False))
 
 
+@pytest.mark.slow
 def test_one_shard_set_holds_four_encoders_and_their_flow(study_shards, vision_dirs):
     from core.models import file_sha256
     from shards.batch import collate, decode_sample
