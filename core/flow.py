@@ -65,3 +65,19 @@ def flow_images(first: np.ndarray, second: np.ndarray, min_scale: float = 1.0) -
     if len(flows) == 0:
         return np.zeros((*first.shape[:3], 3), np.uint8)
     return np.stack([flow_image(f, scale) for f in flows])
+
+
+def flow_step(encoder_fps: float, pair_fps: float) -> int:
+    """Dense-grid frames per feature frame: the flow pairs are 1/(encoder_fps * step) s apart."""
+    return max(1, int(round(pair_fps / encoder_fps)))
+
+
+def flow_frames(dense: np.ndarray, step: int, min_scale: float) -> np.ndarray:
+    """Flow images at the feature rate from frames on a grid ``step`` times denser: image k is the
+    flow from dense frame k*step to the next one (the last frame pairs with the one before it)."""
+    if len(dense) < 2:
+        return np.zeros((len(dense), *dense.shape[1:]), np.uint8)
+    idx = np.arange(0, len(dense), step)
+    nxt = np.minimum(idx + 1, len(dense) - 1)
+    first = np.where(nxt > idx, idx, idx - 1)
+    return flow_images(dense[first], dense[np.maximum(nxt, first + 1)], min_scale)

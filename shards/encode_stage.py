@@ -30,7 +30,7 @@ from core.decode import DecodedClip, DecodeError, DecodeRequest, decode
 from core.device import wants_gpu
 from core.jsonsafe import json_safe
 from core.stage import FAILED, OK, Resources, Row, Stage, is_pending, mark_failed
-from core.flow import flow_images
+from core.flow import flow_frames, flow_step
 from shards.config import (MEMBER_AUDIO, MEMBER_JSON, MEMBER_LATENT, MEMBER_MEL, MEMBER_TEXT, EncoderConfig,
                            MelConfig, flow_member, vision_member)
 from shards.shard_writer import npy_bytes
@@ -94,22 +94,6 @@ def signal_fields(enc: EncoderConfig) -> tuple[str, ...]:
 def feature_members(enc: EncoderConfig) -> tuple[str, ...]:
     """The npy members FeatureStage writes for these encoders."""
     return (*(vision_member(e) for e in enc.encoders), *(flow_member(e) for e in enc.encoders if enc.with_flow))
-
-
-def flow_step(encoder_fps: float, pair_fps: float) -> int:
-    """Dense-grid frames per feature frame: the flow pairs are 1/(encoder_fps * step) s apart."""
-    return max(1, int(round(pair_fps / encoder_fps)))
-
-
-def flow_frames(dense: np.ndarray, step: int, min_scale: float) -> np.ndarray:
-    """Flow images at the feature rate from frames on a grid ``step`` times denser: image k is the
-    flow from dense frame k*step to the next one (the last frame pairs with the one before it)."""
-    if len(dense) < 2:
-        return np.zeros((len(dense), *dense.shape[1:]), np.uint8)
-    idx = np.arange(0, len(dense), step)
-    nxt = np.minimum(idx + 1, len(dense) - 1)
-    first = np.where(nxt > idx, idx, idx - 1)
-    return flow_images(dense[first], dense[np.maximum(nxt, first + 1)], min_scale)
 
 
 def sample_json(row: Row, clip_frames: int, audio_samples: int, sample_rate: int,

@@ -132,8 +132,7 @@ def test_release_key_names_load_by_the_registry_id_and_incomplete_ones_are_refus
 def test_flow_images_show_direction_as_hue_and_magnitude_as_value():
     import cv2
 
-    from core.flow import flow_images
-    from shards.encode_stage import flow_frames, flow_step
+    from core.flow import flow_frames, flow_images, flow_step
 
     rng = np.random.default_rng(0)
     texture = cv2.GaussianBlur(rng.integers(0, 255, (48, 64)).astype(np.uint8), (5, 5), 1.5)
@@ -271,7 +270,7 @@ def _train_in_process(shards: Path, run: Path, **model) -> dict:
 
 
 @pytest.mark.slow
-def test_training_takes_width_and_token_count_from_the_card(study_shards, tmp_path):
+def test_training_takes_width_and_token_count_from_the_card(study_shards, vision_dirs, tiny_vae_dir, tmp_path):
     card = json.loads((study_shards / "card.json").read_text())
     summary = _train_in_process(study_shards, tmp_path / "vivit", vision_encoder="vivit",
                                 condition="video+flow+text+pe", max_frames=4)
@@ -279,9 +278,28 @@ def test_training_takes_width_and_token_count_from_the_card(study_shards, tmp_pa
     config = json.loads((tmp_path / "vivit" / "run_config.json").read_text())["model"]
     assert (config["clip_dim"], config["text_dim"]) == (32, card["text_dim"])
     assert config["max_frames"] == card["vision_encoders"]["vivit"]["tokens"]  # raised from 4 to the card's
+    sidecar = _sample(tmp_path / "vivit", {**vision_dirs, "vae": tiny_vae_dir}, tmp_path / "vivit.wav", "--caption",
+                      "a dog barking")
+    assert sidecar["vision_encoder"] == "vivit" and sidecar["clip_frames"] == 20  # 10 s at 4 fps, tubelets of 2
+    assert sidecar["flow_tokens"] == 20 and "vivit" in sidecar["random_weights"]
     with pytest.raises(ValueError, match="no vjepa2 vision tokens|--with-flow"):
         _train_in_process(_without(study_shards, tmp_path / "noflow"), tmp_path / "x", vision_encoder="clip",
                           condition="video+flow")
+
+
+def _sample(run: Path, dirs: dict, out: Path, *extra: str) -> dict:
+    """One soundtrack of the real test clip from ``run``, its encoders given as the folders that made the shards."""
+    import soundfile as sf
+
+    from train.sample import main
+
+    name = json.loads((run / "run_config.json").read_text())["model"]["vision_encoder"]
+    rc = main(["--ckpt", str(run), "--video", str(REAL_CLIP), "--clip-model", str(dirs["clip"]),
+               "--vae", str(dirs["vae"]), "--vision-model", str(dirs[name]), "--vocoder", str(out.parent / "none"),
+               "--allow-random-weights", "--out", str(out), "--steps", "2", "--guidance", "2", *extra])
+    assert rc == 0
+    assert sf.info(str(out)).frames == 163840
+    return json.loads(out.with_suffix(".json").read_text())
 
 
 def _without(shards: Path, out: Path) -> Path:
@@ -295,7 +313,7 @@ def _without(shards: Path, out: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_two_rank_torchrun_trains_siglip2_with_flow(study_shards, tmp_path):
+def test_two_rank_torchrun_trains_siglip2_with_flow_and_samples(study_shards, vision_dirs, tiny_vae_dir, tmp_path):
     from test_train import _rows, _torchrun
     from train.config import TINY_UNET_CONFIG
 
@@ -310,3 +328,6 @@ def test_two_rank_torchrun_trains_siglip2_with_flow(study_shards, tmp_path):
     assert all(np.isfinite(rows[s]["loss"]) for s in (1, 2, 3))
     config = json.loads((run / "run_config.json").read_text())
     assert config["model"]["vision_encoder"] == "siglip2" and config["model"]["clip_dim"] == 32
+    sidecar = _sample(run, {**vision_dirs, "vae": tiny_vae_dir}, tmp_path / "siglip2.wav")
+    assert (sidecar["clip_frames"], sidecar["flow_tokens"]) == (25, 25)  # 10 s at 2.5 fps
+    assert sidecar["models"]["vision"] == str(vision_dirs["siglip2"])

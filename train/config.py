@@ -173,6 +173,8 @@ class SamplerConfig:
     clip_model: str = field(default="", metadata={
         "help": "CLIP id or folder (default: the one named in the run's dataset card)"})
     vae: str = field(default="", metadata={"help": "AudioLDM VAE id or folder (default: the dataset card's)"})
+    vision_model: str = field(default="", metadata={
+        "help": "the run's vision encoder (when not CLIP): id or folder (default: the one in the dataset card)"})
     vocoder: str = field(default=default_spec("audioldm_vocoder"), metadata={
         "help": "AudioLDM HiFi-GAN (SpeechT5HifiGan) id or folder; a pipeline uses its vocoder/ subfolder"})
     steps: int = field(default=50, metadata={"help": "denoising steps"})
