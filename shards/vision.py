@@ -202,6 +202,20 @@ class _TubeletVision:
     """Shared by ViViT and V-JEPA 2: windows of frames -> tubelet tokens -> one token per tubelet step."""
 
     layout = SPATIO_TEMPORAL
+    name = title = ""
+    default_fps = 1.0
+    load_kwargs: dict = {}
+    pixel_defaults = (HALF, HALF)
+
+    @classmethod
+    def load(cls, spec: str, device="auto", fps: float | None = None, dtype=None):
+        """The encoder of a checkpoint (its model class, window and tubelet geometry from its config)."""
+        resolved = resolve_pretrained(spec)
+        dev = torch_device(device)
+        model = _load(cls.model_class(), resolved, f"{cls.title} encoder of {spec}", **cls.load_kwargs)
+        dtype = _dtype(dev, dtype)
+        return cls(model.to(dev, dtype).eval(), *cls.geometry(model.config),
+                   Pixels.from_folder(resolved.path, *cls.pixel_defaults), dev, dtype, fps or cls.default_fps)
 
     def __init__(self, model, window: int, tubelet: int, image_size: int, patch: int, pixels: Pixels,
                  device, dtype, fps: float):
@@ -243,21 +257,20 @@ class _TubeletVision:
 class VivitVision(_TubeletVision):
     """ViViT's encoder tokens (``last_hidden_state`` without the CLS token), pooled per tubelet step."""
 
-    name = "vivit"
+    name, title, default_fps = "vivit", "ViViT", 12.5
     feature = "VivitModel.last_hidden_state patch tokens (CLS dropped), mean over space per tubelet step"
+    load_kwargs = {"add_pooling_layer": False}
 
-    @classmethod
-    def load(cls, spec: str, device="auto", fps: float = 12.5, dtype=None) -> "VivitVision":
+    @staticmethod
+    def model_class():
         from transformers import VivitModel
 
-        resolved = resolve_pretrained(spec)
-        dev = torch_device(device)
-        model = _load(VivitModel, resolved, f"ViViT encoder of {spec}", add_pooling_layer=False)
-        cfg = model.config
+        return VivitModel
+
+    @staticmethod
+    def geometry(cfg) -> tuple[int, int, int, int]:
         tubelet = list(cfg.tubelet_size)
-        dtype = _dtype(dev, dtype)
-        return cls(model.to(dev, dtype).eval(), cfg.num_frames, tubelet[0], cfg.image_size, tubelet[1],
-                   Pixels.from_folder(resolved.path), dev, dtype, fps)
+        return cfg.num_frames, tubelet[0], cfg.image_size, tubelet[1]
 
     def _patch_tokens(self, video: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=video).last_hidden_state[:, 1:]
@@ -266,20 +279,19 @@ class VivitVision(_TubeletVision):
 class Vjepa2Vision(_TubeletVision):
     """V-JEPA 2's encoder tokens (the predictor is not run), pooled per tubelet step."""
 
-    name = "vjepa2"
+    name, title, default_fps = "vjepa2", "V-JEPA 2", 6.4
     feature = "VJEPA2Model encoder last_hidden_state (skip_predictor), mean over space per tubelet step"
+    pixel_defaults = IMAGENET
 
-    @classmethod
-    def load(cls, spec: str, device="auto", fps: float = 6.4, dtype=None) -> "Vjepa2Vision":
+    @staticmethod
+    def model_class():
         from transformers import VJEPA2Model
 
-        resolved = resolve_pretrained(spec)
-        dev = torch_device(device)
-        model = _load(VJEPA2Model, resolved, f"V-JEPA 2 encoder of {spec}")
-        cfg = model.config
-        dtype = _dtype(dev, dtype)
-        return cls(model.to(dev, dtype).eval(), cfg.frames_per_clip, cfg.tubelet_size, cfg.crop_size,
-                   cfg.patch_size, Pixels.from_folder(resolved.path, *IMAGENET), dev, dtype, fps)
+        return VJEPA2Model
+
+    @staticmethod
+    def geometry(cfg) -> tuple[int, int, int, int]:
+        return cfg.frames_per_clip, cfg.tubelet_size, cfg.crop_size, cfg.patch_size
 
     def _patch_tokens(self, video: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values_videos=video, skip_predictor=True).last_hidden_state
