@@ -160,8 +160,8 @@ def study_shards(tmp_path_factory, vision_dirs, tiny_vae_dir) -> Path:
 
     tmp = tmp_path_factory.mktemp("study")
     rows = [ledger_row(f"vggsound-st{i}-000000", write_event_clip(tmp / "video" / f"st{i}.mp4", seed=i,
-                                                                   duration_s=3.0, event_times=(1.0, 2.2)).path,
-                       duration_s=3.0, split="test" if i == 3 else "train") for i in range(4)]
+                                                                   duration_s=2.0, event_times=(0.6, 1.4)).path,
+                       duration_s=2.0, split="test" if i == 2 else "train") for i in range(3)]
     ledger = write_ledger(tmp / "clean", rows)
     out = tmp / "shards"
     args = ["--ledger", str(ledger), "--out", str(out), "--clip-model", str(vision_dirs["clip"]),
@@ -198,14 +198,14 @@ def test_one_shard_set_holds_four_encoders_and_their_flow(study_shards, vision_d
         assert v["dim"] == (TINY_CLIP_DIM if name == "clip" else 32) and v["image_size"] == 32
         assert v["frames"] == round(10 * fps[name]) and v["random_weights"] is True
     samples = _samples(study_shards)
-    assert len(samples) == 4
+    assert len(samples) == 3
     for s in samples:
         meta = json.loads(s["json"])
         for name in ENCODERS:
             v = card["vision_encoders"][name]
             tokens = np.load(io.BytesIO(s[f"vision-{name}.npy"]))
             flow = np.load(io.BytesIO(s[f"flow-{name}.npy"]))
-            frames = round(3 * fps[name])  # 3 s clips
+            frames = round(2 * fps[name])  # 2 s clips
             assert tokens.shape == (-(-frames // 2) if v["token_layout"] == "spatio-temporal" else frames, v["dim"])
             assert flow.shape == tokens.shape and tokens.dtype == flow.dtype == np.float16
             assert not np.array_equal(flow, tokens)
@@ -331,3 +331,25 @@ def test_two_rank_torchrun_trains_siglip2_with_flow_and_samples(study_shards, vi
     sidecar = _sample(run, {**vision_dirs, "vae": tiny_vae_dir}, tmp_path / "siglip2.wav")
     assert (sidecar["clip_frames"], sidecar["flow_tokens"]) == (25, 25)  # 10 s at 2.5 fps
     assert sidecar["models"]["vision"] == str(vision_dirs["siglip2"])
+
+
+def test_allow_random_weights_builds_a_tiny_random_model_for_every_encoder(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from core.models import ModelUnavailable
+    from pipeline.encode_models import resolve_models
+    from shards.config import EncoderConfig
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    enc = EncoderConfig(vision_encoders="siglip2,vivit,vjepa2", siglip2_model="nobody-v2a/no-siglip2")
+    with pytest.raises(ModelUnavailable, match="no-siglip2|not in the Hugging Face cache"):
+        resolve_models(enc, tmp_path / "work")
+    models = resolve_models(EncoderConfig(**{**enc.__dict__, "allow_random_weights": True}), tmp_path / "work")
+    assert models.random and "not in the Hugging Face cache" in models.random_reason
+    assert sorted(models.vision) == ["siglip2", "vivit", "vjepa2"]
+    for name in models.vision:
+        info = models.describe(name)
+        assert info["random_weights"] is True and info["model"] == str(tmp_path / "work" / "random-models" / name)
+        assert info["dim"] == 32 and info["image_size"] == 32
+    assert models.image_sizes() == {"siglip2": 32, "vivit": 32, "vjepa2": 32}
