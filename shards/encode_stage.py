@@ -138,8 +138,13 @@ class SignalStage(Stage):
     def size_of(self, encoder: str) -> int:
         return self.config.clip_image_size if encoder == "clip" else int(self.config.image_sizes[encoder])
 
-    def _signals(self, row: Row, fps: float, size: int, audio: bool = True) -> DecodedClip:
+    def _signals(self, row: Row, fps: float | None = None, size: int | None = None,
+                 audio: bool = True) -> DecodedClip:
+        """The sample's signals: frames at ``fps``/``size`` (default: the first vision encoder's), audio."""
         sig = self.config.signal
+        head = self.config.encoders.encoders[0]
+        fps = self.config.encoders.fps_of(head) if fps is None else fps
+        size = self.size_of(head) if size is None else size
         rates = (sig.feature_sr,) if audio else ()
         if (row.get("kind") or KIND_CLIP) == KIND_CLIP:
             duration = row.get("duration_s")
