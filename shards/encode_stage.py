@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import numpy as np
 import soundfile as sf
-import torch
 
 from core.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
 from core.decode import DecodedClip, DecodeError, DecodeRequest, decode
@@ -280,6 +279,8 @@ class FeatureStage(Stage):
         return {m: [a.astype(np.float16) for a in arrays] for m, arrays in out.items()}
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
+        import torch
+
         from shards.encoders import posterior_member
         from shards.mel import log_mel_torch
 

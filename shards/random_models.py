@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 Size = Literal["tiny", "full"]
 RANDOM_MARKER = "RANDOM_WEIGHTS.txt"
 
@@ -77,6 +75,7 @@ def vae_config(size: Size = "tiny", latent_channels: int = 8, scaling_factor: fl
 
 def build_random_clip(folder: str | Path, size: Size = "tiny", projection_dim: int = 768, seed: int = 0) -> Path:
     """A CLIPModel (vision + text towers) with random weights, its tokenizer and image processor config."""
+    import torch
     from transformers import CLIPModel
 
     folder = Path(folder)
@@ -99,6 +98,7 @@ def build_random_clip(folder: str | Path, size: Size = "tiny", projection_dim: i
 def build_random_vae(folder: str | Path, size: Size = "tiny", latent_channels: int = 8, seed: int = 0,
                      scaling_factor: float = 1.0) -> Path:
     """An AudioLDM-shaped AutoencoderKL (1-channel mel in, ``latent_channels`` out, x4) with random weights."""
+    import torch
     from diffusers import AutoencoderKL
 
     folder = Path(folder)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from clap_fixture import build_tiny_clap  # noqa: E402
@@ -190,6 +189,8 @@ def test_hub_id_not_cached_and_hub_unreachable_fails_fast(monkeypatch, tmp_path)
 
 
 def test_checkpoint_missing_weights_is_refused_not_randomly_initialised(tmp_path):
+    from safetensors.torch import load_file, save_file
+
     folder = build_tiny_clap(tmp_path / "clap")
     weights = load_file(folder / "model.safetensors")
     dropped = [k for k in weights if k.startswith("audio_projection.")]
