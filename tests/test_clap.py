@@ -28,8 +28,8 @@ SR = 48000
 
 
 @pytest.fixture(scope="module")
-def tiny_clap(tmp_path_factory) -> Path:
-    return build_tiny_clap(tmp_path_factory.mktemp("tiny_clap"))
+def tiny_clap(tiny_clap_dir) -> Path:
+    return tiny_clap_dir  # the session's (conftest), shared with the clean and runner tests
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,7 @@ def test_scores_are_cosines_of_normalised_embeddings_not_logits(scorer, real_aud
     assert not np.allclose(scores, np.diag(logits))
 
 
+@pytest.mark.slow
 def test_batched_equals_one_by_one(tiny_clap, real_audio):
     audios = real_audio + [_noise(2.5, 2), _noise(12.0, 3), _noise(10.0, 4)]
     batched = ClapScorer(ClapConfig(model=str(tiny_clap), batch_size=4)).load(device="cpu")
@@ -286,6 +287,7 @@ def laion_front_end_scorer(tiny_clap) -> ClapScorer:
                                       RobertaTokenizer.from_pretrained(tiny_clap))
 
 
+@pytest.mark.slow
 def test_input_features_are_laions_preprocessing_on_real_clips(laion_front_end_scorer, real_audio):
     scorer = laion_front_end_scorer
     assert (scorer.truncation, scorer.padding) == ("rand_trunc", "repeatpad")
