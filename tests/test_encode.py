@@ -324,6 +324,7 @@ def _replanned(dataset, tmp_path) -> tuple[Path, str, float]:
     return path, key, seg.src_start_s
 
 
+@pytest.mark.slow
 def test_a_replanned_recipe_is_encoded_again_nothing_stale_reused(dataset, encoded, tiny_clip_dir, tiny_vae_dir,
                                                                    tmp_path, capsys):
     import shutil
@@ -390,6 +391,7 @@ def test_a_plan_of_another_format_is_refused(dataset, tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_nothing_encoded_exits_nonzero(dataset, tiny_clip_dir, tiny_vae_dir, tmp_path, capsys):
     video = dataset["root"] / "video"
     ledger = write_ledger(tmp_path / "bad", [ledger_row("vggsound-gone-000000", video / "gone_000000.mp4"),
