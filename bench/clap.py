@@ -91,7 +91,7 @@ def _per_clip(fn, items, repeat: int) -> float:
     return (time.perf_counter() - start) / (repeat * len(items))
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=16, help="clips through the CLAP stage (real clips, cycled)")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -100,11 +100,11 @@ def main() -> None:
     ap.add_argument("--decode-repeat", type=int, default=2, help="decode every real clip this many times")
     ap.add_argument("--gray-max-side", type=int, default=160,
                     help="grey frame size of the second decode baseline (audio + every frame, as AV-Align needs)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    return ap.parse_args()
 
+
+def _random_scorer(batch_size: int, device: str) -> tuple[ClapScorer, dict]:
+    """The unfused LAION architecture with random weights, and what to say about it."""
     config = HFClapConfig(**UNFUSED_CONFIG)
     diffs = check_config(config)
     torch.manual_seed(0)
@@ -115,9 +115,44 @@ def main() -> None:
     n_text = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("text_model", "text_projection")))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = write_byte_bpe_tokenizer(Path(tmp))
-    features = ClapFeatureExtractor(**UNFUSED_FEATURES)
-    cfg = ClapConfig(model="laion/clap-htsat-unfused architecture, random weights", batch_size=args.batch_size)
-    scorer = ClapScorer.from_components(cfg, model, features, tokenizer, device=device)
+    cfg = ClapConfig(model="laion/clap-htsat-unfused architecture, random weights", batch_size=batch_size)
+    scorer = ClapScorer.from_components(cfg, model, ClapFeatureExtractor(**UNFUSED_FEATURES), tokenizer,
+                                        device=device)
+    return scorer, {"diffs": diffs, "build_s": build_s, "n_audio": n_audio, "n_text": n_text}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _clap_timings(scorer: ClapScorer, decoded: list[np.ndarray], clips: int, batch_size: int,
+                  device: str) -> dict[str, float]:
+    """Seconds per caption (text tower), per clip (feature extraction alone, the whole CLAP stage)."""
+    audios = [decoded[i % len(decoded)] for i in range(clips)]
+    labels = [LABELS[i % len(LABELS)] for i in range(clips)]
+    scorer.audio_embeddings(audios[:batch_size])  # warm-up batches
+    scorer.text_embeddings(["warm-up caption"])
+    t0 = time.perf_counter()
+    text = scorer.text_embeddings([scorer.caption(label) for label in LABELS])
+    text_s = (time.perf_counter() - t0) / len(LABELS)
+    features = scorer.feature_extractor
+    features_s = _per_clip(lambda a: features([a], sampling_rate=CLAP_SAMPLE_RATE, return_tensors="pt"), audios, 1)
+    _sync(device)
+    t0 = time.perf_counter()
+    scores = scorer.score_labels(scorer.audio_embeddings(audios), labels)
+    _sync(device)
+    clap_s = (time.perf_counter() - t0) / len(audios)
+    assert text.shape[1] == 512 and np.all(np.abs(scores) <= 1.0)
+    return {"text": text_s, "features": features_s, "clap": clap_s}
+
+
+def main() -> None:
+    args = _parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    scorer, built = _random_scorer(args.batch_size, device)
 
     paths = sorted(CLIPS.glob("*.mp4"))
     audio_req = DecodeRequest(start_s=0.0, duration_s=10.0, audio_rates=(CLAP_SAMPLE_RATE,), need_video=False)
@@ -126,46 +161,30 @@ def main() -> None:
     decoded = [decode(p, audio_req).audio[CLAP_SAMPLE_RATE] for p in paths]  # also warms the caches
     decode_audio_s = _per_clip(lambda p: decode(p, audio_req), paths, args.decode_repeat)
     decode_full_s = _per_clip(lambda p: decode(p, full_req), paths, args.decode_repeat)
+    t = _clap_timings(scorer, decoded, args.clips, args.batch_size, device)
 
-    audios = [decoded[i % len(decoded)] for i in range(args.clips)]
-    labels = [LABELS[i % len(LABELS)] for i in range(args.clips)]
-    scorer.audio_embeddings(audios[: args.batch_size])  # warm-up batches
-    scorer.text_embeddings(["warm-up caption"])
-    t0 = time.perf_counter()
-    text = scorer.text_embeddings([scorer.caption(label) for label in LABELS])
-    text_s = (time.perf_counter() - t0) / len(LABELS)
-    features_s = _per_clip(lambda a: features([a], sampling_rate=CLAP_SAMPLE_RATE, return_tensors="pt"), audios, 1)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    emb = scorer.audio_embeddings(audios)
-    scores = scorer.score_labels(emb, labels)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    clap_s = (time.perf_counter() - t0) / len(audios)
-    assert text.shape[1] == 512 and np.all(np.abs(scores) <= 1.0)
-
+    diffs = built["diffs"]
     dev_name = (torch.cuda.get_device_name(0) if device.startswith("cuda")
                 else f"cpu ({torch.get_num_threads()} threads)")
     print("CLAP stage benchmark: laion/clap-htsat-unfused architecture, random weights")
     print(f"  config check vs transformers ClapConfig defaults: {'identical' if not diffs else '; '.join(diffs)}")
-    print(f"  parameters: audio tower {n_audio / 1e6:.1f} M, text tower {n_text / 1e6:.1f} M "
-          f"(built in {build_s:.1f} s)")
-    print(f"  device: {dev_name}; {len(audios)} clips of 10 s at 48 kHz, batch size {args.batch_size}; "
+    print(f"  parameters: audio tower {built['n_audio'] / 1e6:.1f} M, text tower {built['n_text'] / 1e6:.1f} M "
+          f"(built in {built['build_s']:.1f} s)")
+    print(f"  device: {dev_name}; {args.clips} clips of 10 s at 48 kHz, batch size {args.batch_size}; "
           f"torch {torch.__version__}")
     print(f"  {'stage':<58}{'s/clip':>10}{'clips/s':>10}")
     rows = [
         (f"decode: audio only at 48 kHz ({len(paths)} real clips x {args.decode_repeat})", decode_audio_s),
         (f"decode: audio 48k/22.05k/16k + grey frames <= {args.gray_max_side}px", decode_full_s),
-        ("CLAP feature extraction (log-mel, numpy) only", features_s),
-        ("CLAP stage: log-mel + audio tower + cosine", clap_s),
+        ("CLAP feature extraction (log-mel, numpy) only", t["features"]),
+        ("CLAP stage: log-mel + audio tower + cosine", t["clap"]),
     ]
     for name, sec in rows:
         print(f"  {name:<58}{sec:>10.4f}{1.0 / sec:>10.2f}")
-    print(f"  text tower: {text_s:.4f} s per distinct caption (cached per worker: VGGSound has 309 classes)")
-    print(f"  ratio CLAP stage / audio-only decode: {clap_s / decode_audio_s:.1f}x")
-    print(f"  ratio CLAP stage / audio+frames decode: {clap_s / decode_full_s:.1f}x")
-    print(f"  dominant: {'CLAP' if clap_s > decode_full_s else 'decode'}")
+    print(f"  text tower: {t['text']:.4f} s per distinct caption (cached per worker: VGGSound has 309 classes)")
+    print(f"  ratio CLAP stage / audio-only decode: {t['clap'] / decode_audio_s:.1f}x")
+    print(f"  ratio CLAP stage / audio+frames decode: {t['clap'] / decode_full_s:.1f}x")
+    print(f"  dominant: {'CLAP' if t['clap'] > decode_full_s else 'decode'}")
 
 
 if __name__ == "__main__":

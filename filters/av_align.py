@@ -42,6 +42,7 @@ import numpy as np
 
 from core.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
 from core.decode import GRAY_SCALERS, DecodedClip, DecodeError, DecodeRequest, decode
+from core.flow import FARNEBACK, farneback
 
 Mode = Literal["reference", "fast"]
 Version = Literal["2025", "2023"]
@@ -84,8 +85,7 @@ class AVAlignConfig:
         "help": "fast mode: how frames shrink to fast_max_side: opencv (luma plane, Gaussian pyramid) "
                 "or a libswscale algorithm inside FFmpeg (fast_bilinear, area, ...)"})
     # Farneback (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags) as published.
-    farneback: tuple[float, int, int, int, int, float, int] = field(
-        default=(0.5, 3, 15, 3, 5, 1.2, 0), init=False)
+    farneback: tuple[float, int, int, int, int, float, int] = field(default=FARNEBACK, init=False)
     sample_rate: int = field(default=DEFAULT_SIGNAL.av_align_sr, init=False)  # librosa's default rate
 
     def __post_init__(self) -> None:
@@ -200,7 +200,7 @@ def video_motion(gray: np.ndarray, config: AVAlignConfig, scale: float = 1.0) ->
         return np.zeros(len(gray))
     values = np.empty(len(gray))
     for i in range(1, len(gray)):
-        flow = cv2.calcOpticalFlowFarneback(gray[i - 1], gray[i], None, *config.farneback)
+        flow = farneback(gray[i - 1], gray[i], config.farneback)
         values[i] = cv2.mean(cv2.magnitude(flow[..., 0], flow[..., 1]))[0] / scale
     values[0] = values[1]
     return values

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from core.cli_config import ConfigError
 from core.decode import DecodeError, decode
 from core.device import wants_gpu
 from core.stage import OK, Resources, Row, Stage, mark_failed
-from metrics.desync import DURATION_S, SAMPLE_RATE, DesyncScorer, sync_request
+
+if TYPE_CHECKING:  # metrics.desync imports torch: only the workers that score need it, not `--help`
+    from metrics.desync import DesyncScorer
 
 COLUMNS = ("desync", "desync_first_s", "desync_last_s")
 
@@ -51,6 +54,7 @@ class DesyncStage(Stage):
         self.resources = Resources(cpus=1.0, gpus=1.0 if wants_gpu(config.device) else 0.0, batch_size=1)
 
     def setup(self) -> None:
+        from metrics.desync import DesyncScorer
         self.scorer = DesyncScorer.load(self.path, self.config.device)
         self.scorer.chunk = self.config.chunk
 
@@ -58,6 +62,7 @@ class DesyncStage(Stage):
         self.scorer = None
 
     def _score(self, row: Row) -> None:
+        from metrics.desync import DURATION_S, SAMPLE_RATE, sync_request
         duration = row.get("duration_s")
         seconds = DURATION_S if duration is None or not math.isfinite(duration) else float(duration)
         try:

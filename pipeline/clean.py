@@ -33,7 +33,7 @@ from core.fingerprint import SettingsRegistry, differences, fingerprint
 from core.lock import FolderLock, FolderLocked
 from core.models import ModelUnavailable
 from core.registry import require
-from pipeline.ledger import MANIFEST_REASONS, RETRYABLE, Ledger
+from pipeline.ledger import MANIFEST_REASONS, RETRYABLE, Ledger, done_keys, redone
 from pipeline.report import write_report
 from pipeline.manifest import WindowConfig, audio_rows, load_excluded_ids, vggsound_rows, youtube_rows
 from pipeline.runners import FailureRateExceeded, RunnerOptions, get_runner
@@ -206,8 +206,7 @@ def resolve_desync(filters: FilterConfig, cfg: DesyncConfig) -> tuple[DesyncConf
 def check_settings(scan: pd.DataFrame, settings: dict, registry: SettingsRegistry, out: Path, rescore: bool) -> int:
     """Refuse to resume over rows scored with other settings, unless ``--rescore``; count those rows."""
     fp = fingerprint(settings)
-    redone = (scan["status"] == FAILED) & scan["reason"].str.startswith(RETRYABLE + MANIFEST_REASONS)
-    stale = scan[(scan["settings_fp"] != fp) & ~redone]
+    stale = scan[(scan["settings_fp"] != fp) & ~redone(scan, RETRYABLE + MANIFEST_REASONS)]
     if stale.empty or rescore:
         return len(stale)
     lines = []
@@ -230,9 +229,8 @@ def plan_resume(rows: list[Row], scan: pd.DataFrame, fp: str) -> tuple[list[Row]
     A row counts as done when journaled with these settings and not a retryable failure. Manifest
     decisions (missing file, bad line, ...) are re-made every run: a file may have appeared since.
     """
+    done = done_keys(scan, RETRYABLE + MANIFEST_REASONS, fp)
     mine = scan[scan["settings_fp"] == fp]
-    redo = (mine["status"] == FAILED) & mine["reason"].str.startswith(RETRYABLE + MANIFEST_REASONS)
-    done = set(mine.loc[~redo, "key"])
     journaled = dict(zip(mine["key"], zip(mine["status"], mine["reason"])))
     decided = [r for r in rows if not is_pending(r) and journaled.get(r["key"]) != (r["status"], r["reason"])]
     pending = [r for r in rows if is_pending(r) and r["key"] not in done]

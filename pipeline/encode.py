@@ -45,7 +45,7 @@ from shards.encode_stage import EncodeStageConfig, build_encode_stages
 from shards.publish import check_destination, publish
 from shards.shard_writer import SampleCache, ShardAssembler, ShardError, write_index
 
-CACHE_FORMAT = 2  # 2: samples cached and shards recorded under their fingerprints
+CACHE_FORMAT = 3  # 2: samples cached and shards recorded under their fingerprints; 3: vision-<encoder>.npy members
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,10 +84,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def encoder_settings(models: Models, mel: MelConfig, shard_cfg: ShardConfig, audio_only: bool = False) -> dict:
     """Everything besides a sample's own inputs that changes its bytes or the shard layout."""
-    hashes = models.weight_hashes()
+    hashes, enc = models.weight_hashes(), models.encoders
     extra = {"audio_only": True} if audio_only else {}  # absent for video sets: their settings stay as they were
+    # an audio-only set computes no vision features or flow: their settings do not apply to it
+    vision = {} if audio_only else {e: {"weights_sha256": hashes["clip" if e == "clip" else f"vision_{e}"],
+                                        "fps": enc.fps_of(e)} for e in enc.encoders}
+    flow = {"pair_fps": enc.flow_pair_fps, "min_scale": enc.flow_min_scale} if enc.with_flow and not audio_only else None
     return {**extra, "cache_format": CACHE_FORMAT, "clip_weights_sha256": hashes["clip"],
-            "vae_weights_sha256": hashes["vae"], "clip_normalize": models.encoders.clip_normalize, "with_mel": models.encoders.with_mel,
+            "vae_weights_sha256": hashes["vae"], "clip_normalize": enc.clip_normalize, "with_mel": enc.with_mel,
+            "vision": vision, "flow": flow,
             "mel": asdict(mel), "signal": asdict(DEFAULT_SIGNAL), "shard_size": shard_cfg.shard_size}
 
 
@@ -167,6 +172,7 @@ def run_encoders(run: EncodeRun, args: argparse.Namespace, mel: MelConfig,
     """Encode every sample not yet in the cache or a finished shard; returns (samples, seconds)."""
     stage_config = EncodeStageConfig(encoders=run.models.encoders, mel=mel, signal=DEFAULT_SIGNAL,
                                      limits=DecodeLimits(), clip_image_size=run.models.clip_image_size(),
+                                     image_sizes=run.models.image_sizes(),
                                      batch_size=args.batch_size, render=render_row,
                                      audio_only=is_audio_only(run.work))
     assembler = run.assembler
@@ -236,7 +242,9 @@ def encode(args: argparse.Namespace) -> int:
     write_index(run.out, shards)
     card = build_card(run.models.encoders, run.models.clip, run.models.vae, run.models.weight_hashes(), mel,
                       shard_cfg, len(shards), counts, run.work.run_meta, run.work.plan_meta,
-                      run.models.random_reason, audio_only=is_audio_only(run.work))
+                      run.models.random_reason, audio_only=is_audio_only(run.work),
+                      vision={} if is_audio_only(run.work) else
+                      {e: run.models.describe(e) for e in run.models.encoders.encoders})
     atomic_write_text(run.out / "card.json", card.to_json())
     summarise(run, counts, todo, seconds)
     if remote and counts.samples:

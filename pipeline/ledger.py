@@ -100,6 +100,22 @@ def to_table(rows: Iterable[Row], settings_fp: str = "") -> pa.Table:
     return pa.Table.from_pydict(cols, schema=SCHEMA)
 
 
+def redone(scan: pd.DataFrame, reasons: tuple[str, ...] = RETRYABLE) -> pd.Series:
+    """Mask of a journal scan: failures whose reason starts with one of ``reasons``, which a rerun
+    redoes whatever its settings."""
+    return (scan["status"] == FAILED) & scan["reason"].str.startswith(reasons)
+
+
+def done_keys(scan: pd.DataFrame, retry_reasons: tuple[str, ...] = RETRYABLE,
+              settings_fp: str | None = None) -> set[str]:
+    """Keys of a journal scan that a rerun skips: journaled, not ``redone``, and (when
+    ``settings_fp`` is given) made with those settings."""
+    skip = redone(scan, retry_reasons)
+    if settings_fp is not None:
+        skip |= scan["settings_fp"] != settings_fp
+    return set(scan.loc[~skip, "key"])
+
+
 def _order(path: Path) -> tuple:
     """Journal order: run number, then sequence, then writer token; old timestamp names first."""
     m = _PART.match(path.name)
@@ -176,13 +192,8 @@ class Ledger:
         return self._merged(SCAN_COLUMNS)[1]
 
     def done_keys(self, retry_reasons: tuple[str, ...] = RETRYABLE, settings_fp: str | None = None) -> set[str]:
-        """Keys a rerun skips: journaled, not a failure that may pass on a retry, and (when
-        ``settings_fp`` is given) made with those settings."""
-        scan = self.scan()
-        skip = (scan["status"] == FAILED) & scan["reason"].str.startswith(retry_reasons)
-        if settings_fp is not None:
-            skip |= scan["settings_fp"] != settings_fp
-        return set(scan.loc[~skip, "key"])
+        """Keys a rerun skips (see ``done_keys``)."""
+        return done_keys(self.scan(), retry_reasons, settings_fp)
 
     def append(self, rows: list[Row]) -> None:
         if not rows:

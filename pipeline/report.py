@@ -13,13 +13,15 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from core.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TOP_LABELS = 15  # classes shown at each end of the keep-rate ranking
 
@@ -124,7 +126,7 @@ def _reasons(df: pd.DataFrame) -> list[str]:
               .sort_values(["status", "rows", "reason"], ascending=[True, False, True]))
     out.append(_table(("status", "reason", "rows"),
                       [(r.status, r.reason or "(none)", int(r.rows)) for r in counts.itertuples()]))
-    fig = Figure(figsize=(8, 0.35 * len(counts) + 1.2))
+    fig = _figure(figsize=(8, 0.35 * len(counts) + 1.2))
     ax = fig.add_subplot()
     labels = [_tick(f"{s}: {r or '(none)'}") for s, r in zip(counts["status"], counts["reason"])]
     colors = ["#cf222e" if s == "failed" else "#bf8700" for s in counts["status"]]
@@ -220,7 +222,7 @@ def _histogram(values: pd.Series, name: str, thr: float | None, note: str | None
         return head + f"<p class='notice'>{_e(note)}</p></div>"
     if data.size == 0:
         return head + f"<p>No {_e(name)} was computed ({missing} rows missing).</p></div>"
-    fig = Figure(figsize=(6, 3.4))
+    fig = _figure(figsize=(6, 3.4))
     ax = fig.add_subplot()
     lo, hi = float(data.min()), float(data.max())
     if thr is not None:
@@ -280,7 +282,7 @@ def _labels(df: pd.DataFrame) -> list[str]:
     out.append(f"<div><h3>Bottom {n} (lowest keep rate)</h3>{_table(cols, rows(bottom))}</div></div>")
     chart = (pd.concat([top, bottom]).drop_duplicates("label")
              .sort_values(["keep_rate", "rows"], ascending=[True, True]))  # barh draws bottom-up
-    fig = Figure(figsize=(8, 0.28 * len(chart) + 1.2))
+    fig = _figure(figsize=(8, 0.28 * len(chart) + 1.2))
     ax = fig.add_subplot()
     rates = chart["keep_rate"].to_numpy() * 100
     ax.barh(range(len(chart)), rates, color="#1a7f37")
@@ -311,6 +313,13 @@ def _flatten(meta: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def _figure(**kwargs) -> Figure:
+    """A matplotlib Figure; matplotlib is imported here, so ``--help`` and importers stay light."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
 
 
 def _img(fig: Figure, alt: str) -> str:

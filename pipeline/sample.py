@@ -94,154 +94,185 @@ _SHIFTS = [("vehicle horn, car horn, honking", "train", 0.32), ("ripping paper",
            ("typing on typewriter", "test", 0.52)]
 
 
-def _generate_vggsound(root: Path, seed: int) -> dict:
-    """VGGSound layout: aligned, shifted, static, odd-rate, untrimmed, short and broken clips plus bad CSV rows."""
-    rng = random.Random(seed)
-    window = DEFAULT_SIGNAL.window_s
-    video_dir = root / "video"
-    ids = youtube_ids(seed, _N_VGG_IDS, "vggsound")
-    id_iter = iter(ids)
-    entries: list[dict] = []  # one per CSV row, in the order written later
+class _VggsoundRows:
+    """The CSV rows of a VGGSound sample as they are made: ids, start seconds and the clips' records."""
 
-    def start_seconds() -> int:
-        return rng.randrange(0, 300)
+    def __init__(self, root: Path, seed: int):
+        self.root, self.seed = root, seed
+        self.rng = random.Random(seed)
+        self.window = DEFAULT_SIGNAL.window_s
+        self.ids = iter(youtube_ids(seed, _N_VGG_IDS, "vggsound"))
+        self.entries: list[dict] = []  # one per CSV row, in the order written later
 
-    def name(yid: str, start: int, suffix: str = ".mp4") -> Path:
-        return video_dir / f"{yid}_{start:06d}{suffix}"
+    def next_id(self) -> tuple[str, int]:
+        """A fresh YouTube id and a start second (in this order: the rng sequence fixes the dataset)."""
+        return next(self.ids), self.rng.randrange(0, 300)
 
-    def add(kind: str, label: str, split: str, expect: str, clip: EventClip | None = None, *, yid=None,
-            start=None, av_align: str | None = None, note: str = "", offset: float = 0.0, **extra) -> dict:
-        yid = yid or next(id_iter)
-        start = start_seconds() if start is None else start
+    def path(self, yid: str, start: int) -> Path:
+        return self.root / "video" / f"{yid}_{start:06d}.mp4"
+
+    def events(self, rate: Fraction, lo: float, hi: float, count: int, min_gap: float = 1.0) -> list[float]:
+        return _event_times(self.rng, rate, lo, hi, count, min_gap)
+
+    def add(self, kind: str, label: str, split: str, expect: str, clip: EventClip | None, yid: str, start: int, *,
+            av_align: str | None = None, note: str = "", offset: float = 0.0, **extra) -> dict:
         entry = {"youtube_id": yid, "start_seconds": start, "label": label, "split": split, "kind": kind,
                  "expect": expect, "expect_av_align": av_align, "expect_curation": [], "note": note, **extra}
         if clip is not None:
-            entry.update(_clip_record(clip, root, offset=offset, window=window))
-        entries.append(entry)
+            entry.update(_clip_record(clip, self.root, offset=offset, window=self.window))
+        self.entries.append(entry)
         return entry
 
-    rate = Fraction(25)
+    def add_file(self, kind: str, label: str, expect: str, path: Path, yid: str, start: int, note: str) -> None:
+        """A row whose file is not a clip (empty, cut, not a video): the manifest names the file only."""
+        self.add(kind, label, "train", expect, None, yid, start, file=path.relative_to(self.root).as_posix(),
+                 note=note)
+
+
+def _aligned_and_shifted(rows: _VggsoundRows) -> None:
+    """Clips whose sound matches the picture, one more window of the same video, and shifted sound."""
+    seed, window, rate = rows.seed, rows.window, Fraction(25)
     for i, (label, split) in enumerate(_ALIGNED_LABELS):
-        yid, start = next(id_iter), start_seconds()
-        events = _event_times(rng, rate, 0.6, window - 0.6, 3 + i % 3, 1.0)
-        clip = write_event_clip(name(yid, start), duration_s=window, fps=rate, event_times=events,
-                                seed=seed * 1000 + i)
-        add("aligned", label, split, "ok", clip, yid=yid, start=start, av_align="high",
-            note="square jumps and a click sounds on the same frame", audio_shift_s=0.0)
+        yid, start = rows.next_id()
+        clip = write_event_clip(rows.path(yid, start), duration_s=window, fps=rate,
+                                event_times=rows.events(rate, 0.6, window - 0.6, 3 + i % 3), seed=seed * 1000 + i)
+        rows.add("aligned", label, split, "ok", clip, yid, start, av_align="high",
+                 note="square jumps and a click sounds on the same frame", audio_shift_s=0.0)
     # same YouTube video, another 10 s window: a different clip with its own key, not a duplicate
-    twin = entries[0]
+    twin = rows.entries[0]
     start2 = (twin["start_seconds"] + 40) % 300
-    clip = write_event_clip(name(twin["youtube_id"], start2), duration_s=window, fps=rate,
-                            event_times=_event_times(rng, rate, 0.6, window - 0.6, 4, 1.0), seed=seed * 1000 + 50)
-    add("aligned", twin["label"], twin["split"], "ok", clip, yid=twin["youtube_id"], start=start2, av_align="high",
-        note="same youtube_id as another row with a different start: a distinct clip", audio_shift_s=0.0)
+    clip = write_event_clip(rows.path(twin["youtube_id"], start2), duration_s=window, fps=rate,
+                            event_times=rows.events(rate, 0.6, window - 0.6, 4), seed=seed * 1000 + 50)
+    rows.add("aligned", twin["label"], twin["split"], "ok", clip, twin["youtube_id"], start2, av_align="high",
+             note="same youtube_id as another row with a different start: a distinct clip", audio_shift_s=0.0)
 
     for j, (label, split, shift) in enumerate(_SHIFTS):
-        yid, start = next(id_iter), start_seconds()
+        yid, start = rows.next_id()
         lo, hi = 0.6 + max(0.0, -shift), window - 0.6 - max(0.0, shift)
-        events = _event_times(rng, rate, lo, hi, 4, abs(shift) + 0.3)
-        clip = write_event_clip(name(yid, start), duration_s=window, fps=rate, event_times=events,
+        clip = write_event_clip(rows.path(yid, start), duration_s=window, fps=rate,
+                                event_times=rows.events(rate, lo, hi, 4, abs(shift) + 0.3),
                                 audio_shift_s=shift, seed=seed * 1000 + 100 + j)
-        add("shifted", label, split, "ok", clip, yid=yid, start=start, av_align="low", audio_shift_s=shift,
-            note=f"audio clicks {shift:+.2f}s from the jumps: no click within one frame of a jump")
+        rows.add("shifted", label, split, "ok", clip, yid, start, av_align="low", audio_shift_s=shift,
+                 note=f"audio clicks {shift:+.2f}s from the jumps: no click within one frame of a jump")
 
-    yid, start = next(id_iter), start_seconds()
-    clip = write_event_clip(name(yid, start), duration_s=window, motion=False, sound=False, seed=seed * 1000 + 200)
-    add("static_silent", "wind noise", "train", "ok", clip, yid=yid, start=start, av_align="low",
-        note="still square, digital silence: no motion peaks, no onsets (AV-Align 0)", audio_shift_s=0.0,
-        expect_curation=["silent", "static"])
 
-    # an untrimmed download: the CSV window [start, start+10) lies inside a longer file
-    yid, start = next(id_iter), 10
+def _static_and_untrimmed(rows: _VggsoundRows) -> None:
+    """A still, silent clip and an untrimmed download whose CSV window lies inside a longer file."""
+    seed, window, rate = rows.seed, rows.window, Fraction(25)
+    yid, start = rows.next_id()
+    clip = write_event_clip(rows.path(yid, start), duration_s=window, motion=False, sound=False,
+                            seed=seed * 1000 + 200)
+    rows.add("static_silent", "wind noise", "train", "ok", clip, yid, start, av_align="low",
+             note="still square, digital silence: no motion peaks, no onsets (AV-Align 0)", audio_shift_s=0.0,
+             expect_curation=["silent", "static"])
+
+    yid, start = next(rows.ids), 10
     long_s = 2.5 * window
-    events = (_event_times(rng, rate, 0.6, start - 0.6, 3, 1.0)
-              + _event_times(rng, rate, start + 0.6, start + window - 0.6, 4, 1.0)
-              + _event_times(rng, rate, start + window + 0.6, long_s - 0.6, 2, 1.0))
-    clip = write_event_clip(name(yid, start), duration_s=long_s, fps=rate, event_times=events, seed=seed * 1000 + 300)
-    add("untrimmed", "hammering, nailing", "train", "ok", clip, yid=yid, start=start, av_align="high",
-        offset=float(start), audio_shift_s=0.0, window_start_s=float(start),
-        note=f"{long_s:g}s file, CSV start {start}: only [start, start+{window:g}) is the clip; "
-             "event_times are relative to the window start")
+    events = (rows.events(rate, 0.6, start - 0.6, 3) + rows.events(rate, start + 0.6, start + window - 0.6, 4)
+              + rows.events(rate, start + window + 0.6, long_s - 0.6, 2))
+    clip = write_event_clip(rows.path(yid, start), duration_s=long_s, fps=rate, event_times=events,
+                            seed=seed * 1000 + 300)
+    rows.add("untrimmed", "hammering, nailing", "train", "ok", clip, yid, start, av_align="high",
+             offset=float(start), audio_shift_s=0.0, window_start_s=float(start),
+             note=f"{long_s:g}s file, CSV start {start}: only [start, start+{window:g}) is the clip; "
+                  "event_times are relative to the window start")
 
-    odd = Fraction(24000, 1001)
-    yid, start = next(id_iter), start_seconds()
-    clip = write_event_clip(name(yid, start), duration_s=window, fps=odd,
-                            event_times=_event_times(rng, odd, 0.6, window - 0.6, 4, 1.0), seed=seed * 1000 + 400)
-    add("odd_fps", "chopping wood", "train", "ok", clip, yid=yid, start=start, av_align="high", audio_shift_s=0.0,
-        note="24000/1001 fps: frame i is at i*1001/24000 s")
 
-    yid, start = next(id_iter), start_seconds()
-    clip = write_event_clip(name(yid, start), duration_s=window, fps=rate, fps_is_variable=True,
-                            event_times=_event_times(rng, rate, 0.6, window - 0.6, 4, 1.0), seed=seed * 1000 + 500)
-    add("variable_fps", "dog barking", "train", "ok", clip, yid=yid, start=start, av_align="high", audio_shift_s=0.0,
-        note="variable frame rate (frames up to 0.3 frame off the 25 fps grid): use timestamps, not i/fps")
+def _odd_timing(rows: _VggsoundRows) -> None:
+    """An NTSC-rate clip, a variable-frame-rate clip and one too short to keep."""
+    seed, window, rate, odd = rows.seed, rows.window, Fraction(25), Fraction(24000, 1001)
+    yid, start = rows.next_id()
+    clip = write_event_clip(rows.path(yid, start), duration_s=window, fps=odd,
+                            event_times=rows.events(odd, 0.6, window - 0.6, 4), seed=seed * 1000 + 400)
+    rows.add("odd_fps", "chopping wood", "train", "ok", clip, yid, start, av_align="high", audio_shift_s=0.0,
+             note="24000/1001 fps: frame i is at i*1001/24000 s")
+
+    yid, start = rows.next_id()
+    clip = write_event_clip(rows.path(yid, start), duration_s=window, fps=rate, fps_is_variable=True,
+                            event_times=rows.events(rate, 0.6, window - 0.6, 4), seed=seed * 1000 + 500)
+    rows.add("variable_fps", "dog barking", "train", "ok", clip, yid, start, av_align="high", audio_shift_s=0.0,
+             note="variable frame rate (frames up to 0.3 frame off the 25 fps grid): use timestamps, not i/fps")
 
     short_s = round(0.6 * DecodeLimits().min_duration_s, 3)
-    yid, start = next(id_iter), start_seconds()
-    clip = write_event_clip(name(yid, start), duration_s=short_s, fps=15, event_times=(0.2,), seed=seed * 1000 + 600)
-    add("too_short", "ice cracking", "train", "too_short", clip, yid=yid, start=start,
-        note=f"{short_s:g}s long: shorter than DecodeLimits.min_duration_s")
+    yid, start = rows.next_id()
+    clip = write_event_clip(rows.path(yid, start), duration_s=short_s, fps=15, event_times=(0.2,),
+                            seed=seed * 1000 + 600)
+    rows.add("too_short", "ice cracking", "train", "too_short", clip, yid, start,
+             note=f"{short_s:g}s long: shorter than DecodeLimits.min_duration_s")
 
-    # broken inputs
-    yid, start = next(id_iter), start_seconds()
-    path = name(yid, start)
+
+def _broken_inputs(rows: _VggsoundRows) -> None:
+    """Files a download leaves behind: empty, truncated, an HTML page, one stream missing, no file at all."""
+    seed, window = rows.seed, rows.window
+    yid, start = rows.next_id()
+    path = rows.path(yid, start)
     path.write_bytes(b"")
-    add("broken_empty", "dog barking", "train", "decode_error", yid=yid, start=start,
-        file=path.relative_to(root).as_posix(),
-        note="zero-byte file (a failed download)")
+    rows.add_file("broken_empty", "dog barking", "decode_error", path, yid, start, "zero-byte file (a failed download)")
 
-    yid, start = next(id_iter), start_seconds()
-    path = name(yid, start)
+    yid, start = rows.next_id()
+    path = rows.path(yid, start)
     write_event_clip(path, duration_s=window, seed=seed * 1000 + 700)
     truncate_file(path, 0.5)
-    add("broken_truncated", "chopping wood", "train", "decode_error", yid=yid, start=start,
-        file=path.relative_to(root).as_posix(), note="a real mp4 cut to half its bytes (moov index lost)")
+    rows.add_file("broken_truncated", "chopping wood", "decode_error", path, yid, start,
+                  "a real mp4 cut to half its bytes (moov index lost)")
 
-    yid, start = next(id_iter), start_seconds()
-    path = name(yid, start)
+    yid, start = rows.next_id()
+    path = rows.path(yid, start)
     path.write_text("<html><head><title>404 Not Found</title></head><body>Video unavailable</body></html>\n")
-    add("broken_not_video", "ripping paper", "train", "decode_error", yid=yid, start=start,
-        file=path.relative_to(root).as_posix(), note="an HTML error page saved under a .mp4 name")
+    rows.add_file("broken_not_video", "ripping paper", "decode_error", path, yid, start,
+                  "an HTML error page saved under a .mp4 name")
 
-    yid, start = next(id_iter), start_seconds()
-    clip = write_video_only(name(yid, start), duration_s=window, seed=seed * 1000 + 800)
-    add("no_audio", "dog barking", "train", "no_audio_stream", clip, yid=yid, start=start,
-        note="h264 video, no audio stream")
+    yid, start = rows.next_id()
+    clip = write_video_only(rows.path(yid, start), duration_s=window, seed=seed * 1000 + 800)
+    rows.add("no_audio", "dog barking", "train", "no_audio_stream", clip, yid, start,
+             note="h264 video, no audio stream")
 
-    yid, start = next(id_iter), start_seconds()
-    clip = write_audio_only(name(yid, start), duration_s=window, seed=seed * 1000 + 900)
-    add("no_video", "hammering, nailing", "train", "no_video_stream", clip, yid=yid, start=start,
-        note="ALAC audio in mp4, no video stream")
+    yid, start = rows.next_id()
+    clip = write_audio_only(rows.path(yid, start), duration_s=window, seed=seed * 1000 + 900)
+    rows.add("no_video", "hammering, nailing", "train", "no_video_stream", clip, yid, start,
+             note="ALAC audio in mp4, no video stream")
 
-    # CSV-only problems
-    yid, start = next(id_iter), start_seconds()
-    add("missing_file", "dog barking", "train", "missing_file", yid=yid, start=start,
-        note="listed in the CSV, never downloaded")
+    yid, start = rows.next_id()
+    rows.add("missing_file", "dog barking", "train", "missing_file", None, yid, start,
+             note="listed in the CSV, never downloaded")
 
+
+def _csv_problems(rows: _VggsoundRows) -> tuple[dict, dict]:
+    """Shuffle the rows, insert a duplicate line and two malformed ones; return the duplicate and its original."""
+    rng, entries = rows.rng, rows.entries
     rng.shuffle(entries)
     dup_of = next(e for e in entries if e["kind"] == "aligned")
     dup = {k: v for k, v in dup_of.items() if k in ("youtube_id", "start_seconds", "label", "split")}
     dup.update(kind="duplicate", expect="duplicate_id", expect_av_align=None,
                note="repeats an earlier line (same youtube_id and start)")
     entries.insert(entries.index(dup_of) + 1 + rng.randrange(0, len(entries) - entries.index(dup_of)), dup)
-    bad_start = {"youtube_id": next(id_iter), "start_seconds": "3O", "label": "dog barking", "split": "train",
+    bad_start = {"youtube_id": next(rows.ids), "start_seconds": "3O", "label": "dog barking", "split": "train",
                  "kind": "malformed", "expect": "bad_csv_row", "expect_av_align": None,
                  "note": "start_seconds is not a number (letter O)"}
-    short_row = {"youtube_id": next(id_iter), "start_seconds": 30, "label": None, "split": None,
+    short_row = {"youtube_id": next(rows.ids), "start_seconds": 30, "label": None, "split": None,
                  "kind": "malformed", "expect": "bad_csv_row", "expect_av_align": None,
                  "note": "only two fields"}
     entries.insert(rng.randrange(1, len(entries)), bad_start)
     entries.insert(rng.randrange(1, len(entries)), short_row)
+    return dup, dup_of
 
+
+def _generate_vggsound(root: Path, seed: int) -> dict:
+    """VGGSound layout: aligned, shifted, static, odd-rate, untrimmed, short and broken clips plus bad CSV rows."""
+    rows = _VggsoundRows(root, seed)
+    for make in (_aligned_and_shifted, _static_and_untrimmed, _odd_timing, _broken_inputs):
+        make(rows)
+    dup, dup_of = _csv_problems(rows)
     with open(root / "vggsound.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
-        for line, e in enumerate(entries, start=1):
+        for line, e in enumerate(rows.entries, start=1):
             fields = [e["youtube_id"], e["start_seconds"], e["label"], e["split"]]
             writer.writerow([x for x in fields if x is not None])
             e["csv_line"] = line
             e.setdefault("file", None)
     dup["duplicate_of_line"] = dup_of["csv_line"]
-    return {"layout": "vggsound", "csv": "vggsound.csv", "video_dir": "video", "window_s": window, "rows": entries}
+    return {"layout": "vggsound", "csv": "vggsound.csv", "video_dir": "video", "window_s": rows.window,
+            "rows": rows.entries}
 
 
 _YT_VIDEOS = [

@@ -13,7 +13,8 @@ from typing import Any
 from core.config import DEFAULT_SIGNAL
 from core.resample import RESAMPLER_NOTES
 from core.version import code_version
-from shards.config import MEMBER_CLIP, MEMBER_MEL, MEMBER_ORDER, EncoderConfig, MelConfig, ShardConfig, latent_shape
+from shards.config import (MEMBER_CLIP, MEMBER_MEL, MEMBER_ORDER, EncoderConfig, MelConfig, ShardConfig,
+                           flow_member, latent_shape, vision_member)
 from core.models import ResolvedModel
 from shards.random_models import is_random
 
@@ -89,6 +90,11 @@ class DatasetCard:
     # an audio-only corpus: latent + text (the caption) members, no video features; the clip_* fields
     # describe the CLIP whose text tower made text.npy
     audio_only: bool = False
+    # per vision encoder (vision-<name>.npy): model, weights_sha256, fps, image_size, token_layout,
+    # frames and tokens of a full window, dim, feature; cards written before them lack it (clip.npy)
+    vision_encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    with_flow: bool = False  # flow-<name>.npy members, one per vision encoder
+    flow: dict[str, Any] = field(default_factory=dict)  # how the flow images were made
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
@@ -131,25 +137,48 @@ def _audio_fields(enc: EncoderConfig, vae: ResolvedModel, hashes: dict[str, str]
         "sample_rate": mel.sample_rate, "audio_seconds": mel.seconds, "window_s": DEFAULT_SIGNAL.window_s,
         "audio_member": "audio.flac: 16-bit mono at sample_rate, the decoded window (not padded)",
         "mel": {**asdict(mel), **_MEL_FIXED}, "with_mel": enc.with_mel,
-        "members": [m for m in MEMBER_ORDER if enc.with_mel or m != MEMBER_MEL],
+        "members": members(enc),
     }
+
+
+def members(enc: EncoderConfig, audio_only: bool = False) -> list[str]:
+    """A sample's members in shard order (by name); an audio-only set has no vision or flow ones."""
+    fixed = [m for m in MEMBER_ORDER if m != MEMBER_CLIP and (enc.with_mel or m != MEMBER_MEL)]
+    vision = [] if audio_only else ([vision_member(e) for e in enc.encoders]
+                                    + [flow_member(e) for e in enc.encoders if enc.with_flow])
+    return sorted(fixed + vision)
+
+
+def flow_fields(enc: EncoderConfig) -> dict[str, Any]:
+    if not enc.with_flow:
+        return {}
+    return {"method": "Farneback (core.flow.FARNEBACK, AV-Align's parameters) on the encoder-sized luma",
+            "pairs": "image k: flow from the frame at the encoder's grid point k to the frame 1/(fps * step) s "
+                     "later, step = round(pair_fps / fps)", "pair_fps": enc.flow_pair_fps,
+            "rendering": "HSV wheel: hue = direction (degrees / 2), saturation 255, value = magnitude / scale, "
+                         "scale = the clip's largest magnitude, at least min_scale px/frame",
+            "min_scale": enc.flow_min_scale, "members": [flow_member(e) for e in enc.encoders]}
 
 
 def build_card(enc: EncoderConfig, clip: ResolvedModel, vae: ResolvedModel, hashes: dict[str, dict[str, str]],
                mel: MelConfig, shard_cfg: ShardConfig, shards: int, counts: Counts, run_meta: dict,
-               plan_meta: dict | None, random_reason: str, audio_only: bool = False) -> DatasetCard:
-    random_weights = is_random(clip.path) or is_random(vae.path)
+               plan_meta: dict | None, random_reason: str, audio_only: bool = False,
+               vision: dict[str, dict] | None = None) -> DatasetCard:
+    vision = {} if audio_only else (vision or {})  # an audio-only set has no vision members
+    random_weights = is_random(clip.path) or is_random(vae.path) or any(v.get("random_weights") for v in vision.values())
     reason = (random_reason or "weights were built by shards.random_models") if random_weights else ""
     ledger_run = {k: run_meta[k] for k in ("dataset", "code_version", "counts", "clap", "clap_skipped", "av_align",
                                            "av_align_version", "av_align_revisions") if k in run_meta}
     audio = _audio_fields(enc, vae, hashes["vae"], mel)
     visual = _clip_fields(enc, clip, hashes["clip"])
     if audio_only:
-        audio["members"] = [m for m in audio["members"] if m != MEMBER_CLIP]
+        audio["members"] = members(enc, audio_only=True)
         visual["clip_feature"] = "none: audio-only set (no video members)"
     return DatasetCard(code_version=code_version(), random_weights=random_weights, random_weights_reason=reason,
                        **visual, **audio, audio_only=audio_only,
                        thresholds=run_meta.get("filters", run_meta.get("thresholds")), ledger_run=ledger_run,
                        augmentation_plan=plan_meta, shard_size=shard_cfg.shard_size, shards=shards, **asdict(counts),
                        feature_resampler=RESAMPLER_NOTES[mel.resampler],
-                       av_align_version=run_meta.get("av_align_version", (run_meta.get("av_align") or {}).get("version")))
+                       av_align_version=run_meta.get("av_align_version", (run_meta.get("av_align") or {}).get("version")),
+                       vision_encoders=vision, with_flow=enc.with_flow and not audio_only,
+                       flow={} if audio_only else flow_fields(enc))

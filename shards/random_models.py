@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 Size = Literal["tiny", "full"]
 RANDOM_MARKER = "RANDOM_WEIGHTS.txt"
 
@@ -77,6 +75,7 @@ def vae_config(size: Size = "tiny", latent_channels: int = 8, scaling_factor: fl
 
 def build_random_clip(folder: str | Path, size: Size = "tiny", projection_dim: int = 768, seed: int = 0) -> Path:
     """A CLIPModel (vision + text towers) with random weights, its tokenizer and image processor config."""
+    import torch
     from transformers import CLIPModel
 
     folder = Path(folder)
@@ -99,6 +98,7 @@ def build_random_clip(folder: str | Path, size: Size = "tiny", projection_dim: i
 def build_random_vae(folder: str | Path, size: Size = "tiny", latent_channels: int = 8, seed: int = 0,
                      scaling_factor: float = 1.0) -> Path:
     """An AudioLDM-shaped AutoencoderKL (1-channel mel in, ``latent_channels`` out, x4) with random weights."""
+    import torch
     from diffusers import AutoencoderKL
 
     folder = Path(folder)
@@ -111,3 +111,76 @@ def build_random_vae(folder: str | Path, size: Size = "tiny", latent_channels: i
 def is_random(folder: str | Path) -> bool:
     """True for a folder this module wrote (its marker file is there)."""
     return (Path(folder) / RANDOM_MARKER).is_file()
+
+
+# The vision encoders of the study (shards.vision), tiny: the release's model class and key names,
+# a 32-px input, a 32-d width; ``full`` is the released architecture (benchmarks only).
+_TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def _save(model, folder: Path, what: str, preprocessor: dict | None = None,
+          preprocessor_name: str = "preprocessor_config.json") -> Path:
+    model.eval().save_pretrained(folder)
+    if preprocessor is not None:
+        (folder / preprocessor_name).write_text(json.dumps(preprocessor, indent=2))
+    _mark(folder, what)
+    return folder
+
+
+def build_random_siglip2(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
+    """A SiglipModel shaped like google/siglip2-base-patch16-512 (the fixed-resolution SigLIP 2 releases
+    are SiglipModel checkpoints: ``vision_model.*`` and ``text_model.*`` keys, the MAP pooling head)."""
+    from transformers import SiglipConfig, SiglipModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vision = (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   image_size=512, patch_size=16) if size == "full" else dict(_TINY_VIT, image_size=32, patch_size=8))
+    text = (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 vocab_size=256000) if size == "full" else dict(_TINY_VIT, vocab_size=300, pad_token_id=1, bos_token_id=2, eos_token_id=3))
+    torch.manual_seed(seed)
+    return _save(SiglipModel(SiglipConfig(vision_config=vision, text_config=text)), folder, f"SigLIP 2 ({size})",
+                 {"image_processor_type": "SiglipImageProcessor", "image_mean": [0.5, 0.5, 0.5],
+                  "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255, "do_normalize": True,
+                  "size": {"height": vision["image_size"], "width": vision["image_size"]}})
+
+
+def build_random_siglip2_naflex(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny Siglip2VisionModel (the NaFlex SigLIP 2 releases: patches in, ``spatial_shapes``)."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    return _save(Siglip2VisionModel(Siglip2VisionConfig(**_TINY_VIT, patch_size=8, num_patches=16)), folder,
+                 "SigLIP 2 NaFlex (tiny)")
+
+
+def build_random_vivit(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
+    """A VivitForVideoClassification like google/vivit-b-16x2-kinetics400 (``vivit.*`` keys + classifier)."""
+    from transformers import VivitConfig, VivitForVideoClassification
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = (dict(num_frames=32, tubelet_size=[2, 16, 16], image_size=224, num_labels=400) if size == "full"
+            else dict(_TINY_VIT, num_frames=4, tubelet_size=[2, 8, 8], image_size=32, num_labels=3))
+    torch.manual_seed(seed)
+    return _save(VivitForVideoClassification(VivitConfig(**arch)), folder, f"ViViT ({size})",
+                 {"image_processor_type": "VivitImageProcessor", "do_rescale": True, "rescale_factor": 1 / 127.5,
+                  "offset": True, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})
+
+
+def build_random_vjepa2(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
+    """A VJEPA2Model like facebook/vjepa2-vitl-fpc64-256 (encoder and predictor keys)."""
+    from transformers import VJEPA2Config, VJEPA2Model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = (dict() if size == "full" else
+            dict(_TINY_VIT, frames_per_clip=4, tubelet_size=2, crop_size=32, patch_size=8, pred_hidden_size=32,
+                 pred_num_hidden_layers=1, pred_num_attention_heads=2, pred_num_mask_tokens=2))
+    torch.manual_seed(seed)
+    return _save(VJEPA2Model(VJEPA2Config(**arch)), folder, f"V-JEPA 2 ({size})",
+                 {"video_processor_type": "VJEPA2VideoProcessor", "do_rescale": True, "rescale_factor": 1 / 255,
+                  "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+                 "video_preprocessor_config.json")

@@ -23,18 +23,19 @@ from core.keys import stable_hash
 from shards.batch import collate, decode_sample, skip_bad_sample
 from shards.config import ReaderConfig
 from shards.npy import SampleError
-from shards.sources import TRAIN_MEMBERS, Shard, ShardSourceError, shard_samples
+from shards.sources import Shard, ShardSourceError, shard_samples, train_members
 from shards.stream import ResampledMixSource
 
 log = logging.getLogger(__name__)
 
 
 def _stream_pipeline(source: ResampledMixSource, batch_size: int, need_text: bool,
-                     latent_shape: tuple[int, ...] | None, need_video: bool = True) -> wds.DataPipeline:
+                     latent_shape: tuple[int, ...] | None, vision: str = "clip",
+                     need_flow: bool = False, need_video: bool = True) -> wds.DataPipeline:
     return wds.DataPipeline(
         source,
-        wds.map(functools.partial(decode_sample, need_text=need_text, latent_shape=latent_shape,
-                                  need_video=need_video),
+        wds.map(functools.partial(decode_sample, need_text=need_text, latent_shape=latent_shape, vision=vision,
+                                  need_flow=need_flow, need_video=need_video),
                 handler=skip_bad_sample),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
@@ -59,8 +60,10 @@ class TrainLoader:
     def __init__(self, shards: list[Shard], batch_size: int, rank: int, world_size: int,
                  cfg: ReaderConfig = ReaderConfig(), need_text: bool = False,
                  latent_shape: tuple[int, ...] | None = None, state: dict | None = None,
-                 pin_memory: bool = False, generation: int = 0, need_video: bool = True):
+                 pin_memory: bool = False, generation: int = 0, vision: str = "clip", need_flow: bool = False,
+                 need_video: bool = True):
         self.shards = list(shards)
+        self.vision, self.need_flow = vision, need_flow  # which vision member (and its flow) batches carry
         if not self.shards:
             raise ShardSourceError("no training shards")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -109,11 +112,12 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict]:
         seed = stable_hash("stream", self.cfg.seed, self.generation) if self.generation else self.cfg.seed
-        # without video (audio pre-training, text-only conditions) clip.npy is not even read
-        members = TRAIN_MEMBERS if self.need_video else tuple(m for m in TRAIN_MEMBERS if m != "clip.npy")
+        # without video (audio pre-training, text-only conditions) no vision member is even read
+        members = train_members(self.vision, self.need_flow, self.need_video)
         source = ResampledMixSource(self.shards, self.rank, seed, self.cfg.mix_shards, self.cfg.shuffle_buffer,
                                     resume=self.states, members=members)
-        pipeline = _stream_pipeline(source, self.batch_size, self.need_text, self.latent_shape, self.need_video)
+        pipeline = _stream_pipeline(source, self.batch_size, self.need_text, self.latent_shape, self.vision,
+                                    self.need_flow, self.need_video)
         loader = DataLoader(pipeline, batch_size=None, collate_fn=_as_is, num_workers=self.workers,
                             pin_memory=self.pin_memory,
                             prefetch_factor=self.cfg.prefetch if self.workers else None,
@@ -134,15 +138,16 @@ class TrainLoader:
 
 
 def validation_samples(shards: list[Shard], limit: int, need_text: bool = False,
-                       latent_shape: tuple[int, ...] | None = None, need_video: bool = True) -> list[dict]:
+                       latent_shape: tuple[int, ...] | None = None, vision: str = "clip",
+                       need_flow: bool = False, need_video: bool = True) -> list[dict]:
     """The first ``limit`` usable samples of ``shards`` in index and file order (all when ``limit``
     is 0): a fixed list, read once, never resampled. Unusable samples are logged and skipped."""
     out: list[dict] = []
     for shard in shards:
         try:
-            for _, raw in shard_samples(shard.url):
+            for _, raw in shard_samples(shard.url, train_members(vision, need_flow, need_video)):
                 try:
-                    out.append(decode_sample(raw, need_text, latent_shape, need_video))
+                    out.append(decode_sample(raw, need_text, latent_shape, vision, need_flow, need_video))
                 except SampleError as e:
                     log.warning("validation: skipping sample: %s", e)
                 if limit and len(out) >= limit:

@@ -40,7 +40,7 @@ import numpy as np
 from core.atomic import atomic_write, atomic_write_text, remove_abandoned
 from core.keys import is_safe, stable_hash
 from core.stage import OK
-from shards.config import FORBIDDEN_EXTENSIONS, MEMBER_ORDER
+from shards.config import FORBIDDEN_EXTENSIONS, is_shard_member
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,9 @@ def check_member(key: str, member: str) -> None:
 
 
 def members_of(row: Mapping) -> dict[str, bytes]:
-    """The shard members an encoded row carries: its fields named like members (``clip.npy`` ...)."""
-    return {m: row[m] for m in MEMBER_ORDER if row.get(m) is not None}
+    """The shard members an encoded row carries: its fields named like members (``vision-clip.npy`` ...),
+    in name order (webdataset's TarWriter writes a sample's members sorted)."""
+    return {m: row[m] for m in sorted(row) if is_shard_member(m) and row[m] is not None}
 
 
 class _HashingFile:

@@ -22,9 +22,23 @@ from urllib.parse import urlparse
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from shards.config import flow_member, vision_member
+
 log = logging.getLogger(__name__)
 
-TRAIN_MEMBERS = ("clip.npy", "text.npy", "latent.npy", "json")
+TRAIN_MEMBERS = ("clip.npy", "vision-clip.npy", "text.npy", "latent.npy", "json")  # a CLIP-conditioned run's
+
+
+def train_members(vision: str = "clip", need_flow: bool = False, need_video: bool = True) -> tuple[str, ...]:
+    """The members a run conditioned on ``vision`` (and its flow) reads; old shards' clip.npy is CLIP's.
+    Without video (audio pre-training, text-only conditions) no vision or flow member is read."""
+    if not need_video:
+        return ("text.npy", "latent.npy", "json")
+    if vision == "clip" and not need_flow:
+        return TRAIN_MEMBERS
+    old = ("clip.npy",) if vision == "clip" else ()
+    return (*old, vision_member(vision), *((flow_member(vision),) if need_flow else ()), "text.npy", "latent.npy",
+            "json")
 HTTP_TIMEOUT_S = 120  # per socket read; a stalled server fails the shard instead of hanging a rank
 
 

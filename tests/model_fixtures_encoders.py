@@ -20,14 +20,26 @@ REAL_CLIP = DATA / "video" / "0DCit2EBtjs_000030.mp4"  # 480x360, 30 fps, 9.98 s
 THRESHOLDS = {"av_align_min": 0.2, "clap_min": 0.3}
 
 
+_BUILT: dict[str, Path] = {}
+
+
+def _once(tmp_path_factory, name: str, build) -> Path:
+    """Build a folder once per test session: pytest makes one fixture per module that imports it,
+    so session scope alone would build it again in every such module."""
+    if name not in _BUILT:
+        _BUILT[name] = build(tmp_path_factory.mktemp(name))
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    return build_random_clip(tmp_path_factory.mktemp("tiny_clip"), size="tiny", projection_dim=TINY_CLIP_DIM)
+    return _once(tmp_path_factory, "tiny_clip",
+                 lambda d: build_random_clip(d, size="tiny", projection_dim=TINY_CLIP_DIM))
 
 
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory) -> Path:
-    return build_random_vae(tmp_path_factory.mktemp("tiny_vae"), size="tiny")
+    return _once(tmp_path_factory, "tiny_vae", lambda d: build_random_vae(d, size="tiny"))
 
 
 def ledger_row(key: str, video_path: str | Path, *, label: str = "dog barking", split: str = "train",

@@ -143,6 +143,7 @@ def test_rendered_mp4_has_the_events_in_place_and_lossless_audio(world):
         assert_matches(jump_times(back.gray, back.gray_times), visual, frame_s, f"{recipe.key} mp4 video")
 
 
+@pytest.mark.slow
 def test_augmented_samples_of_an_aligned_clip_keep_a_high_av_align(world):
     cfg = AVAlignConfig(mode="reference")
     source = score_clip(world["clips"]["k-a"].path, cfg)

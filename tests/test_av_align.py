@@ -87,7 +87,10 @@ def scored_with(path: Path, config: AVAlignConfig):
     return score_clip(path, config)
 
 
-@pytest.mark.parametrize("name", CLIPS)
+QUICK_CLIP = "-BAKe6QGTUk_000030.mp4"  # the cheapest of the five to decode: `make test-fast` scores only it
+
+
+@pytest.mark.parametrize("name", [n if n == QUICK_CLIP else pytest.param(n, marks=pytest.mark.slow) for n in CLIPS])
 def test_fast_decode_options_keep_scores_within_tolerance(name):
     now = scored(name, "fast").score
     before = scored_with(DATA / "video" / name, FAST_BEFORE).score
@@ -136,6 +139,7 @@ def _published_onsets(path: Path, wav: Path) -> np.ndarray:
     return librosa.frames_to_time(librosa.onset.onset_detect(onset_envelope=env, sr=sr), sr=sr)
 
 
+@pytest.mark.slow
 def test_loud_stereo_clip_is_mixed_like_librosa_load_not_clipped(loud_clip, tmp_path):
     expected = _published_onsets(loud_clip, tmp_path / "loud.wav")
     result = score_clip(loud_clip, AVAlignConfig(mode="reference"))
@@ -162,7 +166,7 @@ def event_clips(tmp_path_factory):
     return aligned, shifted
 
 
-@pytest.mark.parametrize("mode", ["reference", "fast"])
+@pytest.mark.parametrize("mode", [pytest.param("reference", marks=pytest.mark.slow), "fast"])
 def test_aligned_clip_scores_high_and_shifted_clip_low(event_clips, mode):
     aligned, shifted = event_clips
     good = score_clip(aligned.path, AVAlignConfig(mode=mode))
@@ -184,6 +188,7 @@ def test_window_is_scored_from_its_start(event_clips):
     np.testing.assert_allclose(result.video_peak_times, inside, atol=0.02)
 
 
+@pytest.mark.slow
 def test_fast_decode_options_make_the_reference_decisions_on_generated_clips(event_clips, tmp_path):
     still = write_event_clip(tmp_path / "still.mp4", duration_s=4.0, fps=30.0, event_times=(1.0,), motion=False)
     odd = write_event_clip(tmp_path / "odd.mp4", duration_s=5.0, fps=14.96, size=(320, 240),
@@ -327,6 +332,7 @@ def test_selected_version_picks_the_score_and_both_are_kept(event_clips):
 # ---------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_prints_a_json_line_per_file_and_fails_at_the_end(tmp_path, event_clips):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"this is not a video" * 100)
@@ -346,6 +352,7 @@ def test_cli_prints_a_json_line_per_file_and_fails_at_the_end(tmp_path, event_cl
     assert "2 of 4" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_exit_code_zero_when_all_files_score(event_clips):
     proc = subprocess.run([sys.executable, "-m", "filters.av_align", "--version", "2023", str(event_clips[0].path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)

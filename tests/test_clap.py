@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from clap_fixture import build_tiny_clap  # noqa: E402
@@ -29,8 +28,8 @@ SR = 48000
 
 
 @pytest.fixture(scope="module")
-def tiny_clap(tmp_path_factory) -> Path:
-    return build_tiny_clap(tmp_path_factory.mktemp("tiny_clap"))
+def tiny_clap(tiny_clap_dir) -> Path:
+    return tiny_clap_dir  # the session's (conftest), shared with the clean and runner tests
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +80,7 @@ def test_scores_are_cosines_of_normalised_embeddings_not_logits(scorer, real_aud
     assert not np.allclose(scores, np.diag(logits))
 
 
+@pytest.mark.slow
 def test_batched_equals_one_by_one(tiny_clap, real_audio):
     audios = real_audio + [_noise(2.5, 2), _noise(12.0, 3), _noise(10.0, 4)]
     batched = ClapScorer(ClapConfig(model=str(tiny_clap), batch_size=4)).load(device="cpu")
@@ -190,6 +190,8 @@ def test_hub_id_not_cached_and_hub_unreachable_fails_fast(monkeypatch, tmp_path)
 
 
 def test_checkpoint_missing_weights_is_refused_not_randomly_initialised(tmp_path):
+    from safetensors.torch import load_file, save_file
+
     folder = build_tiny_clap(tmp_path / "clap")
     weights = load_file(folder / "model.safetensors")
     dropped = [k for k in weights if k.startswith("audio_projection.")]
@@ -285,6 +287,7 @@ def laion_front_end_scorer(tiny_clap) -> ClapScorer:
                                       RobertaTokenizer.from_pretrained(tiny_clap))
 
 
+@pytest.mark.slow
 def test_input_features_are_laions_preprocessing_on_real_clips(laion_front_end_scorer, real_audio):
     scorer = laion_front_end_scorer
     assert (scorer.truncation, scorer.padding) == ("rand_trunc", "repeatpad")

@@ -274,6 +274,7 @@ def test_rerun_with_other_scoring_settings_stops_before_decoding(clean_out, samp
     assert meta["av_align"]["mode"] == "fast"  # run.json still describes the scores it holds
 
 
+@pytest.mark.slow
 def test_rescore_recomputes_rows_made_with_other_settings(sample_root, tmp_path, capsys):
     out = tmp_path / "rescore"
     assert _clean(sample_root, out, "--limit", "4") == 0

@@ -27,7 +27,7 @@ from core.synth import truncate_file, write_event_clip  # noqa: E402
 from shards.shard_writer import shard_order  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ALLOWED_MEMBERS = {"json", "clip.npy", "text.npy", "latent.npy", "mel.npy", "audio.flac"}
+ALLOWED_MEMBERS = {"json", "vision-clip.npy", "text.npy", "latent.npy", "mel.npy", "audio.flac"}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_stock_webdataset_reads_every_sample(dataset, encoded):
     assert keys == sorted(keys[:1], key=shard_order) + sorted(keys[1:], key=shard_order)
     for s in samples:
         assert set(s) - {"__key__", "__url__", "__local_path__"} == ALLOWED_MEMBERS
-        clip, text, latent, mel = s["clip.npy"], s["text.npy"], s["latent.npy"], s["mel.npy"]
+        clip, text, latent, mel = s["vision-clip.npy"], s["text.npy"], s["latent.npy"], s["mel.npy"]
         assert clip.dtype == text.dtype == latent.dtype == mel.dtype == np.float16
         recipe = dataset["recipes"].get(s["__key__"])
         seconds = recipe.duration_s if recipe else 10.0  # a 1.25x stretch of a 10 s clip lasts 8 s
@@ -284,7 +284,7 @@ def test_ray_read_webdataset_reads_the_shards(dataset, encoded):
     assert sorted(r["__key__"] for r in rows) == dataset["encoded"]
     for r in rows:
         assert r["latent.npy"].shape == (2, 8, 256, 16) and r["latent.npy"].dtype == np.float16
-        assert r["clip.npy"].shape[1] == TINY_CLIP_DIM and r["json"]["key"] == r["__key__"]
+        assert r["vision-clip.npy"].shape[1] == TINY_CLIP_DIM and r["json"]["key"] == r["__key__"]
 
 
 @pytest.mark.slow
@@ -324,6 +324,7 @@ def _replanned(dataset, tmp_path) -> tuple[Path, str, float]:
     return path, key, seg.src_start_s
 
 
+@pytest.mark.slow
 def test_a_replanned_recipe_is_encoded_again_nothing_stale_reused(dataset, encoded, tiny_clip_dir, tiny_vae_dir,
                                                                    tmp_path, capsys):
     import shutil
@@ -390,6 +391,7 @@ def test_a_plan_of_another_format_is_refused(dataset, tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_nothing_encoded_exits_nonzero(dataset, tiny_clip_dir, tiny_vae_dir, tmp_path, capsys):
     video = dataset["root"] / "video"
     ledger = write_ledger(tmp_path / "bad", [ledger_row("vggsound-gone-000000", video / "gone_000000.mp4"),
@@ -408,6 +410,7 @@ def test_the_card_is_one_typed_record(encoded):
     text = (encoded / "card.json").read_text()
     card = DatasetCard.from_json(text)
     assert card.format == CARD_FORMAT and card.to_json() == text  # serialised once, read back the same
-    assert card.members == ["audio.flac", "clip.npy", "json", "latent.npy", "mel.npy", "text.npy"]
+    assert card.members == ["audio.flac", "json", "latent.npy", "mel.npy", "text.npy", "vision-clip.npy"]
+    assert card.vision_encoders["clip"]["dim"] == card.clip_dim and card.vision_encoders["clip"]["tokens"] == 20
     with pytest.raises(CardError, match="v2a-shards/9"):
         DatasetCard.from_json(json.dumps({**json.loads(text), "format": "v2a-shards/9"}))

@@ -55,6 +55,7 @@ def _rows(n: int) -> list[Row]:
     return [{"key": f"r{i:03d}", "source": "toy", "line": i + 1, "status": "", "reason": ""} for i in range(n)]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_batch_fails_only_its_rows_and_the_run_goes_on(tmp_path):
     ledger = Ledger(tmp_path)
     seen: list[Row] = []

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,6 +36,7 @@ def test_cap_reaches_blas_opencv_and_ffmpeg_decoders():
     assert got["explicit"] == 3, "--decode-threads overrides the worker's cap"
 
 
+@pytest.mark.slow
 def test_cap_reaches_torch_once_loaded_and_never_imports_it():
     got = run_python(
         "import json, sys; from core.native_threads import limit_native_threads\n"

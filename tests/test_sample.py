@@ -36,17 +36,15 @@ def jump_times(clip) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def vgg(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample") / "vggsound"
-    manifest = json.loads(generate(root, "vggsound", seed=0).read_text())
-    return root, manifest
+def vgg(sample_root):
+    """The session's generated VGGSound sample (conftest: ``generate(root, "vggsound", seed=0)``)."""
+    return sample_root, json.loads((sample_root / MANIFEST_NAME).read_text())
 
 
 @pytest.fixture(scope="module")
-def yt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample") / "youtube"
-    manifest = json.loads(generate(root, "youtube", seed=0).read_text())
-    return root, manifest
+def yt(youtube_root):
+    """The session's generated YouTube corpus (conftest: ``generate(root, "youtube", seed=0)``)."""
+    return youtube_root, json.loads((youtube_root / MANIFEST_NAME).read_text())
 
 
 def rows(manifest, *kinds):

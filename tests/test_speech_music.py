@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from clap_fixture import build_tiny_clap  # noqa: E402
-
-from filters.clap import ClapConfig, ClapScorer  # noqa: E402
-from filters.speech_music import (  # noqa: E402
+from filters.clap import ClapConfig, ClapScorer
+from filters.speech_music import (
     PromptSets,
     SpeechMusicConfig,
     decide,
@@ -136,8 +131,8 @@ def test_cli_flags_come_from_the_config():
     assert from_args(SpeechMusicConfig, parser.parse_args([])) == SpeechMusicConfig()
 
 
-def test_prompt_embeddings_come_from_the_same_clap(tmp_path):
-    scorer = ClapScorer(ClapConfig(model=str(build_tiny_clap(tmp_path / "clap")))).load(device="cpu")
+def test_prompt_embeddings_come_from_the_same_clap(tiny_clap_dir):
+    scorer = ClapScorer(ClapConfig(model=str(tiny_clap_dir))).load(device="cpu")
     cfg = SpeechMusicConfig()
     sets = embed_prompts(scorer, cfg)
     assert sets.speech.shape == (len(cfg.speech_prompts), scorer.embedding_dim)

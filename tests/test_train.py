@@ -454,22 +454,21 @@ def test_sampler_writes_16k_wav_of_10_24_s_and_a_muxed_mp4(generated):
 
 
 @pytest.mark.slow
-def test_evaluate_scores_av_align_both_modes_and_clap(generated, tmp_path):
+def test_evaluate_scores_av_align_both_modes_and_clap(generated, tiny_clap_dir, tmp_path):
     import csv
 
-    from clap_fixture import build_tiny_clap
     from core.models import file_sha256
     from filters.av_align import AVAlignConfig, score_clip
     from train.evaluate import main
 
-    clap = build_tiny_clap(tmp_path / "clap")
+    clap = tiny_clap_dir
     # a second output without caption and without mp4: muxed on the fly, CLAP left empty
     (generated / "nocap.wav").write_bytes((generated / "clip.wav").read_bytes())
     side = json.loads((generated / "clip.json").read_text())
     (generated / "nocap.json").write_text(json.dumps(dict(side, caption=None, mux=None)))
     try:
         assert main(["--generated", str(generated), "--out", str(tmp_path / "eval"), "--clap-model", str(clap),
-                     "--no-panns", "--no-vggish", "--no-passt"]) == 0
+                     "--no-panns", "--no-vggish", "--no-passt", "--no-desync"]) == 0
     finally:
         (generated / "nocap.wav").unlink()
         (generated / "nocap.json").unlink()

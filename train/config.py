@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.registry import default_spec
-from shards.config import ReaderConfig
+from shards.config import VISION_ENCODERS, ReaderConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 FULL_UNET_CONFIG = str(CONFIG_DIR / "vta_ldm_unet.json")
@@ -22,7 +22,8 @@ TINY_UNET_CONFIG = str(CONFIG_DIR / "tiny_unet.json")
 _READER = {f.name: f for f in dataclasses.fields(ReaderConfig)}  # the reader's defaults and help, not copies
 
 # "text": the CLIP text token(s) only (audio pre-training, text-to-audio); "none": unconditional
-Condition = Literal["video", "video+text", "video+pe", "video+text+pe", "text", "none"]
+Condition = Literal["video", "video+text", "video+pe", "video+text+pe",
+                    "video+flow", "video+flow+text", "video+flow+pe", "video+flow+text+pe", "text", "none"]
 Pretrain = Literal["none", "audio"]
 
 
@@ -39,13 +40,23 @@ class ModelConfig:
     text_repeat: int = field(default=1, metadata={
         "help": "copies of the text token in the context: 1 gives text about 1/(T+1) of the attention; "
                 "0 = one copy per real CLIP frame, VTA-LDM's recipe (about half the attention)"})
-    clip_dim: int = field(default=768, metadata={"help": "width of the CLIP image/text embeddings"})
+    clip_dim: int = field(default=768, metadata={
+        "help": "width of the vision tokens (the trainer takes it from card.json when the card lists the encoder)"})
     max_frames: int = field(default=64, metadata={
-        "help": "longest CLIP token sequence (positional-embedding table size); longer ones are an error"})
+        "help": "longest vision token sequence (positional-embedding table size; raised to the card's token "
+                "count); longer ones are an error"})
+    vision_encoder: str = field(default="clip", metadata={
+        "help": "vision tokens to condition on: the shards' vision-<name>.npy member (clip, siglip2, vivit, vjepa2; "
+                "old shards' clip.npy is clip); with +flow also flow-<name>.npy"})
+    text_dim: int = field(default=768, metadata={
+        "help": "width of the CLIP text embedding (from card.json); it gets its own projection unless the vision "
+                "encoder is CLIP, whose image and text embeddings share one space"})
 
     def __post_init__(self):
         if self.text_repeat < 0:
             raise ValueError(f"text_repeat must be >= 0 (0: one copy per frame), got {self.text_repeat}")
+        if self.vision_encoder not in VISION_ENCODERS:
+            raise ValueError(f"vision_encoder must be one of {', '.join(VISION_ENCODERS)}, not {self.vision_encoder!r}")
 
     @property
     def use_text(self) -> bool:
@@ -58,6 +69,15 @@ class ModelConfig:
     @property
     def use_video(self) -> bool:
         return self.condition.startswith("video")
+
+    @property
+    def use_flow(self) -> bool:
+        return "flow" in self.condition
+
+    @property
+    def shared_text_projection(self) -> bool:
+        """VTA-LDM's design: CLIP text and image embeddings through one projection (one embedding space)."""
+        return self.vision_encoder == "clip" and self.text_dim == self.clip_dim
 
 
 @dataclass(frozen=True)
@@ -168,6 +188,8 @@ class SamplerConfig:
     clip_model: str = field(default="", metadata={
         "help": "CLIP id or folder (default: the one named in the run's dataset card)"})
     vae: str = field(default="", metadata={"help": "AudioLDM VAE id or folder (default: the dataset card's)"})
+    vision_model: str = field(default="", metadata={
+        "help": "the run's vision encoder (when not CLIP): id or folder (default: the one in the dataset card)"})
     vocoder: str = field(default=default_spec("audioldm_vocoder"), metadata={
         "help": "AudioLDM HiFi-GAN (SpeechT5HifiGan) id or folder; a pipeline uses its vocoder/ subfolder"})
     steps: int = field(default=50, metadata={"help": "denoising steps"})

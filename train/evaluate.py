@@ -50,7 +50,7 @@ from train.config import EvalConfig
 from train.eval_models import Models, load_models
 from train.eval_summary import (CLASSIFIERS, MODES, cavp_metrics, classifier_metrics, clip_metrics, desync_metrics,
                                 table, vggish_metrics)
-from train.sample import mux, write_record
+from train.soundtrack import mux, write_record
 
 log = logging.getLogger("train.evaluate")
 

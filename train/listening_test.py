@@ -27,7 +27,7 @@ import numpy as np
 import soundfile as sf
 
 from core.atomic import atomic_write_text
-from train.sample import mux
+from train.soundtrack import mux
 
 QUESTIONS = {"overall": "Overall quality", "audio_quality": "Audio quality",
              "semantic": "Semantic alignment (does the sound fit what is seen?)",

@@ -30,12 +30,19 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
 
 
 class ConditionEncoder(nn.Module):
-    """CLIP tokens (+ text token, + positions) -> cross-attention context and its padding mask."""
+    """Vision tokens (+ flow tokens, + text token, + positions) -> cross-attention context and its padding mask.
+
+    Flow tokens (the same encoder's tokens of the flow images) are concatenated after the video
+    tokens along the sequence axis and go through the same projection; with ``pe`` each gets the
+    position of its frame, so a frame's video and flow tokens share a time position.
+    """
 
     def __init__(self, cfg: ModelConfig, cross_attention_dim: int):
         super().__init__()
         self.cfg = cfg
         self.proj = nn.Linear(cfg.clip_dim, cross_attention_dim)
+        if cfg.use_text and not cfg.shared_text_projection:
+            self.text_proj = nn.Linear(cfg.text_dim, cross_attention_dim)
         self.null = nn.Parameter(torch.randn(1, cross_attention_dim) * 0.02)
         if cfg.use_pe:
             self.register_buffer("pe", sinusoidal_table(cfg.max_frames, cfg.clip_dim), persistent=False)
@@ -45,12 +52,24 @@ class ConditionEncoder(nn.Module):
             return 0
         return self.cfg.text_repeat or frames
 
-    def context_length(self, frames: int) -> int:
-        return frames + self.text_copies(frames)
+    def context_length(self, frames: int, flow_frames: int = 0) -> int:
+        return frames + flow_frames + self.text_copies(frames)
+
+    def _positioned(self, tokens: torch.Tensor, what: str) -> torch.Tensor:
+        if tokens.shape[-1] != self.cfg.clip_dim:
+            raise ValueError(f"{what} tokens are {tokens.shape[-1]}-d, the model expects {self.cfg.clip_dim}")
+        x = tokens.to(self.proj.weight.dtype)
+        if self.cfg.use_pe:
+            if tokens.shape[1] > self.cfg.max_frames:
+                raise ValueError(f"{tokens.shape[1]} {what} tokens exceed max_frames={self.cfg.max_frames}")
+            x = x + self.pe[:tokens.shape[1]].to(x.dtype)
+        return x
 
     def forward(self, clip: torch.Tensor | None, clip_mask: torch.Tensor | None, text: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``clip`` [B,T,D], ``clip_mask`` [B,T] (True = real frame), ``text`` [B,D], ``drop`` [B] bool.
+                drop: torch.Tensor | None = None, flow: torch.Tensor | None = None,
+                flow_mask: torch.Tensor | None = None, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``clip`` [B,T,D] vision tokens, ``clip_mask`` [B,T] (True = real frame), ``text`` [B,D_text],
+        ``drop`` [B] bool, ``flow`` [B,F,D] and ``flow_mask`` [B,F] for the +flow conditions.
 
         Without video (``clip`` None: a text-only condition, or text-to-audio with a video+text
         model) the context is the text token(s) alone; condition "none" is always the null context.
@@ -59,33 +78,38 @@ class ConditionEncoder(nn.Module):
             return self.null_context(batch or _batch_of(clip, text, drop), 1)
         if clip is None or not self.cfg.use_video:
             return self._text_only(text, drop)
-        if clip.shape[-1] != self.cfg.clip_dim:
-            raise ValueError(f"CLIP tokens are {clip.shape[-1]}-d, the model expects {self.cfg.clip_dim}")
         frames = clip.shape[1]
-        x = clip.to(self.proj.weight.dtype)
-        if self.cfg.use_pe:
-            if frames > self.cfg.max_frames:
-                raise ValueError(f"{frames} CLIP frames exceed max_frames={self.cfg.max_frames}")
-            x = x + self.pe[:frames].to(x.dtype)
-        tokens = self.proj(x)
+        x = self._positioned(clip, f"{self.cfg.vision_encoder} vision")
         mask = clip_mask.bool()
+        frame_mask = mask
+        if self.cfg.use_flow:
+            if flow is None or flow_mask is None:
+                raise ValueError(f"condition {self.cfg.condition!r} needs the flow tokens "
+                                 f"(flow-{self.cfg.vision_encoder}.npy: encode with --with-flow)")
+            x = torch.cat([x, self._positioned(flow, "flow")], dim=1)
+            mask = torch.cat([mask, flow_mask.bool()], dim=1)
+        tokens = self.proj(x)
         if self.cfg.use_text:
             if text is None:
                 raise ValueError(f"condition {self.cfg.condition!r} needs the CLIP text embedding (text.npy)")
             copies = self.text_copies(frames)
-            text_tokens = self.proj(text.to(x.dtype))[:, None].expand(-1, copies, -1)
+            text_tokens = self._text_projection()(text.to(x.dtype))[:, None].expand(-1, copies, -1)
             # VTA-LDM's repeat (text_repeat 0): one copy per real frame, padded frames' copies masked
-            text_mask = mask if self.cfg.text_repeat == 0 else torch.ones_like(mask[:, :1]).expand(-1, copies)
+            text_mask = frame_mask if self.cfg.text_repeat == 0 else torch.ones_like(mask[:, :1]).expand(-1, copies)
             tokens = torch.cat([text_tokens, tokens], dim=1)
             mask = torch.cat([text_mask, mask], dim=1)
         return self._dropped(tokens, mask, drop)
+
+    def _text_projection(self) -> nn.Linear:
+        return self.proj if self.cfg.shared_text_projection else self.text_proj
 
     def _text_only(self, text: torch.Tensor | None, drop: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The text token, ``text_repeat`` copies (one when 0: there are no frames to match)."""
         if not self.cfg.use_text or text is None:
             raise ValueError(f"condition {self.cfg.condition!r} without video tokens needs the CLIP text "
                              f"embedding (a model trained with text, and text.npy or --caption)")
-        tokens = self.proj(text.to(self.proj.weight.dtype))[:, None].expand(-1, self.cfg.text_repeat or 1, -1)
+        proj = self._text_projection()
+        tokens = proj(text.to(proj.weight.dtype))[:, None].expand(-1, self.cfg.text_repeat or 1, -1)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return self._dropped(tokens, mask, drop)
 
@@ -125,8 +149,9 @@ class VideoToAudioUNet(nn.Module):
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, clip: torch.Tensor | None,
                 clip_mask: torch.Tensor | None, text: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
-        context, mask = self.cond(clip, clip_mask, text, drop, batch=noisy.shape[0])
+                drop: torch.Tensor | None = None, flow: torch.Tensor | None = None,
+                flow_mask: torch.Tensor | None = None) -> torch.Tensor:
+        context, mask = self.cond(clip, clip_mask, text, drop, flow, flow_mask, batch=noisy.shape[0])
         return self.unet(noisy, timesteps, encoder_hidden_states=context,
                          encoder_attention_mask=mask).sample
 
@@ -198,7 +223,8 @@ class DiffusionLoss:
         x0 = (mean + std * eps_z) * scaling_factor
         noisy = self.scheduler.add_noise(x0, noise, timesteps)
         target = self.scheduler.get_velocity(x0, noise, timesteps) if self.cfg.prediction_type == "v_prediction" else noise
-        pred = model(noisy, timesteps, batch.get("clip"), batch.get("clip_mask"), batch.get("text"), drop)
+        pred = model(noisy, timesteps, batch.get("clip"), batch.get("clip_mask"), batch.get("text"), drop,
+                     batch.get("flow"), batch.get("flow_mask"))
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         per_sample = per_sample * self.weights(timesteps)
         return LossTerms(loss=per_sample.mean(), per_sample=per_sample.detach(), drop=drop)

@@ -4,9 +4,10 @@ Without ``--video``, ``--caption "..."`` makes text-to-audio with the same model
 demo): the condition is the caption's CLIP text token alone, so the model must have been trained
 with text (``--condition text``, ``video+text``...); one trained without text is refused.
 
-The video goes through the encode stage's own code (``core.decode`` at the run's CLIP frame
-rate, ``shards.encoders.ClipImageEncoder`` with the card's pixel normalisation), so the model sees
-features made exactly as in training. Denoising uses a diffusers DDIM or DPM-Solver++ scheduler
+The video goes through the encode stage's own code (``core.decode`` at the run's vision-encoder
+frame rate and input size, ``shards.vision`` with the card's pixel normalisation, ``core.flow`` for
+``+flow`` runs; ``train.sample_vision``), so the model sees features made exactly as in training.
+Denoising uses a diffusers DDIM or DPM-Solver++ scheduler
 over the training betas, with classifier-free guidance against the learned null condition the
 model was trained with (condition dropout); then AudioLDM's VAE decodes the latent to a log-mel
 and its HiFi-GAN vocoder makes 16 kHz audio, 10.24 s long. ``--mux`` writes the video with the new
@@ -20,27 +21,23 @@ import json
 import logging
 import sys
 from dataclasses import asdict
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 
-from core.atomic import atomic_output, atomic_write_text
 from core.cli_config import add_config_args, from_args
-from core.decode import DecodeError, DecodeRequest, decode, probe
 from core.device import torch_device
-from core.jsonsafe import json_safe
 from core.models import ModelUnavailable, resolve_pretrained
-from core.mux import AudioTrack, VideoCopy, VideoTrack
-from core.mux import mux as mux_streams
 from shards.config import DEFAULT_CLIP_MODEL, DEFAULT_VAE
-from shards.encoders import ClipImageEncoder, ClipTextEncoder, AudioVAE
+from shards.encoders import ClipTextEncoder, AudioVAE
 from shards.random_models import build_random_clip, build_random_vae, is_random
 from train.checkpoint import load_for_inference, noise_config_of
 from train.config import SamplerConfig
 from train.model import VideoToAudioUNet, sampling_scheduler
+from train.sample_vision import VisionInputError, condition_tokens, load_encoder, vision_info
+from train.soundtrack import mux, write_record, write_wav
 from train.vocoder import build_random_vocoder, load_vocoder, vocode
 
 log = logging.getLogger("train.sample")
@@ -57,6 +54,17 @@ def _card_model(card: dict, key: str, default: str, flag: str) -> str:
     return card.get(key) or default
 
 
+def _vision_spec(cfg: SamplerConfig, card: dict, spec: str) -> str:
+    """The vision model of a non-CLIP run: --vision-model, else the one its card names."""
+    if cfg.vision_model:
+        return cfg.vision_model
+    if card.get("random_weights"):
+        raise SamplerError("the run's shards were encoded with random weights; pass --vision-model explicitly")
+    if not spec:
+        raise SamplerError("the run's card names no vision model; pass --vision-model")
+    return spec
+
+
 def _check_same_weights(card: dict, key: str, resolved, what: str) -> None:
     """Warn when the sampler's encoder is not the one that made the training features."""
     expected = card.get(key)
@@ -65,24 +73,10 @@ def _check_same_weights(card: dict, key: str, resolved, what: str) -> None:
                     "features it was not trained on", what, key)
 
 
-def clip_tokens(video: str, start_s: float, card: dict, clip_dir: Path, device) -> np.ndarray:
-    """CLIP image embeddings [T, D] of the window, exactly as the encode stage makes them."""
-    window = float(card.get("window_s", 10.0))
-    fps = float(card.get("clip_fps", 2.0))
-    try:
-        clip = decode(video, DecodeRequest(start_s=start_s, duration_s=window, rgb_fps=fps, need_audio=False))
-    except DecodeError as e:
-        raise SamplerError(f"{video}: {e.ledger_reason}") from e
-    if clip.rgb is None or len(clip.rgb) == 0:
-        raise SamplerError(f"{video}: no frames in [{start_s}, {start_s + window}) s")
-    encoder = ClipImageEncoder.load(str(clip_dir), device, normalize=bool(card.get("clip_normalize", True)),
-                                    dtype=torch.float32)
-    return encoder.encode_frames(clip.rgb)
-
-
 @torch.inference_mode()
 def denoise(model: VideoToAudioUNet, clip: torch.Tensor | None, text: torch.Tensor | None, run_config: dict,
-            steps: int, guidance: float, scheduler_kind: str, seed: int) -> torch.Tensor:
+            steps: int, guidance: float, scheduler_kind: str, seed: int,
+            flow: torch.Tensor | None = None) -> torch.Tensor:
     """Latents [1, C, H, W] (diffusion scale) for one condition, guided against the null condition.
     ``clip`` None: no video (text-to-audio, or an unconditional model)."""
     device = next(model.parameters()).device
@@ -94,17 +88,21 @@ def denoise(model: VideoToAudioUNet, clip: torch.Tensor | None, text: torch.Tens
     clip = clip[None].to(device) if clip is not None else None
     mask = torch.ones(clip.shape[:2], dtype=torch.bool, device=device) if clip is not None else None
     text = text[None].to(device) if text is not None else None
+    flow = flow[None].to(device) if flow is not None else None
+    flow_mask = torch.ones(flow.shape[:2], dtype=torch.bool, device=device) if flow is not None else None
     guided = guidance != 1.0 and model.cfg.condition != "none"
     if guided:  # one batch: row 0 the null condition, row 1 the video
         clip, mask = (clip.repeat(2, 1, 1), mask.repeat(2, 1)) if clip is not None else (None, None)
         text = text.repeat(2, 1) if text is not None else None
+        if flow is not None:
+            flow, flow_mask = flow.repeat(2, 1, 1), flow_mask.repeat(2, 1)
         drop = torch.tensor([True, False], device=device)
     else:
         drop = None
     for t in scheduler.timesteps:
         x = torch.cat([latents, latents]) if guided else latents
         x = scheduler.scale_model_input(x, t)
-        pred = model(x, t.expand(x.shape[0]).to(device), clip, mask, text, drop)
+        pred = model(x, t.expand(x.shape[0]).to(device), clip, mask, text, drop, flow, flow_mask)
         if guided:
             uncond, cond = pred.chunk(2)
             pred = uncond + guidance * (cond - uncond)
@@ -120,40 +118,6 @@ def fit_length(wave: np.ndarray, n: int) -> np.ndarray:
     return np.pad(wave, (0, max(0, n - len(wave))))[:n]
 
 
-def write_wav(path: Path, audio: np.ndarray, sr: int) -> None:
-    with atomic_output(path) as tmp:
-        sf.write(str(tmp), np.clip(audio, -1.0, 1.0), sr, subtype="PCM_16", format="WAV")
-
-
-def _window_fits(video: str, start_s: float, seconds: float) -> bool:
-    info = probe(video)
-    return start_s == 0.0 and info.duration_s <= seconds + 0.5
-
-
-def mux(video: str, audio: np.ndarray, sr: int, out: str | Path, start_s: float = 0.0) -> Path:
-    """Write ``out`` (mp4): the video window with ``audio`` (AAC) as its only sound.
-
-    The video stream is copied (lossless) when the file is the window itself; otherwise the window
-    is re-encoded with x264. AAC's encoder delay goes into the mp4's edit list, so the first
-    sample of ``audio`` plays with the first frame.
-    """
-    seconds = len(audio) / sr
-    picture = VideoCopy(video) if _window_fits(video, start_s, seconds) else _window_frames(video, start_s, seconds)
-    track = AudioTrack(pcm=np.asarray(audio, np.float32)[None, :], sample_rate=sr, codec="aac")
-    return mux_streams(out, picture, track, container_format="mp4")
-
-
-def _window_frames(video: str, start_s: float, seconds: float) -> VideoTrack:
-    """The window's frames, to be re-encoded with x264."""
-    fps = probe(video).video_fps or 25.0
-    clip = decode(video, DecodeRequest(start_s=start_s, duration_s=seconds, rgb_fps=fps, need_audio=False))
-    rate = Fraction(fps).limit_denominator(1001)
-    h, w = clip.rgb.shape[1:3]
-    w, h = w - w % 2, h - h % 2
-    frames = ((rgb[:h, :w], Fraction(i) / rate) for i, rgb in enumerate(clip.rgb))
-    return VideoTrack(frames=frames, size=(w, h), rate=rate, options={"crf": "18"})
-
-
 def _resolve(cfg: SamplerConfig, spec, subfolder: str | None, random_folder: Path, build):
     """The model folder for a spec; with ``--allow-random-weights`` a tiny random one when it cannot load."""
     try:
@@ -165,20 +129,6 @@ def _resolve(cfg: SamplerConfig, spec, subfolder: str | None, random_folder: Pat
         if not is_random(random_folder):
             build(random_folder)
         return resolve_pretrained(str(random_folder))
-
-
-def random_banner(sources: list[str]) -> str:
-    bar = "!" * 96
-    return (f"{bar}\n!!! RANDOM WEIGHTS in {', '.join(sources)}: this soundtrack comes from models that were never\n"
-            f"!!! trained (or trained for a few demo steps). It shows the data flow and NOTHING about quality.\n{bar}")
-
-
-def write_record(path: Path, record: dict) -> dict:
-    """Write a result's JSON record; say loudly on stderr when random-weight models made it."""
-    atomic_write_text(path, json.dumps(json_safe(record), indent=1))
-    if record["random_weights"]:
-        print(random_banner(record["random_weights"]), file=sys.stderr)
-    return record
 
 
 def check_inputs(cfg: SamplerConfig, condition: str) -> None:
@@ -207,7 +157,9 @@ def generate(cfg: SamplerConfig) -> dict:
     random_dir = Path(cfg.out).parent / ".random-models"
     clip_res = _resolve(cfg, lambda: cfg.clip_model or _card_model(card, "clip_model", DEFAULT_CLIP_MODEL,
                                                                     "--clip-model"),
-                        None, random_dir / "clip", lambda f: build_random_clip(f, "tiny", model.cfg.clip_dim))
+                        None, random_dir / "clip", lambda f: build_random_clip(f, "tiny", model.cfg.text_dim if
+                                                                     model.cfg.vision_encoder != "clip" else
+                                                                     model.cfg.clip_dim))
     vae_res = _resolve(cfg, lambda: cfg.vae or _card_model(card, "vae_model", DEFAULT_VAE, "--vae"), "vae",
                        random_dir / "vae", lambda f: build_random_vae(
                            f, "tiny", model.latent_channels, scaling_factor=run_config["data"]["vae_scaling_factor"]))
@@ -216,13 +168,22 @@ def generate(cfg: SamplerConfig) -> dict:
     _check_same_weights(card, "clip_weights_sha256", clip_res, "CLIP")
     _check_same_weights(card, "vae_weights_sha256", vae_res, "VAE")
 
-    tokens = torch.from_numpy(clip_tokens(cfg.video, cfg.start_s, card, clip_res.path, device)) if cfg.video else None
+    tokens = flow = vision_res = None  # text-to-audio (no --video): no vision encoder is loaded
+    if cfg.video:
+        encoder, vision_res = load_encoder(model.cfg, card, clip_res, lambda spec, build: _resolve(
+            cfg, lambda: _vision_spec(cfg, card, spec), None, random_dir / model.cfg.vision_encoder, build), device)
+        _check_same_weights(vision_info(card, model.cfg.vision_encoder), "weights_sha256", vision_res,
+                            f"vision encoder {model.cfg.vision_encoder}")
+        try:
+            tokens, flow = condition_tokens(encoder, cfg.video, cfg.start_s, card, model.cfg.use_flow)
+        except VisionInputError as e:
+            raise SamplerError(str(e)) from e
     text = None
     if model.cfg.use_text:
         if not cfg.caption:
             raise SamplerError(f"this model was trained with the CLIP text token ({model.cfg.condition}): pass --caption")
         text = torch.from_numpy(ClipTextEncoder.load(str(clip_res.path), device, torch.float32).encode([cfg.caption])[0])
-    latents = denoise(model, tokens, text, run_config, cfg.steps, cfg.guidance, cfg.scheduler, cfg.seed)
+    latents = denoise(model, tokens, text, run_config, cfg.steps, cfg.guidance, cfg.scheduler, cfg.seed, flow)
 
     scale = float(run_config["data"]["vae_scaling_factor"])
     vae = AudioVAE.load(str(vae_res.path), device)
@@ -243,14 +204,18 @@ def generate(cfg: SamplerConfig) -> dict:
         mux(cfg.video, sf.read(str(out), dtype="float32")[0], sr, cfg.mux, cfg.start_s)
     random_sources = [name for name, path in (("CLIP", clip_res.path), ("VAE", vae_res.path),
                                               ("vocoder", vocoder_dir)) if is_random(path)]
+    if vision_res is not None and model.cfg.vision_encoder != "clip" and is_random(vision_res.path):
+        random_sources.append(model.cfg.vision_encoder)
     if card.get("random_weights"):
         random_sources.append("the training shards' encoders")
     sidecar = {"wav": str(out), "mux": cfg.mux or None, "video": str(cfg.video) if cfg.video else None,
                "mode": "video-to-audio" if cfg.video else "text-to-audio", "start_s": cfg.start_s,
                "caption": cfg.caption or None, "sample_rate": sr, "samples": int(len(wave)),
-               "clip_frames": int(tokens.shape[0]) if tokens is not None else 0, "checkpoint": str(ckpt_dir), "trained_steps": int(state["step"]),
-               "condition": model.cfg.condition, "random_weights": random_sources,
-               "models": {"clip": str(clip_res.spec), "vae": str(vae_res.spec), "vocoder": str(vocoder_res.spec)},
+               "clip_frames": int(tokens.shape[0]) if tokens is not None else 0, "checkpoint": str(ckpt_dir),
+               "trained_steps": int(state["step"]), "condition": model.cfg.condition, "random_weights": random_sources,
+               "models": {"clip": str(clip_res.spec), "vae": str(vae_res.spec), "vocoder": str(vocoder_res.spec),
+                          "vision": str(vision_res.spec) if vision_res is not None else None},
+               "vision_encoder": model.cfg.vision_encoder, "flow_tokens": int(flow.shape[0]) if flow is not None else 0,
                "settings": {k: v for k, v in asdict(cfg).items() if k in ("steps", "guidance", "scheduler", "seed",
                                                                           "ema")}}
     return write_record(out.with_suffix(".json"), sidecar)

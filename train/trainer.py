@@ -96,6 +96,7 @@ class DataInfo:
         self.latent_shape = tuple(int(x) for x in shape) if shape else self._first_latent_shape()
         self.clip_fps = float(card.get("clip_fps", 2.0))
         self.audio_only = bool(card.get("audio_only")) or any(m["audio_only"] for m in self.mixture or [])
+        self.source = source
 
     def _mix(self, sets: list[tuple[str, float]]) -> None:
         found = [(src, weight, *find_shards(src)) for src, weight in sets]
@@ -119,9 +120,39 @@ class DataInfo:
                          "audio_only": bool((card or {}).get("audio_only")), "card": card}
                         for src, weight, shards, card in found]
 
+    def condition_config(self, mcfg: ModelConfig) -> ModelConfig:
+        """``mcfg`` with the vision token width, token count and text width the card records for
+        ``--vision-encoder`` (unchanged without a card); a condition the shards cannot serve is refused."""
+        card = self.card
+        if mcfg.use_video and self.audio_only:
+            raise ValueError(f"{self.source}: audio-only shards (card.json audio_only) have no video features; "
+                             f"train on them with --pretrain audio (text) or --condition text|none")
+        if not card:
+            return mcfg
+        if not mcfg.use_video:  # text / none: no vision member is read, the card's encoders do not matter
+            return dataclasses.replace(mcfg, clip_dim=int(card.get("clip_dim", mcfg.clip_dim)),
+                                       text_dim=int(card.get("text_dim", mcfg.text_dim)))
+        name = mcfg.vision_encoder
+        # every set of a mixture must serve the condition, not only the first (whose card is self.card)
+        for src, each in [(m["source"], m["card"] or {}) for m in self.mixture] if self.mixture else [(self.source, card)]:
+            listed = each.get("vision_encoders") or {}
+            if listed.get(name) is None and (name != "clip" or listed):
+                raise ValueError(f"{src}: the shards hold no {name} vision tokens (card.json lists "
+                                 f"{', '.join(listed) or 'only the clip.npy of older shards'}); encode with "
+                                 f"pipeline.encode --vision-encoders {name}")
+            if mcfg.use_flow and not each.get("with_flow"):
+                raise ValueError(f"{src}: condition {mcfg.condition!r} needs flow-{name}.npy; "
+                                 f"encode with pipeline.encode --with-flow")
+        vision = (card.get("vision_encoders") or {}).get(name)
+        dim = int(vision["dim"]) if vision else int(card.get("clip_dim", mcfg.clip_dim))
+        tokens = int(vision.get("tokens", 0)) if vision else 0
+        self.clip_fps = float(vision["fps"]) if vision else self.clip_fps
+        return dataclasses.replace(mcfg, clip_dim=dim, text_dim=int(card.get("text_dim", mcfg.text_dim)),
+                                   max_frames=max(mcfg.max_frames, tokens))
+
     def _first_latent_shape(self) -> tuple[int, ...]:
         for _, sample in shard_samples(self.train[0].url):
-            return tuple(decode_sample(sample)["latent"].shape)
+            return tuple(decode_sample(sample, need_video=False)["latent"].shape)
         raise ValueError(f"{self.train[0].url}: no samples")
 
 
@@ -217,15 +248,13 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.run_dir)
         self.data = DataInfo(tcfg.shards, vae_scaling_factor)
+        self.mcfg = mcfg = self.data.condition_config(mcfg)
         self.use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and d.device.type == "cuda")
         self.gen = _seed_all(tcfg.seed, d.rank, d.device)
         torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
         unet_config = load_unet_config(mcfg.unet_config)
         self.model = VideoToAudioUNet(mcfg, unet_config).to(d.device)
         _check_shapes(self.model, self.data.latent_shape)
-        if self.data.audio_only and mcfg.use_video:
-            raise ValueError(f"{tcfg.shards}: audio-only shards (card.json audio_only) have no video features; "
-                             f"train on them with --pretrain audio (text) or --condition text|none")
         self.init_source = self._init_weights()
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
@@ -354,6 +383,7 @@ class Trainer:
         loader = TrainLoader(self.data.train, tcfg.batch_size, d.rank, d.world_size, rcfg,
                              need_text=self.mcfg.use_text, latent_shape=self.data.latent_shape, state=data_state,
                              pin_memory=d.device.type == "cuda", generation=self.step,
+                             vision=self.mcfg.vision_encoder, need_flow=self.mcfg.use_flow,
                              need_video=self.mcfg.use_video)
         validator = self._validator()
         metrics = MetricsLog(self.run_dir, d.is_main, self.step)
@@ -375,7 +405,7 @@ class Trainer:
             return None
         return Validator(self.d, self.data.test, tcfg.val_samples, tcfg.batch_size, tcfg.seed, self.loss_fn,
                          self.data.scaling_factor, self.mcfg.use_text, self.data.latent_shape, self.autocast,
-                         need_video=self.mcfg.use_video)
+                         self.mcfg.vision_encoder, self.mcfg.use_flow, need_video=self.mcfg.use_video)
 
     def _loop(self, ddp, batches, loader: TrainLoader, validator: Validator | None, metrics: MetricsLog) -> None:
         tcfg = self.tcfg

@@ -26,8 +26,9 @@ log = logging.getLogger("train")
 
 class Validator:
     def __init__(self, d: Dist, shards, limit: int, batch_size: int, seed: int, loss_fn: DiffusionLoss,
-                 scaling_factor: float, need_text: bool, latent_shape, autocast, need_video: bool = True):
-        samples = validation_samples(shards, limit, need_text, latent_shape, need_video=need_video)
+                 scaling_factor: float, need_text: bool, latent_shape, autocast, vision: str = "clip",
+                 need_flow: bool = False, need_video: bool = True):
+        samples = validation_samples(shards, limit, need_text, latent_shape, vision, need_flow, need_video=need_video)
         self.d, self.loss_fn, self.scaling, self.autocast = d, loss_fn, scaling_factor, autocast
         self.count = len(samples)
         for i, sample in enumerate(samples):
