@@ -130,6 +130,7 @@ def _save(model, folder: Path, what: str, preprocessor: dict | None = None,
 def build_random_siglip2(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
     """A SiglipModel shaped like google/siglip2-base-patch16-512 (the fixed-resolution SigLIP 2 releases
     are SiglipModel checkpoints: ``vision_model.*`` and ``text_model.*`` keys, the MAP pooling head)."""
+    import torch
     from transformers import SiglipConfig, SiglipModel
 
     folder = Path(folder)
@@ -147,6 +148,7 @@ def build_random_siglip2(folder: str | Path, size: Size = "tiny", seed: int = 0)
 
 def build_random_siglip2_naflex(folder: str | Path, seed: int = 0) -> Path:
     """A tiny Siglip2VisionModel (the NaFlex SigLIP 2 releases: patches in, ``spatial_shapes``)."""
+    import torch
     from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
     folder = Path(folder)
@@ -158,6 +160,7 @@ def build_random_siglip2_naflex(folder: str | Path, seed: int = 0) -> Path:
 
 def build_random_vivit(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
     """A VivitForVideoClassification like google/vivit-b-16x2-kinetics400 (``vivit.*`` keys + classifier)."""
+    import torch
     from transformers import VivitConfig, VivitForVideoClassification
 
     folder = Path(folder)
@@ -172,6 +175,7 @@ def build_random_vivit(folder: str | Path, size: Size = "tiny", seed: int = 0) -
 
 def build_random_vjepa2(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
     """A VJEPA2Model like facebook/vjepa2-vitl-fpc64-256 (encoder and predictor keys)."""
+    import torch
     from transformers import VJEPA2Config, VJEPA2Model
 
     folder = Path(folder)

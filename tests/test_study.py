@@ -116,11 +116,11 @@ def test_text_and_none_conditions_build_their_context():
     from train.model import ConditionEncoder
 
     text = torch.randn(3, 16)
-    enc = ConditionEncoder(ModelConfig(condition="text", clip_dim=16, text_repeat=0), 32)
+    enc = ConditionEncoder(ModelConfig(condition="text", clip_dim=16, text_dim=16, text_repeat=0), 32)
     tokens, mask = enc(None, None, text)
     assert tokens.shape == (3, 1, 32) and mask.all()
     assert torch.allclose(tokens[:, 0], enc.proj(text))
-    video_text = ConditionEncoder(ModelConfig(condition="video+text", clip_dim=16, text_repeat=2), 32)
+    video_text = ConditionEncoder(ModelConfig(condition="video+text", clip_dim=16, text_dim=16, text_repeat=2), 32)
     tokens, mask = video_text(None, None, text, drop=torch.tensor([True, False, False]))  # text-to-audio
     assert tokens.shape == (3, 2, 32) and torch.equal(mask[0], torch.tensor([True, False]))
     assert torch.allclose(tokens[0, 0], video_text.null[0]) and torch.allclose(tokens[1, 1], video_text.proj(text[1]))
