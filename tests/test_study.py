@@ -131,6 +131,36 @@ def test_text_and_none_conditions_build_their_context():
         ConditionEncoder(ModelConfig(condition="video", clip_dim=16), 32)(None, None, None)
 
 
+def test_without_video_no_vision_or_flow_member_is_read():
+    """need_video=False (text / none): vision-<name>.npy and flow-<name>.npy are neither read nor required."""
+    from shards.batch import collate, decode_sample
+    from shards.sources import train_members
+
+    rng = np.random.default_rng(0)
+    sample = make_sample("k", 0, rng)
+    sample["vision-siglip2.npy"] = sample["flow-siglip2.npy"] = sample.pop("clip.npy")
+    assert train_members("siglip2", True, need_video=False) == ("text.npy", "latent.npy", "json")
+    out = decode_sample(sample, True, vision="siglip2", need_flow=True, need_video=False)
+    assert out["clip"] is None and "flow" not in out and out["text"] is not None
+    bare = {k: v for k, v in sample.items() if not k.startswith(("vision-", "flow-"))}  # an audio-only sample
+    batch = collate([decode_sample(bare, True, vision="siglip2", need_flow=True, need_video=False)] * 2)
+    assert "clip" not in batch and "flow" not in batch and batch["text"].shape[0] == 2
+    with_video = decode_sample(sample, True, vision="siglip2", need_flow=True)
+    assert with_video["clip"].shape == with_video["flow"].shape
+
+
+def test_video_conditions_are_refused_on_audio_only_sets_before_the_vision_checks(audio_set, video_set):
+    from train.config import ModelConfig
+    from train.trainer import DataInfo
+
+    for condition in ("video", "video+flow", "video+flow+text+pe"):
+        with pytest.raises(ValueError, match="audio-only shards"):
+            DataInfo(str(audio_set)).condition_config(ModelConfig(condition=condition, vision_encoder="siglip2"))
+    mixed = DataInfo(f"{audio_set}:0.7,{video_set}:0.3")
+    cfg = mixed.condition_config(ModelConfig(condition="text", vision_encoder="siglip2"))
+    assert cfg.condition == "text" and cfg.vision_encoder == "siglip2"  # no vision member needed
+
+
 def test_pretrain_audio_condition_and_audio_only_shards_need_it(audio_set, tmp_path):
     from train.config import TINY_UNET_CONFIG, ModelConfig, NoiseConfig, TrainConfig
     from train.trainer import pretrain_model_config, train
@@ -265,6 +295,8 @@ def test_audio_corpus_cleans_and_encodes_without_video(study):
     assert {f["format"] for f in manifest["files"]} == {"captions.csv", "wavcaps", "audiocaps"}
     card = json.loads((tmp / "shards-audio" / "card.json").read_text())
     assert card["audio_only"] and "clip.npy" not in card["members"] and card["samples"] == 5
+    assert not card["vision_encoders"] and not card["with_flow"]
+    assert not [m for m in card["members"] if m.startswith(("vision-", "flow-"))]
     index = json.loads((tmp / "shards-audio" / "index.json").read_text())
     names = [m for s in index["shards"] for m in tarfile.open(tmp / "shards-audio" / s["name"]).getnames()]
     assert names and not [n for n in names if n.endswith("clip.npy")]
