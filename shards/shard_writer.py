@@ -479,7 +479,8 @@ class ShardAssembler:
         out = []
         for split in sorted(self.keys):
             index, pos = 0, 0
-            while (rec := self._finished(shard_name(split, index))) is not None and self._valid(rec, split, pos):
+            while ((rec := self._finished(shard_name(split, index))) is not None
+                   and self._verdict(rec, split, pos) == "valid"):
                 out.append(ShardInfo(rec["name"], rec["split"], rec["count"], rec["bytes"], rec["sha256"]))
                 index, pos = index + 1, rec["end"]
         return out
