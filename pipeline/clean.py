@@ -33,7 +33,7 @@ from core.fingerprint import SettingsRegistry, differences, fingerprint
 from core.lock import FolderLock, FolderLocked
 from core.models import ModelUnavailable
 from core.registry import require
-from pipeline.ledger import MANIFEST_REASONS, RETRYABLE, Ledger, done_keys, redone
+from pipeline.ledger import MANIFEST_REASONS, RETRYABLE, Ledger, current_rows, done_keys, redone
 from pipeline.report import write_report
 from pipeline.manifest import WindowConfig, load_excluded_ids, vggsound_rows, youtube_rows
 from pipeline.runners import FailureRateExceeded, RunnerOptions, get_runner
@@ -173,7 +173,7 @@ def scoring_settings(args: argparse.Namespace, stage_config: CleanStageConfig) -
         "speech_music_prompts": None if sm is None else {
             k: getattr(sm, k) for k in ("speech_prompts", "music_prompts", "event_prompts")},
         "windows": asdict(from_args(WindowConfig, args)) if args.dataset == "youtube" else None,
-        "curation": asdict(stage_config.curation) if stage_config.curation is not None else None,
+        "curation": stage_config.curation.fingerprint_fields() if stage_config.curation is not None else None,
         "desync": desync_settings(stage_config.desync),
     }
 
@@ -199,7 +199,9 @@ def resolve_desync(filters: FilterConfig, cfg: DesyncConfig) -> tuple[DesyncConf
 def check_settings(scan: pd.DataFrame, settings: dict, registry: SettingsRegistry, out: Path, rescore: bool) -> int:
     """Refuse to resume over rows scored with other settings, unless ``--rescore``; count those rows."""
     fp = fingerprint(settings)
-    stale = scan[(scan["settings_fp"] != fp) & ~redone(scan, RETRYABLE + MANIFEST_REASONS)]
+    # a split part is judged with its window: rescoring the window replaces its parts
+    stale = scan[(scan["settings_fp"] != fp) & ~redone(scan, RETRYABLE + MANIFEST_REASONS)
+                 & (scan["parent_key"] == "")]
     if stale.empty or rescore:
         return len(stale)
     lines = []
@@ -221,9 +223,13 @@ def plan_resume(rows: list[Row], scan: pd.DataFrame, fp: str) -> tuple[list[Row]
 
     A row counts as done when journaled with these settings and not a retryable failure. Manifest
     decisions (missing file, bad line, ...) are re-made every run: a file may have appeared since.
+    A window split at its cuts is redone when one of its parts failed in a way worth retrying.
     """
     done = done_keys(scan, RETRYABLE + MANIFEST_REASONS, fp)
     mine = scan[scan["settings_fp"] == fp]
+    # split parts are never manifest rows; a part that failed retryably sends its window back
+    done -= set(scan.loc[scan["parent_key"] != "", "key"])
+    done -= set(mine.loc[redone(mine, RETRYABLE + MANIFEST_REASONS), "parent_key"])
     journaled = dict(zip(mine["key"], zip(mine["status"], mine["reason"])))
     decided = [r for r in rows if not is_pending(r) and journaled.get(r["key"]) != (r["status"], r["reason"])]
     pending = [r for r in rows if is_pending(r) and r["key"] not in done]
@@ -289,10 +295,10 @@ def _clean_locked(args, root: Path, out: Path, run_cfg: RunConfig, stage_config:
     seconds = time.perf_counter() - t0
 
     keys = {r["key"] for r in rows}
-    journal = ledger.compact()
-    journal = journal[journal["key"].isin(keys)]
+    journal = current_rows(ledger.compact(), keys, fp)
     # hours from the journal, not from on_batch: remote Beam workers journal batches the driver never sees
-    ran = journal[journal["key"].isin({r["key"] for r in pending}) & (journal["status"] == OK)]
+    ran_keys = {r["key"] for r in pending}
+    ran = journal[(journal["key"].isin(ran_keys) | journal["parent_key"].isin(ran_keys)) & (journal["status"] == OK)]
     video_s = float(ran["duration_s"].fillna(0.0).sum())
     # both revisions are stored: the selected one becomes av_align, so switching re-filters without rescoring
     journal = select_version(journal, stage_config.av_align.version)
