@@ -31,6 +31,7 @@ AES_COLUMNS = tuple(f"aes_{a.lower()}" for a in AXES)  # ledger columns aes_ce, 
 AES_SAMPLE_RATE = 16000
 AES_WINDOW_S = 10
 AES_NONE = "none"
+REGISTRY_NAME = "audiobox_aesthetics"  # core/registry.json
 # the release's encoder (audiobox_aesthetics.model.aes.DEFAULT_AUDIO_CFG: WavLM base, no bias in the convs)
 RELEASE_WAVLM = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                      conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
@@ -72,9 +73,9 @@ class AestheticsConfig:
     """Which audiobox-aesthetics checkpoint scores the windows (CLI prefix ``aes_``)."""
 
     model: str = field(default=AES_NONE, metadata={
-        "help": "audiobox-aesthetics checkpoint: the release's checkpoint.pt, or a folder with its "
-                "model.safetensors and config.json (Hugging Face facebook/audiobox-aesthetics); "
-                "none: not scored (the aes_* columns stay missing)"})
+        "help": "audiobox-aesthetics checkpoint: the release's checkpoint.pt, a folder with its "
+                "model.safetensors and config.json (Hugging Face facebook/audiobox-aesthetics), default "
+                "(MODELS_DIR/audiobox_aesthetics/checkpoint.pt), or none: not scored (aes_* stay missing)"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
 
     @property
@@ -156,7 +157,10 @@ def load_release(net, state_dict: dict) -> None:
             mapped["wavlm_model." + target] = value
         else:
             mapped[key] = value
-    missing, unexpected = net.load_state_dict(mapped, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(mapped, strict=False)
+    except RuntimeError as e:  # a weight of another shape: another architecture
+        raise AestheticsUnavailable(f"not an audiobox-aesthetics state dict: {' '.join(str(e).split())[:300]}") from e
     problems = unknown + list(unexpected)
     if missing or problems:
         raise AestheticsUnavailable(
@@ -190,6 +194,23 @@ def forward(net, wav, mask) -> dict:
     return preds
 
 
+def resolve(spec: str) -> Path:
+    """The checkpoint through the one resolver: ``default`` (the models folder, ``core.registry``), a
+    ``checkpoint.pt`` file (sha256-checked under its release name) or the Hugging Face folder."""
+    from core.models import ModelUnavailable
+    from core.registry import resolve_release
+
+    folder = Path(spec).expanduser()
+    if spec != "default" and folder.is_dir():
+        if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
+            raise AestheticsUnavailable(f"{folder} holds no model.safetensors and config.json of facebook/audiobox-aesthetics")
+        return folder
+    try:
+        return resolve_release(REGISTRY_NAME, None if spec == "default" else spec).path
+    except ModelUnavailable as e:
+        raise AestheticsUnavailable(str(e)) from e
+
+
 class AestheticsScorer:
     """The four axes of 16 kHz mono windows. Load once per worker."""
 
@@ -200,11 +221,8 @@ class AestheticsScorer:
 
     def load(self) -> "AestheticsScorer":
         if self.net is None:
-            path = Path(self.config.model).expanduser()
-            if not path.exists():
-                raise AestheticsUnavailable(f"audiobox-aesthetics checkpoint {path} not found (download "
-                                            f"checkpoint.pt of the release on a machine with network; docs/models.md)")
-            sd, model_cfg, transform = read_checkpoint(path)
+            sd, model_cfg, transform = read_checkpoint(resolve(self.config.model))
+            path = self.config.model
             missing = [a for a in AXES if a not in transform]
             if missing:
                 raise AestheticsUnavailable(f"{path}: no target_transform for {', '.join(missing)}")

@@ -90,11 +90,16 @@ class CurationFilters:
     static: Switch = field(default="on", metadata={"help": "drop static video"})
     static_motion_max: float = field(default=0.1, metadata={
         "help": "static when the motion trajectory stays below this (px/frame; AV-Align's peak floor)"})
+    quality: Switch = field(default="off", metadata={
+        "help": "drop windows whose audiobox-aesthetics PQ is below --quality-pq-min (needs --aes-model; "
+                "auto = on for youtube)"})
+    quality_pq_min: float = field(default=5.0, metadata={
+        "help": "low_quality when PQ (production quality, 1-10) is below this"})
     scene_cuts: SceneAction = field(default="record", metadata={
         "help": "record: keep windows with hard cuts; drop: filter them as scene_cut"})
 
     def __post_init__(self) -> None:
-        for name in ("speech", "silent", "static"):
+        for name in ("speech", "silent", "static", "quality"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be auto, on or off, not {getattr(self, name)!r}")
         if self.scene_cuts not in ("record", "drop"):
@@ -102,7 +107,7 @@ class CurationFilters:
         for name in ("speech_share_max", "silent_share_max"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
-        for name in ("speech_run_max_s", "silence_peak_max", "static_motion_max"):
+        for name in ("speech_run_max_s", "silence_peak_max", "static_motion_max", "quality_pq_min"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, not {v}")
@@ -229,6 +234,8 @@ def curation_reasons(df: pd.DataFrame, rules: CurationFilters, dataset: str) -> 
         parts.append(hit.map({True: "silent", False: ""}))
     if rules.enabled("static", dataset):
         parts.append((col("motion_max") < rules.static_motion_max).map({True: "static", False: ""}))
+    if rules.enabled("quality", dataset):
+        parts.append((col("aes_pq") < rules.quality_pq_min).map({True: "low_quality", False: ""}))
     if rules.scene_cuts == "drop" and "scene_cuts" in df:
         has_cut = df["scene_cuts"].map(lambda v: isinstance(v, (list, tuple, np.ndarray)) and len(v) > 0)
         parts.append(has_cut.map({True: "scene_cut", False: ""}))

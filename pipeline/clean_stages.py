@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from filters.av_align import LEDGER_FIELDS, AVAlignConfig, decode_request_for, score_decoded, warm_up
+from filters.aesthetics import AES_COLUMNS, AES_SAMPLE_RATE
 from filters.curation import SCORE_COLUMNS as CURATION_COLUMNS
 from filters.curation import (SPLIT_REASON, VAD_SAMPLE_RATE, CurationConfig, SpeechDetector, motion_scores,
                               scene_cut_times, silence_scores, split_parts)
@@ -20,9 +21,11 @@ from core.config import DecodeLimits, SignalConfig
 from core.decode import DecodeError, DecodeRequest, DecodedClip, decode, probe, sub_clip
 from core.device import wants_gpu
 from core.keys import make_key
+from core.resample import resample
 from core.stage import FILTERED, OK, Resources, Row, Stage, is_pending, mark_failed
 
 AUDIO_FOR_CLAP = "audio_clap"  # float32 [n] at SignalConfig.clap_sr, for ClapStage only
+AUDIO_FOR_AES = "audio_aes"  # float32 [n] at 16 kHz (torchaudio's kernel, as the package), for AestheticsStage only
 # what a split part copies from its window's row (the manifest's description of the video)
 MANIFEST_FIELDS = ("source", "youtube_id", "video_path", "label", "caption", "split", "line")
 
@@ -37,6 +40,7 @@ class CleanStageConfig:
     clap: object | None = None  # filters.clap.ClapConfig, or None when CLAP is skipped
     speech_music: object | None = None  # filters.speech_music.SpeechMusicConfig when enabled
     curation: CurationConfig = field(default_factory=CurationConfig)
+    aesthetics: object | None = None  # filters.aesthetics.AestheticsConfig, or None when not scored
     batch_size: int = 8
     # (metrics.desync_stage.DesyncConfig, resolved weights path), or None when DeSync is not scored
     desync: tuple | None = None
@@ -67,8 +71,9 @@ class DecodeScoreStage(Stage):
 
     name = "decode_av_align"
     reads = ("key", "video_path", "source", "start_s", "duration_s")
-    writes = ("start_s", "duration_s", "video_fps", "parent_key", *LEDGER_FIELDS, *CURATION_COLUMNS, AUDIO_FOR_CLAP)
-    transient = (AUDIO_FOR_CLAP,)
+    writes = ("start_s", "duration_s", "video_fps", "parent_key", *LEDGER_FIELDS, *CURATION_COLUMNS, AUDIO_FOR_CLAP,
+              AUDIO_FOR_AES)
+    transient = (AUDIO_FOR_CLAP, AUDIO_FOR_AES)
 
     def __init__(self, config: CleanStageConfig):
         self.config = config
@@ -111,6 +116,9 @@ class DecodeScoreStage(Stage):
                    **motion_scores(result.motion))
         if self.config.clap is not None:
             row[AUDIO_FOR_CLAP] = clip.audio[self.config.signal.clap_sr]
+        if self.config.aesthetics is not None and clip.audio_native is not None:
+            # the package resamples each channel with torchaudio, then averages: the same, in the other order
+            row[AUDIO_FOR_AES] = resample(clip.audio_native.mean(axis=0), clip.native_sr, AES_SAMPLE_RATE, "torchaudio")
         return audio
 
     def _split(self, row: Row, clip: DecodedClip) -> list[tuple[Row, np.ndarray | None]]:
@@ -118,7 +126,8 @@ class DecodeScoreStage(Stage):
         cfg = self.config.curation
         min_s = max(cfg.split_min_s, self.config.limits.min_duration_s)
         parts = split_parts(row["scene_cuts"], clip.duration_s, min_s)
-        row.pop(AUDIO_FOR_CLAP, None)  # the window itself is replaced: only its parts go on to CLAP
+        row.pop(AUDIO_FOR_CLAP, None)  # the window itself is replaced: only its parts go on to the models
+        row.pop(AUDIO_FOR_AES, None)
         row.update(status=FILTERED, reason=f"{SPLIT_REASON}: {len(parts)} part(s) >= {min_s:g}s"
                    if parts else f"scene_cut: no part between the cuts is >= {min_s:g}s")
         out = []
@@ -211,11 +220,40 @@ class ClapStage(Stage):
         return rows
 
 
+class AestheticsStage(Stage):
+    """The audiobox-aesthetics axes (PQ, PC, CE, CU) of rows decoded upstream (``filters.aesthetics``)."""
+
+    name = "aesthetics"
+    uses_model = True
+    reads = (AUDIO_FOR_AES,)
+    writes = AES_COLUMNS
+
+    def __init__(self, config: CleanStageConfig):
+        from filters.aesthetics import AestheticsScorer
+
+        self.config = config
+        self.scorer = AestheticsScorer(config.aesthetics)
+        self.resources = Resources(cpus=1.0, gpus=1.0 if wants_gpu(config.aesthetics.device) else 0.0,
+                                   batch_size=config.batch_size)
+
+    def setup(self) -> None:
+        self.scorer.load()
+
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        todo = [(row, audio) for row in rows if (audio := row.pop(AUDIO_FOR_AES, None)) is not None]
+        if todo:
+            for (row, _), scores in zip(todo, self.scorer.scores_batch([a for _, a in todo])):
+                row.update(scores)
+        return rows
+
+
 def build_clean_stages(config: CleanStageConfig) -> list[Stage]:
     """The stage chain every runner drives, in order."""
     stages: list[Stage] = [DecodeScoreStage(config)]
     if config.clap is not None:
         stages.append(ClapStage(config))
+    if config.aesthetics is not None:
+        stages.append(AestheticsStage(config))
     if config.desync is not None:
         from metrics.desync_stage import DesyncStage
 

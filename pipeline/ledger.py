@@ -62,6 +62,11 @@ SCHEMA = pa.schema([
     ("scene_cuts", pa.list_(pa.float64())),
     ("motion_max", pa.float64()),
     ("motion_mean", pa.float64()),
+    # audiobox-aesthetics axes (1-10; missing unless --aes-model is given)
+    ("aes_ce", pa.float64()),
+    ("aes_cu", pa.float64()),
+    ("aes_pc", pa.float64()),
+    ("aes_pq", pa.float64()),
     # AV-Align of each published revision (av_align / video_peaks above are the selected one's)
     ("av_align_2025", pa.float64()),
     ("av_align_2023", pa.float64()),

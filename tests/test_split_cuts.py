@@ -75,6 +75,7 @@ def _clean(root, out, *extra):
                  "--workers", "1", *extra])
 
 
+@pytest.mark.slow  # three clean runs (about 15 s of CPU)
 def test_clean_splits_resumes_and_refuses_to_mix_split_settings(cut_clip, tmp_path, capsys):
     root, out = cut_clip.parent, tmp_path / "out"
     assert _clean(root, out, "--split-at-cuts", "--split-min-s", "3") == 0
