@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_panns import _random_release  # noqa: E402
@@ -25,8 +26,8 @@ from metrics.panns import PannsScorer  # noqa: E402
 from metrics.vggish import Vggish, VggishScorer  # noqa: E402
 from metrics.desync import DesyncScorer, sync_request  # noqa: E402
 from metrics.passt import PasstScorer  # noqa: E402
-from metrics.msclap import MsClap, release_to_project  # noqa: E402
-from metrics.pam import PamScorer  # noqa: E402
+from metrics.msclap import MsClap, release_to_project, size_of  # noqa: E402
+from metrics.pam import PamScorer, prompt_tokens  # noqa: E402
 from metrics.synchformer import Synchformer, SynchformerSize  # noqa: E402
 from core.decode import decode  # noqa: E402
 from train.evaluate import main, metric_audio, read_audio  # noqa: E402
@@ -222,12 +223,22 @@ def _release_layout(model: MsClap) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_pam_per_clip_and_set_from_a_release_layout_checkpoint(setup, tmp_path, capsys):
+def test_pam_per_clip_and_set_from_a_release_layout_checkpoint(tmp_path, capsys):
     """A tiny random MS-CLAP saved under the release's key names (its size read back from the shapes) and a
-    GPT-2-style tokenizer folder: each clip's PAM is metrics.pam's scorer on the same 44.1 kHz audio."""
-    gen, _, _ = setup
+    GPT-2-style tokenizer folder: each clip's PAM is metrics.pam's scorer on the same 44.1 kHz audio
+    (two short outputs, one stereo at 22.05 kHz, one mono at 16 kHz: each one tiled 7 s window)."""
+    gen = tmp_path / "generated"
+    gen.mkdir()
+    rng = np.random.default_rng(5)
+    sf.write(gen / "s.wav", (0.1 * rng.standard_normal((22050 * 2, 2))).astype(np.float32), 22050)
+    sf.write(gen / "m.wav", np.sin(np.arange(16000 * 1.5) * 0.05).astype(np.float32) * 0.3, 16000)
+    for name in ("s", "m"):
+        (gen / f"{name}.json").write_text(json.dumps({"video": str(VIDEOS[0]), "caption": "x"}))
     torch.manual_seed(11)
-    state = _release_layout(MsClap(TINY_MSCLAP))
+    model = MsClap(TINY_MSCLAP).eval()
+    state = _release_layout(model)
+    assert size_of(state) == TINY_MSCLAP
+    assert set(release_to_project(state)) == set(model.state_dict())
     general = {re.sub(r"\.\d+\.", ".N.", k) for k in json.loads(MSCLAP_KEYS.read_text())}
     assert {re.sub(r"\.\d+\.", ".N.", k) for k in state} <= general  # only names the release has
     weights = tmp_path / "CLAP_weights_2023.pth"
@@ -239,14 +250,13 @@ def test_pam_per_clip_and_set_from_a_release_layout_checkpoint(setup, tmp_path, 
                "--clap-model", "none"])
     assert rc == 0
     rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "eval" / "eval.csv"))}
-    scorer = PamScorer.load(weights, tok)
-    assert scorer.model.size == TINY_MSCLAP
-    assert set(release_to_project(state)) == set(MsClap(TINY_MSCLAP).state_dict())
+    scorer = PamScorer(model, *prompt_tokens(AutoTokenizer.from_pretrained(str(tok))))  # the model as saved
     for name, row in rows.items():
         expected = scorer.score(read_audio(gen / f"{name}.wav", 44100, resampler="torchaudio")).score
         assert float(row["pam"]) == pytest.approx(expected, rel=1e-6) and 0 < expected < 1
     m = json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"]["pam"]
-    assert m["n"] == 4 and m["value"] == pytest.approx(np.mean([float(r["pam"]) for r in rows.values()]))
+    assert set(rows) == {"s", "m"} and m["n"] == 2
+    assert m["value"] == pytest.approx(np.mean([float(r["pam"]) for r in rows.values()]))
     assert m["weights_sha256"] == file_sha256(weights) and "MS-CLAP 2023" in m["model"]
     assert "RANDOM" not in m["model"]
     assert m["settings"]["sample_rate"] == 44100 and m["settings"]["window_s"] == 7
