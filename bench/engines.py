@@ -191,7 +191,7 @@ def cluster_run(rows: list[dict], batch_size: int, limits: DecodeLimits, tmp: Pa
         proc.join(timeout=120)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=64, help="rows of real clips on top of the sample")
     p.add_argument("--batch-size", type=int, default=8)
@@ -202,7 +202,42 @@ def main(argv: list[str] | None = None) -> int:
                                help="only the local pool and the multi-node Ray cluster, on the same input")
     p.add_argument("--decode-threads", type=int, default=DecodeLimits().decode_threads,
                    help="FFmpeg threads per decode (0: the worker's share of the cores, as in the CLI)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def warm_ray_seconds(rows: list, args: argparse.Namespace, limits: DecodeLimits, tmp: Path, record) -> dict[int, float]:
+    """Best time per worker count with Ray already running and the stages set up (1 and 2 workers ABBA)."""
+    import ray
+
+    print("warm (Ray already running, stages set up in a warm-up run; 1 and 2 workers alternated ABBA):")
+    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+    try:
+        timed_run(rows[: 2 * WORKERS * args.batch_size], RunnerOptions(runner="ray", workers=WORKERS),
+                  tmp / "warmup-ray", args.batch_size, limits)
+        times: dict[int, list[float]] = {1: [], WORKERS: []}
+        for i in range(args.repeat):
+            for w in ((1, WORKERS) if i % 2 == 0 else (WORKERS, 1)):
+                times[w].append(record(f"ray warm [{i}]", w, RunnerOptions(runner="ray", workers=w)))
+        return {w: min(t) for w, t in times.items()}
+    finally:
+        ray.shutdown()
+
+
+def plain_process_seconds(rows: list, args: argparse.Namespace, limits: DecodeLimits) -> dict[int, float]:
+    """Best time per worker count for the stages in plain processes, no engine (ABBA)."""
+    n = len(rows)
+    print("no engine (the stages in plain processes started together, warm; alternated ABBA):")
+    bare: dict[int, list[float]] = {1: [], WORKERS: []}
+    for i in range(args.repeat):
+        for w in ((1, WORKERS) if i % 2 == 0 else (WORKERS, 1)):
+            bare[w].append(bare_seconds(rows, w, args.batch_size, limits))
+            print(f"  {f'plain processes [{i}]':<30} workers {w} {bare[w][-1]:6.1f} s "
+                  f"{n / bare[w][-1]:6.2f} clips/s", flush=True)
+    return {w: min(t) for w, t in bare.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     limits = DecodeLimits(decode_threads=args.decode_threads)
 
     import ray
@@ -239,28 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{n / t.seconds:6.2f} clips/s   machine {100 * t.machine_busy:3.0f}% busy (all users)", flush=True)
         if args.cluster_only:
             return report(journals, n, local, cluster=cluster)
-
-        print("warm (Ray already running, stages set up in a warm-up run; 1 and 2 workers alternated ABBA):")
-        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
-        try:
-            timed_run(rows[: 2 * WORKERS * args.batch_size], RunnerOptions(runner="ray", workers=WORKERS),
-                      tmp / "warmup-ray", args.batch_size, limits)
-            times: dict[int, list[float]] = {1: [], WORKERS: []}
-            for i in range(args.repeat):
-                for w in ((1, WORKERS) if i % 2 == 0 else (WORKERS, 1)):
-                    times[w].append(record(f"ray warm [{i}]", w, RunnerOptions(runner="ray", workers=w)))
-            ray_w = {w: min(t) for w, t in times.items()}
-        finally:
-            ray.shutdown()
-        print("no engine (the stages in plain processes started together, warm; alternated ABBA):")
-        bare: dict[int, list[float]] = {1: [], WORKERS: []}
-        for i in range(args.repeat):
-            for w in ((1, WORKERS) if i % 2 == 0 else (WORKERS, 1)):
-                bare[w].append(bare_seconds(rows, w, args.batch_size, limits))
-                print(f"  {f'plain processes [{i}]':<30} workers {w} {bare[w][-1]:6.1f} s "
-                      f"{n / bare[w][-1]:6.2f} clips/s", flush=True)
-        bare_w = {w: min(t) for w, t in bare.items()}
-
+        ray_w = warm_ray_seconds(rows, args, limits, tmp, record)
+        bare_w = plain_process_seconds(rows, args, limits)
         return report(journals, n, local, cluster=cluster, ray_cold=ray_cold, beam=beam, ray_w=ray_w,
                       bare_w=bare_w)
 
