@@ -13,6 +13,8 @@ from typing import Literal
 from core.config import DEFAULT_SIGNAL, DecodeLimits, SignalConfig
 
 StretchMethod = Literal["resample", "wsola"]
+RealCuts = Literal["avoid", "record"]
+REAL_CUTS: tuple[str, ...] = ("avoid", "record")
 STRETCH_METHODS: tuple[str, ...] = ("resample", "wsola")
 MIN_RATE, MAX_RATE = 0.5, 2.0  # beyond these an OLA stretch must drop or repeat whole events
 
@@ -47,6 +49,12 @@ class AugmentConfig:
         default=("test",), metadata={"help": "splits never augmented nor used as concat partners"})
     min_output_s: float = field(
         default=DecodeLimits().min_duration_s, metadata={"help": "recipes shorter than this are not planned"})
+    real_cuts: RealCuts = field(
+        default="avoid", metadata={"help": "real scene cuts (ledger scene_cuts) in a concat's sources: avoid "
+                                           "(the cut and B's offset are chosen so neither played span holds "
+                                           "one; a pair with no such span is not planned) or record (planned "
+                                           "as usual); either way a recipe lists every real cut it plays in "
+                                           "real_cuts_s"})
     caption_join: str = field(default=" then ", metadata={"help": "text between the two captions of a concat"})
     signal: SignalConfig = field(default=DEFAULT_SIGNAL, metadata={"help": "output length and feature grid"})
 
@@ -78,6 +86,8 @@ class AugmentConfig:
             tags = [rate_tag(r) for r in self.stretch_rates]
             if len(set(tags)) != len(tags):
                 raise AugmentConfigError(f"stretch_rates {self.stretch_rates} must differ by at least 0.01")
+        if self.real_cuts not in REAL_CUTS:
+            raise AugmentConfigError(f"real_cuts must be one of {REAL_CUTS}, got {self.real_cuts!r}")
         if self.min_output_s <= 0:
             raise AugmentConfigError("min_output_s must be positive")
 

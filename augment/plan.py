@@ -51,11 +51,14 @@ class PlanSummary:
     eligible: int = 0
     concat: int = 0
     stretch: int = 0
+    with_real_cuts: int = 0  # recipes that play a real scene cut of a source (listed in real_cuts_s)
     skipped: Counter = field(default_factory=Counter)  # reason -> count (rows or recipes not planned)
 
     def lines(self) -> list[str]:
         out = [f"ledger rows {self.ledger_rows}, eligible clips {self.eligible} -> "
                f"{self.concat + self.stretch} recipes (concat {self.concat}, stretch {self.stretch})"]
+        if self.with_real_cuts:
+            out.append(f"   recipes playing a real scene cut (real_cuts_s): {self.with_real_cuts}")
         out += [f"   {reason}: {n}" for reason, n in sorted(self.skipped.items())]
         return out
 
@@ -111,6 +114,10 @@ def _eligible(ledger: pd.DataFrame, cfg: AugmentConfig, summary: PlanSummary) ->
     # source identity: windows of one video share a youtube_id; without one the file is the video
     out["video_id"] = [y or p for y, p in zip(out["youtube_id"], out["video_path"])]
     out["text"] = [c or lab for c, lab in zip(out["caption"], out["label"])]
+    # real scene cuts (clean's scene_cuts, seconds from the window start) as seconds in the file
+    cuts = out["scene_cuts"] if "scene_cuts" in out.columns else pd.Series([None] * len(out), index=out.index)
+    out["real_cuts"] = [sorted(s + float(c) for c in v) if isinstance(v, (list, tuple, np.ndarray)) else []
+                        for s, v in zip(out["start_s"], cuts)]
     summary.eligible = len(out)
     return out
 
@@ -119,6 +126,20 @@ def _grid_offset(rng: np.random.Generator, room_s: float, step: float) -> float:
     """A grid point in ``[0, room_s]`` (0 when there is no room)."""
     n = int(math.floor(room_s / step + _EPS)) if room_s > 0 else 0
     return float(rng.integers(0, n + 1)) * step if n > 0 else 0.0
+
+
+def _played(cuts: list[float], s0: float, s1: float) -> list[float]:
+    """The real cuts strictly inside the source span ``(s0, s1)`` (a cut at ``s0`` starts the span)."""
+    return [c for c in cuts if s0 + _EPS < c < s1 - _EPS]
+
+
+def _cut_free_offset(rng: np.random.Generator, b: dict, length: float, step: float) -> float | None:
+    """A grid offset into B's window whose ``length`` s play none of its real cuts (None: there is none)."""
+    room = float(b["duration_s"]) - length
+    n = int(math.floor(room / step + _EPS)) if room > 0 else 0
+    start = float(b["start_s"])
+    free = [k * step for k in range(n + 1) if not _played(b["real_cuts"], start + k * step, start + k * step + length)]
+    return free[int(rng.integers(len(free)))] if free else None
 
 
 def _stretch_rates(cfg: AugmentConfig, rng: np.random.Generator) -> list[float]:
@@ -145,11 +166,12 @@ def plan_stretch(row: dict, cfg: AugmentConfig, summary: PlanSummary) -> list[Re
         s0 = float(row["start_s"]) + offset
         seg = Segment(source_key=row["key"], video_path=row["video_path"], src_start_s=s0,
                       src_end_s=s0 + src_len, dst_start_s=0.0, rate=r)
+        real = tuple(round(float(seg.to_output(c)), 6) for c in _played(row["real_cuts"], s0, s0 + src_len))
         out.append(Recipe(key=f"{row['key']}-{rate_tag(r)}", kind="stretch", caption=row["text"],
                           label=row["label"], split=row["split"], source=row["source"],
                           duration_s=seg.dst_end_s, target_s=cfg.target_s,
                           video_fps=float(row["video_fps"]) * r, segments=(seg,), rate=r,
-                          stretch_method=cfg.stretch_method))
+                          stretch_method=cfg.stretch_method, real_cuts_s=real))
     return out
 
 
@@ -189,6 +211,13 @@ def plan_concat(a: dict, partners: _PartnerIndex, cfg: AugmentConfig, summary: P
     if not cuts:
         summary.skipped["concat: clip shorter than the earliest cut"] += 1
         return []
+    avoid = cfg.real_cuts == "avoid"
+    a0 = float(a["start_s"])
+    if avoid and a["real_cuts"]:  # A plays [a0, a0 + cut): the synthetic cut comes before its first real one
+        cuts = [c for c in cuts if not _played(a["real_cuts"], a0, a0 + c)]
+        if not cuts:
+            summary.skipped["concat: a real scene cut before the earliest cut (--real-cuts avoid)"] += 1
+            return []
     picked = partners.draw(a, cfg.concat_per_clip, rng)
     if len(picked) < cfg.concat_per_clip:
         summary.skipped["concat: not enough partners (label, source video, split)"] += (
@@ -197,17 +226,25 @@ def plan_concat(a: dict, partners: _PartnerIndex, cfg: AugmentConfig, summary: P
     for b in picked:
         cut = cuts[int(rng.integers(len(cuts)))]
         b_len = min(cfg.target_s - cut, float(b["duration_s"]))
-        offset = _grid_offset(rng, float(b["duration_s"]) - b_len, cfg.grid_s)
-        a0 = float(a["start_s"])
+        if avoid and b["real_cuts"]:
+            offset = _cut_free_offset(rng, b, b_len, cfg.grid_s)
+            if offset is None:
+                summary.skipped["concat: real scene cuts leave the partner no cut-free span (--real-cuts avoid)"] += 1
+                continue
+        else:
+            offset = _grid_offset(rng, float(b["duration_s"]) - b_len, cfg.grid_s)
         b0 = float(b["start_s"]) + offset
         seg_a = Segment(a["key"], a["video_path"], a0, a0 + cut, 0.0, 1.0)
         seg_b = Segment(b["key"], b["video_path"], b0, b0 + b_len, cut, 1.0)
+        real = tuple(round(float(seg.to_output(c)), 6) for seg, cuts_of in ((seg_a, a), (seg_b, b))
+                     for c in _played(cuts_of["real_cuts"], seg.src_start_s, seg.src_end_s))
         key = f"cat-{a['key']}-{b['key']}"
         out.append(Recipe(key=key, kind="concat", caption=f"{a['text']}{cfg.caption_join}{b['text']}",
                           label=f"{a['label']}{cfg.caption_join}{b['label']}", split=a["split"],
                           source=a["source"], duration_s=seg_b.dst_end_s, target_s=cfg.target_s,
                           video_fps=float(a["video_fps"]), segments=(seg_a, seg_b), cut_s=cut,
-                          crossfade_s=cfg.crossfade_ms / 1000.0, stretch_method=cfg.stretch_method))
+                          crossfade_s=cfg.crossfade_ms / 1000.0, stretch_method=cfg.stretch_method,
+                          real_cuts_s=real))
     return out
 
 
@@ -229,6 +266,7 @@ def build_plan(ledger: pd.DataFrame, cfg: AugmentConfig, progress: bool = False)
             summary.stretch += len(made)
             recipes += made
     recipes.sort(key=lambda r: r.key)
+    summary.with_real_cuts = sum(1 for r in recipes if r.real_cuts_s)
     _check_keys(recipes)
     return recipes, summary
 
@@ -249,4 +287,5 @@ def plan_meta(cfg: AugmentConfig, ledger_path: str, summary: PlanSummary, code_v
     return {"config": cfg.to_json(), "ledger": str(ledger_path), "code_version": code_version,
             "counts": {"ledger_rows": summary.ledger_rows, "eligible": summary.eligible,
                        "concat": summary.concat, "stretch": summary.stretch,
+                       "with_real_cuts": summary.with_real_cuts,
                        "skipped": dict(sorted(summary.skipped.items()))}}

@@ -51,8 +51,12 @@ PLAN_SCHEMA = pa.schema([
     ("crossfade_s", pa.float64()),  # equal-power audio crossfade centred on each cut
     ("stretch_method", pa.string()),  # audio method for segments whose rate is not 1
     ("segments", pa.list_(SEGMENT_TYPE)),
+    # real scene cuts of the sources (their ledger scene_cuts) that the output plays, in output
+    # seconds; cut_s is the synthetic one. Null in plans made before this column existed.
+    ("real_cuts_s", pa.list_(pa.float64())),
 ])
 PLAN_COLUMNS = PLAN_SCHEMA.names
+OPTIONAL_COLUMNS = ("real_cuts_s",)  # a plan written before them still reads (as "no real cut recorded")
 
 
 class PlanError(ValueError):
@@ -105,6 +109,7 @@ class Recipe:
     cut_s: float | None = None
     crossfade_s: float = 0.0
     stretch_method: str = "resample"
+    real_cuts_s: tuple[float, ...] = ()
 
     def map_time(self, source_key: str, s: float) -> float:
         """Output time of source event ``s`` of ``source_key`` (the first segment that plays it)."""
@@ -118,7 +123,7 @@ class Recipe:
                 "label": self.label, "split": self.split, "duration_s": self.duration_s,
                 "target_s": self.target_s, "video_fps": self.video_fps, "rate": self.rate, "cut_s": self.cut_s,
                 "crossfade_s": self.crossfade_s, "stretch_method": self.stretch_method,
-                "segments": [s.as_dict() for s in self.segments]}
+                "segments": [s.as_dict() for s in self.segments], "real_cuts_s": list(self.real_cuts_s)}
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Recipe:
@@ -150,11 +155,15 @@ class Recipe:
         if crossfade < 0 or not math.isfinite(crossfade):
             raise PlanError(f"{where}: crossfade_s must be >= 0, got {crossfade}")
         fps = _optional(row.get("video_fps")) or 0.0
+        raw_cuts = row.get("real_cuts_s")
+        real_cuts = tuple(_number(where, "real_cuts_s", c) for c in (() if raw_cuts is None else raw_cuts))
+        if any(not 0.0 <= c <= duration + _TIME_TOL for c in real_cuts):
+            raise PlanError(f"{where}: real_cuts_s {list(real_cuts)} must lie within the output (0-{duration:.3f}s)")
         return cls(key=key, kind=kind, caption=str(row.get("caption") or ""), label=str(row.get("label") or ""),
                    split=str(row.get("split") or ""), source=str(row.get("source") or ""), duration_s=duration,
                    target_s=_optional(row.get("target_s")) or duration, video_fps=fps, segments=segments,
                    rate=_optional(row.get("rate")), cut_s=_optional(row.get("cut_s")), crossfade_s=crossfade,
-                   stretch_method=method)
+                   stretch_method=method, real_cuts_s=real_cuts)
 
 
 def _optional(value: Any) -> float | None:
@@ -220,7 +229,7 @@ def read_plan(path: str | Path) -> tuple[pd.DataFrame, dict]:
         table = pq.read_table(p)
     except (pa.ArrowInvalid, OSError) as e:
         raise PlanError(f"{p} is not a readable parquet plan: {e}") from e
-    missing = [c for c in PLAN_COLUMNS if c not in table.column_names]
+    missing = [c for c in PLAN_COLUMNS if c not in table.column_names and c not in OPTIONAL_COLUMNS]
     if missing:
         raise PlanError(f"{p} is not an augmentation plan: missing columns {', '.join(missing)}")
     raw = (table.schema.metadata or {}).get(PLAN_META_KEY)
@@ -232,9 +241,9 @@ def read_plan(path: str | Path) -> tuple[pd.DataFrame, dict]:
     if fmt != PLAN_FORMAT:
         raise PlanError(f"{p} is a plan of format {fmt!r}; this code reads {PLAN_FORMAT!r} "
                         f"(re-plan it with python -m pipeline.augment plan, or use the code that wrote it)")
-    types = {f.name: table.schema.field(f.name).type for f in PLAN_SCHEMA}
+    types = {f.name: table.schema.field(f.name).type for f in PLAN_SCHEMA if f.name in table.column_names}
     wrong = [f"{f.name}: {types[f.name]} (expected {f.type})" for f in PLAN_SCHEMA
-             if not types[f.name].equals(f.type) and not pa.types.is_null(types[f.name])]
+             if f.name in types and not types[f.name].equals(f.type) and not pa.types.is_null(types[f.name])]
     if wrong:
         raise PlanError(f"{p} is not an augmentation plan: column types {'; '.join(wrong)}")
     return table.to_pandas(), meta

@@ -16,7 +16,9 @@ and the same stages in 1 and 2 plain processes without any engine (what the mach
 that moment: on a shared machine other users' load caps every ratio), alternated so that a change
 in the machine's load hits both alike, best of ``--repeat`` each.
 
-    .venv/bin/python bench/engines.py [--clips 64] [--batch-size 8] [--repeat 2] [--no-cluster]
+    .venv/bin/python bench/engines.py [--clips 64] [--batch-size 8] [--repeat 2] [--no-cluster | --cluster-only]
+
+``--cluster-only`` runs just the local pool and the multi-node cluster (the cluster ratio alone).
 """
 from __future__ import annotations
 
@@ -161,8 +163,7 @@ def _cluster_child(rows: list[dict], batch_size: int, limits: DecodeLimits, tmp:
 
     try:
         cluster.start_head()
-        cluster.add_worker("worker1")
-        cluster.add_worker("worker2")
+        cluster.add_workers(["worker1", "worker2"])
         options = RunnerOptions(runner="ray", workers=WORKERS, ray_address=cluster.address)
         results.put(timed_run(rows, options, tmp / "out", batch_size, limits))
     finally:
@@ -190,15 +191,53 @@ def cluster_run(rows: list[dict], batch_size: int, limits: DecodeLimits, tmp: Pa
         proc.join(timeout=120)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=64, help="rows of real clips on top of the sample")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeat", type=int, default=2, help="scaling runs per worker count (best is kept)")
-    p.add_argument("--no-cluster", action="store_true", help="skip the multi-node Ray cluster run")
+    cluster_flags = p.add_mutually_exclusive_group()
+    cluster_flags.add_argument("--no-cluster", action="store_true", help="skip the multi-node Ray cluster run")
+    cluster_flags.add_argument("--cluster-only", action="store_true",
+                               help="only the local pool and the multi-node Ray cluster, on the same input")
     p.add_argument("--decode-threads", type=int, default=DecodeLimits().decode_threads,
                    help="FFmpeg threads per decode (0: the worker's share of the cores, as in the CLI)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def warm_ray_seconds(rows: list, args: argparse.Namespace, limits: DecodeLimits, tmp: Path, record) -> dict[int, float]:
+    """Best time per worker count with Ray already running and the stages set up (1 and 2 workers ABBA)."""
+    import ray
+
+    print("warm (Ray already running, stages set up in a warm-up run; 1 and 2 workers alternated ABBA):")
+    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+    try:
+        timed_run(rows[: 2 * WORKERS * args.batch_size], RunnerOptions(runner="ray", workers=WORKERS),
+                  tmp / "warmup-ray", args.batch_size, limits)
+        times: dict[int, list[float]] = {1: [], WORKERS: []}
+        for i in range(args.repeat):
+            for w in ((1, WORKERS) if i % 2 == 0 else (WORKERS, 1)):
+                times[w].append(record(f"ray warm [{i}]", w, RunnerOptions(runner="ray", workers=w)))
+        return {w: min(t) for w, t in times.items()}
+    finally:
+        ray.shutdown()
+
+
+def plain_process_seconds(rows: list, args: argparse.Namespace, limits: DecodeLimits) -> dict[int, float]:
+    """Best time per worker count for the stages in plain processes, no engine (ABBA)."""
+    n = len(rows)
+    print("no engine (the stages in plain processes started together, warm; alternated ABBA):")
+    bare: dict[int, list[float]] = {1: [], WORKERS: []}
+    for i in range(args.repeat):
+        for w in ((1, WORKERS) if i % 2 == 0 else (WORKERS, 1)):
+            bare[w].append(bare_seconds(rows, w, args.batch_size, limits))
+            print(f"  {f'plain processes [{i}]':<30} workers {w} {bare[w][-1]:6.1f} s "
+                  f"{n / bare[w][-1]:6.2f} clips/s", flush=True)
+    return {w: min(t) for w, t in bare.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     limits = DecodeLimits(decode_threads=args.decode_threads)
 
     import ray
@@ -223,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print("cold (engine started by the runner, as the CLI does):")
         local = record("local process pool", WORKERS, RunnerOptions(runner="local", workers=WORKERS))
-        ray_cold = record("ray (starts local Ray)", WORKERS, RunnerOptions(runner="ray", workers=WORKERS))
-        beam = record("beam (FnApiRunner, processes)", WORKERS, RunnerOptions(runner="beam", workers=WORKERS))
+        if not args.cluster_only:
+            ray_cold = record("ray (starts local Ray)", WORKERS, RunnerOptions(runner="ray", workers=WORKERS))
+            beam = record("beam (FnApiRunner, processes)", WORKERS, RunnerOptions(runner="beam", workers=WORKERS))
         cluster = None
         if not args.no_cluster:
             print("multi-node (a Ray cluster of separate raylets, started once):", flush=True)
@@ -232,51 +272,43 @@ def main(argv: list[str] | None = None) -> int:
             cluster, journals["ray cluster (head + 2 nodes)"] = t.seconds, t.journal
             print(f"  {'ray cluster (head + 2 nodes)':<30} workers {WORKERS} {t.seconds:6.1f} s "
                   f"{n / t.seconds:6.2f} clips/s   machine {100 * t.machine_busy:3.0f}% busy (all users)", flush=True)
+        if args.cluster_only:
+            return report(journals, n, local, cluster=cluster)
+        ray_w = warm_ray_seconds(rows, args, limits, tmp, record)
+        bare_w = plain_process_seconds(rows, args, limits)
+        return report(journals, n, local, cluster=cluster, ray_cold=ray_cold, beam=beam, ray_w=ray_w,
+                      bare_w=bare_w)
 
-        print("warm (Ray already running, stages set up in a warm-up run; 1 and 2 workers alternated ABBA):")
-        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+
+def report(journals: dict[str, pd.DataFrame], n: int, local: float, cluster: float | None = None,
+           ray_cold: float | None = None, beam: float | None = None, ray_w: dict[int, float] | None = None,
+           bare_w: dict[int, float] | None = None) -> int:
+    """Print the ratios to the local run of what was measured; 1 when a run journaled other rows."""
+    reference = journals["local process pool"]
+    agree = []
+    for name, journal in journals.items():
         try:
-            timed_run(rows[: 2 * WORKERS * args.batch_size], RunnerOptions(runner="ray", workers=WORKERS),
-                      tmp / "warmup-ray", args.batch_size, limits)
-            times: dict[int, list[float]] = {1: [], WORKERS: []}
-            for i in range(args.repeat):
-                for w in ((1, WORKERS) if i % 2 == 0 else (WORKERS, 1)):
-                    times[w].append(record(f"ray warm [{i}]", w, RunnerOptions(runner="ray", workers=w)))
-            ray_w = {w: min(t) for w, t in times.items()}
-        finally:
-            ray.shutdown()
-        print("no engine (the stages in plain processes started together, warm; alternated ABBA):")
-        bare: dict[int, list[float]] = {1: [], WORKERS: []}
-        for i in range(args.repeat):
-            for w in ((1, WORKERS) if i % 2 == 0 else (WORKERS, 1)):
-                bare[w].append(bare_seconds(rows, w, args.batch_size, limits))
-                print(f"  {f'plain processes [{i}]':<30} workers {w} {bare[w][-1]:6.1f} s "
-                      f"{n / bare[w][-1]:6.2f} clips/s", flush=True)
-        bare_w = {w: min(t) for w, t in bare.items()}
+            assert_frame_equal(journal, reference)
+            agree.append(name)
+        except AssertionError as e:
+            print(f"  LEDGER MISMATCH {name}: {str(e).splitlines()[0]}")
 
-        reference = journals["local process pool"]
-        agree = []
-        for name, journal in journals.items():
-            try:
-                assert_frame_equal(journal, reference)
-                agree.append(name)
-            except AssertionError as e:
-                print(f"  LEDGER MISMATCH {name}: {str(e).splitlines()[0]}")
-
-        print("\n== engines on the clean stage (same input, same run)")
-        print(f"   local {local:.1f} s ({n / local:.2f} clips/s) = 1.00x")
+    print("\n== engines on the clean stage (same input, same run)")
+    print(f"   local {local:.1f} s ({n / local:.2f} clips/s) = 1.00x")
+    if ray_cold is not None and ray_w is not None:
         print(f"   ray   {ray_cold:.1f} s ({n / ray_cold:.2f} clips/s): overhead {ray_cold / local:.2f}x local "
               f"(incl. starting Ray); warm 2 workers {ray_w[WORKERS] / local:.2f}x local")
+    if beam is not None:
         print(f"   beam  {beam:.1f} s ({n / beam:.2f} clips/s): overhead {beam / local:.2f}x local")
-        if cluster is not None:
-            print(f"   ray cluster, 2 worker nodes of 1 CPU (--ray-address, code shipped): {cluster:.1f} s "
-                  f"({n / cluster:.2f} clips/s) = {cluster / local:.2f}x local (nodes already running)")
+    if cluster is not None:
+        print(f"   ray cluster, 2 worker nodes of 1 CPU (--ray-address, code shipped): {cluster:.1f} s "
+              f"({n / cluster:.2f} clips/s) = {cluster / local:.2f}x local (nodes already running)")
+    if ray_w is not None and bare_w is not None:
         print(f"   ray scaling 1 -> {WORKERS} workers: {ray_w[1] / ray_w[WORKERS]:.2f}x (goal >= 1.7x); "
               f"the same stages in plain processes, no engine: {bare_w[1] / bare_w[WORKERS]:.2f}x")
-        print(f"   ledgers identical to local: {len(agree)}/{len(journals)} runs")
-        print(f"   load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machines distort ratios)")
-        return 0 if len(agree) == len(journals) else 1
-
+    print(f"   ledgers identical to local: {len(agree)}/{len(journals)} runs")
+    print(f"   load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machines distort ratios)")
+    return 0 if len(agree) == len(journals) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import av
@@ -111,6 +111,32 @@ class DecodedClip:
     audio_native: np.ndarray | None = None
     audio_layout: str = ""  # channel layout name of ``audio_native`` (e.g. "stereo")
     audio_lead_s: float = 0.0  # silence prepended to ``audio`` because the audio starts after the window start
+
+
+def sub_clip(clip: DecodedClip, t0: float, t1: float) -> DecodedClip:
+    """The part ``[t0, t1)`` (seconds from the clip's start) of a decoded clip, from the arrays it
+    already holds: a window split at its scene cuts is scored without decoding the file again.
+    Frames keep their decode times (shifted to the part's start); audio is cut at the nearest sample."""
+    t1 = min(t1, clip.duration_s)
+    if not 0.0 <= t0 < t1:
+        raise ValueError(f"empty or out-of-range part [{t0}, {t1}) of a {clip.duration_s:.3f}s clip")
+
+    def frames(arr: np.ndarray | None, times: np.ndarray | None) -> tuple:
+        if arr is None or times is None:
+            return arr, times
+        keep = (times >= t0 - 1e-9) & (times < t1 - 1e-9)
+        return arr[keep], times[keep] - t0
+
+    gray, gray_times = frames(clip.gray, clip.gray_times)
+    rgb, rgb_times = frames(clip.rgb, clip.rgb_times)
+    audio = {rate: a[int(round(t0 * rate)): int(round(t1 * rate))] for rate, a in clip.audio.items()}
+    native = clip.audio_native
+    if native is not None:  # it starts at the first audio sample, audio_lead_s after the window start
+        sr, lead = clip.native_sr, clip.audio_lead_s
+        native = native[..., max(0, int(round((t0 - lead) * sr))): max(0, int(round((t1 - lead) * sr)))]
+    return replace(clip, start_s=clip.start_s + t0, duration_s=t1 - t0, audio=audio, gray=gray,
+                   gray_times=gray_times, rgb=rgb, rgb_times=rgb_times, audio_native=native,
+                   audio_lead_s=max(0.0, clip.audio_lead_s - t0))
 
 
 @dataclass(frozen=True)

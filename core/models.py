@@ -102,12 +102,13 @@ def how_to_provide(spec: str, files: str = "config.json and the weights, as save
 
 def resolve_pretrained(spec: str, pipeline_subfolder: str | None = None,
                        patterns: Sequence[str] = HUB_PATTERNS, require: Sequence[str] = ("config.json",),
-                       allow_download: bool = True) -> ResolvedModel:
+                       allow_download: bool = True, weights: bool = True) -> ResolvedModel:
     """A folder holding ``require`` and weights, for a local path, ``owner/name`` or ``owner/name/sub``.
 
     ``pipeline_subfolder`` (e.g. ``"vae"``) is used when the spec names a diffusers pipeline (a folder
     or repo with ``model_index.json``) rather than the model itself. ``allow_download=False`` never
-    asks the hub (``python -m core.registry check``).
+    asks the hub (``python -m core.registry check``). ``weights=False``: only ``require`` is needed
+    (a tokenizer folder).
     """
     spec = spec.strip()
     local = Path(spec).expanduser()
@@ -116,7 +117,7 @@ def resolve_pretrained(spec: str, pipeline_subfolder: str | None = None,
         sub_folder = local / pipeline_subfolder if pipeline_subfolder else None
         if sub_folder is not None and ((local / "model_index.json").is_file() or not (local / "config.json").is_file()):
             folder = sub_folder
-        return _checked(ResolvedModel(spec, folder.resolve()), require, f"the folder {local}")
+        return _checked(ResolvedModel(spec, folder.resolve()), require, f"the folder {local}", weights)
     if not looks_like_hub_id(spec):
         raise ModelUnavailable(spec, f"no such folder: {local}", how_to_provide(spec))
     parts = spec.strip("/").split("/")
@@ -129,21 +130,22 @@ def resolve_pretrained(spec: str, pipeline_subfolder: str | None = None,
 
     def complete(root: Path) -> bool:
         folder = root / sub if sub else root
-        return all((folder / n).is_file() for n in require) and bool(ResolvedModel(spec, folder).weight_files())
+        has_weights = not weights or bool(ResolvedModel(spec, folder).weight_files())
+        return all((folder / n).is_file() for n in require) and has_weights
 
     root = _hub_snapshot(repo, [prefix + p for p in patterns], complete, allow_download)
     if not complete(root):  # checkpoints without safetensors
         root = _hub_snapshot(repo, [prefix + "*.json", prefix + "*.txt", prefix + "*.bin"], complete,
                              allow_download)
-    return _checked(ResolvedModel(spec, root / sub if sub else root), require, "the Hugging Face cache")
+    return _checked(ResolvedModel(spec, root / sub if sub else root), require, "the Hugging Face cache", weights)
 
 
-def _checked(model: ResolvedModel, require: Sequence[str], where: str) -> ResolvedModel:
+def _checked(model: ResolvedModel, require: Sequence[str], where: str, weights: bool = True) -> ResolvedModel:
     missing = [name for name in require if not (model.path / name).is_file()]
     if missing:
         raise ModelUnavailable(model.spec, f"{where} does not hold a complete checkpoint: no {', '.join(missing)} "
                                            f"in {model.path}", how_to_provide(model.spec))
-    if not model.weight_files():
+    if weights and not model.weight_files():
         raise ModelUnavailable(model.spec, f"{where} does not hold a complete checkpoint: no weight files "
                                            f"(*.safetensors or *.bin) in {model.path}", how_to_provide(model.spec))
     return model

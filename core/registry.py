@@ -155,7 +155,10 @@ def check_one(e: ModelEntry, models_root: str | Path | None = None, hashes: bool
 
 
 def _cached_only(e: ModelEntry) -> ResolvedModel:
-    """Resolve a hub entry from the cache alone: the check must never wait on a network."""
+    """Resolve a hub entry from the cache alone: the check must never wait on a network. An entry with
+    no weights (a tokenizer) needs only its files."""
+    if not e.weights:
+        return resolve_pretrained(e.spec, require=e.files, allow_download=False, weights=False)
     return resolve_pretrained(e.spec, allow_download=False)
 
 
@@ -187,7 +190,7 @@ def table() -> str:
              "|---|---|---|---|---|---|"]
     for e in entries().values():
         if e.kind == "hub":
-            files = ", ".join(e.files) + " + " + " or ".join(e.weights)
+            files = ", ".join(e.files) + (" + " + " or ".join(e.weights) if e.weights else " (no weights)")
             where = (f"`{e.flag} FOLDER`, else " if e.flag else "") + f"the HF cache (`{e.spec}`)"
         else:
             files = ", ".join(f.name + (f" (sha256 {f.sha256})" if f.sha256 else

@@ -126,10 +126,39 @@ def list_files(folder: PathLike, recursive: bool = False) -> list[str]:
     return sorted((fs.unstrip_protocol(n) for n in names), key=lambda u: u.split("/"))  # folder by folder
 
 
-def put_file(local: PathLike, url: str) -> None:
-    """Upload one local file to ``url`` (one PUT or multipart upload: it appears whole or not at all)."""
+# the user-metadata key an upload records its content hash under: on S3 the object's
+# ``x-amz-meta-sha256`` header, kept by AWS, MinIO, Ceph and moto and set in the same request as the
+# bytes, so it can never describe other bytes (an ETag cannot serve: a multipart upload's ETag is
+# not the MD5 of the object, and with SSE-KMS not an MD5 at all)
+DIGEST_KEY = "sha256"
+_S3 = ("s3", "s3a")
+
+
+def put_file(local: PathLike, url: str, sha256: str | None = None) -> None:
+    """Upload one local file to ``url`` (one PUT or multipart upload: it appears whole or not at all).
+
+    ``sha256``, the file's content hash, is stored with the object on S3 (see ``DIGEST_KEY``), so
+    that ``stored_object`` can later tell an object that already holds these bytes.
+    """
     fs, inner = filesystem(url)
-    fs.put_file(str(local), inner)
+    extra = {"Metadata": {DIGEST_KEY: sha256}} if sha256 and urlparse(url).scheme in _S3 else {}
+    fs.put_file(str(local), inner, **extra)
+
+
+def stored_object(url: str) -> tuple[int, str | None] | None:
+    """``(size, sha256 recorded at upload or None)`` of an object, read fresh from the store (one
+    HEAD on S3, no listing cache); None when there is no such object. Other backends report no hash."""
+    fs, inner = filesystem(url)
+    try:
+        if urlparse(url).scheme in _S3:
+            bucket, key, _ = fs.split_path(inner)
+            head = fs.call_s3("head_object", Bucket=bucket, Key=key)
+            return int(head["ContentLength"]), head.get("Metadata", {}).get(DIGEST_KEY)
+        fs.invalidate_cache(inner)
+        info = fs.info(inner)
+    except FileNotFoundError:
+        return None
+    return (int(info["size"]), None) if info.get("type") == "file" else None
 
 
 def read_bytes(path: PathLike) -> bytes | None:

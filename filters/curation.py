@@ -16,7 +16,7 @@ so thresholds change without rescoring. Definitions and measured figures: docs/c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -29,6 +29,7 @@ SCENE_SIDE = 64  # long side (px) scene detection runs at, in both AV-Align mode
 SCORE_COLUMNS = ("speech_share", "speech_run_s", "peak_db", "rms_db", "silent_share", "scene_cuts",
                  "motion_max", "motion_mean")
 
+SPLIT_REASON = "split_at_cuts"  # a window replaced by its parts between cuts (rows with its key as parent_key)
 SceneAction = Literal["record", "drop"]
 Switch = Literal["auto", "on", "off"]
 
@@ -45,6 +46,12 @@ class CurationConfig:
     scene_threshold: float = field(default=27.0, metadata={
         "help": "PySceneDetect ContentDetector threshold (luma only; its default)"})
     scene_min_len_s: float = field(default=0.5, metadata={"help": "shortest scene between two cuts (s)"})
+    split_at_cuts: bool = field(default=False, metadata={
+        "help": "replace a window with hard cuts by its parts between the cuts that are at least "
+                "--split-min-s long, each a ledger row scored on its own (the window is not decoded again)"})
+    split_min_s: float = field(default=5.0, metadata={
+        "help": "shortest part kept by --split-at-cuts (s; the default is the YouTube windows' "
+                "--min-last-window-s)"})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.vad_threshold < 1.0:
@@ -55,6 +62,16 @@ class CurationConfig:
             raise ValueError(f"scene_threshold must be > 0, not {self.scene_threshold}")
         if self.vad_min_speech_ms < 0 or not self.scene_min_len_s >= 0:
             raise ValueError("vad_min_speech_ms and scene_min_len_s must be >= 0")
+        if not (math.isfinite(self.split_min_s) and self.split_min_s > 0):
+            raise ValueError(f"split_min_s must be a number of seconds > 0, not {self.split_min_s}")
+
+    def fingerprint_fields(self) -> dict:
+        """The settings that make the scores; the split settings only while splitting is on, so
+        journals scored before ``--split-at-cuts`` existed keep their fingerprint."""
+        fields = asdict(self)
+        if not self.split_at_cuts:
+            del fields["split_at_cuts"], fields["split_min_s"]
+        return fields
 
 
 @dataclass(frozen=True)
@@ -73,11 +90,16 @@ class CurationFilters:
     static: Switch = field(default="on", metadata={"help": "drop static video"})
     static_motion_max: float = field(default=0.1, metadata={
         "help": "static when the motion trajectory stays below this (px/frame; AV-Align's peak floor)"})
+    quality: Switch = field(default="off", metadata={
+        "help": "drop windows whose audiobox-aesthetics PQ is below --quality-pq-min (needs --aes-model; "
+                "auto = on for youtube)"})
+    quality_pq_min: float = field(default=5.0, metadata={
+        "help": "low_quality when PQ (production quality, 1-10) is below this"})
     scene_cuts: SceneAction = field(default="record", metadata={
         "help": "record: keep windows with hard cuts; drop: filter them as scene_cut"})
 
     def __post_init__(self) -> None:
-        for name in ("speech", "silent", "static"):
+        for name in ("speech", "silent", "static", "quality"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be auto, on or off, not {getattr(self, name)!r}")
         if self.scene_cuts not in ("record", "drop"):
@@ -85,7 +107,7 @@ class CurationFilters:
         for name in ("speech_share_max", "silent_share_max"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
-        for name in ("speech_run_max_s", "silence_peak_max", "static_motion_max"):
+        for name in ("speech_run_max_s", "silence_peak_max", "static_motion_max", "quality_pq_min"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, not {v}")
@@ -147,6 +169,13 @@ def scene_cut_times(gray: np.ndarray, times: np.ndarray, fps: float, config: Cur
     return [round(float(times[c.frame_num]), 4) for c in cuts if 0 <= c.frame_num < len(times)]
 
 
+def split_parts(cuts: list[float], duration_s: float, min_s: float) -> list[tuple[float, float]]:
+    """The parts ``[start, end)`` (seconds from the window start) between a window's hard cuts that
+    are at least ``min_s`` long; a cut frame opens the part after it."""
+    bounds = [0.0, *sorted(c for c in cuts if 0.0 < c < duration_s), duration_s]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b - a >= min_s - 1e-9]
+
+
 class SpeechDetector:
     """Silero VAD with the weights its wheel ships (no download): voiced share and longest run."""
 
@@ -205,6 +234,8 @@ def curation_reasons(df: pd.DataFrame, rules: CurationFilters, dataset: str) -> 
         parts.append(hit.map({True: "silent", False: ""}))
     if rules.enabled("static", dataset):
         parts.append((col("motion_max") < rules.static_motion_max).map({True: "static", False: ""}))
+    if rules.enabled("quality", dataset):
+        parts.append((col("aes_pq") < rules.quality_pq_min).map({True: "low_quality", False: ""}))
     if rules.scene_cuts == "drop" and "scene_cuts" in df:
         has_cut = df["scene_cuts"].map(lambda v: isinstance(v, (list, tuple, np.ndarray)) and len(v) > 0)
         parts.append(has_cut.map({True: "scene_cut", False: ""}))

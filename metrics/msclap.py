@@ -139,16 +139,35 @@ class MsClap(nn.Module):
         return self.caption_encoder["projection"](hidden[torch.arange(len(hidden), device=hidden.device), last])
 
     @classmethod
-    def load(cls, path: str | Path, size: MsClapSize = MsClapSize()) -> "MsClap":
-        model = cls(size)
+    def load(cls, path: str | Path, size: MsClapSize | None = None) -> "MsClap":
+        """The model of a release-layout state dict, at the size it was made for unless ``size`` is given."""
+        state = load_state(path, key="model")
         try:
-            model.load_state_dict(release_to_project(load_state(path, key="model")), strict=True)
-        except (KeyError, RuntimeError, ValueError) as e:
+            model = cls(size or size_of(state))
+            model.load_state_dict(release_to_project(state), strict=True)
+        except (KeyError, IndexError, RuntimeError, ValueError) as e:
             raise ValueError(f"{path}: not an MS-CLAP 2023 state dict ({' '.join(str(e).split())[:300]})") from e
         return model.eval()
 
 
 _HTSAT = "audio_encoder.base.htsat."
+
+
+def size_of(state: dict[str, torch.Tensor]) -> MsClapSize:
+    """The size a release-layout state dict was made for. Shapes do not give GPT-2's head count: the
+    release's 12 at width 768, else width / 8 (the tests' tiny models)."""
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".", 1)[0] for k in state if k.startswith(prefix)})
+
+    layers = count(_HTSAT + "layers.")
+    depths = tuple(count(f"{_HTSAT}layers.{i}.blocks.") for i in range(layers))
+    heads = tuple(int(state[f"{_HTSAT}layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1])
+                  for i in range(layers))
+    vocab, text_dim = state["caption_encoder.base.wte.weight"].shape
+    return MsClapSize(audio_dim=int(state[_HTSAT + "patch_embed.proj.weight"].shape[0]), audio_depths=depths,
+                      audio_heads=heads, text_dim=int(text_dim), text_layers=count("caption_encoder.base.h."),
+                      text_heads=12 if text_dim == 768 else max(1, int(text_dim) // 8), vocab=int(vocab),
+                      proj_dim=int(state["audio_encoder.projection.linear1.weight"].shape[0]))
 _RENAMES = ((r"^bn0\.", "batch_norm."), (r"\.norm1\.", ".layernorm_before."), (r"\.norm2\.", ".layernorm_after."),
             (r"\.attn\.relative_position_", ".attention.self.relative_position_"),
             (r"\.attn\.proj\.", ".attention.output.dense."), (r"\.mlp\.fc1\.", ".intermediate.dense."),

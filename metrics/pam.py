@@ -101,7 +101,7 @@ class PamScorer:
 
     @classmethod
     def load(cls, weights: str | Path, tokenizer_dir: str | Path, device: str = "cpu",
-             size: MsClapSize = MsClapSize()) -> "PamScorer":
+             size: MsClapSize | None = None) -> "PamScorer":
         from transformers import AutoTokenizer
 
         return cls(MsClap.load(weights, size), *prompt_tokens(AutoTokenizer.from_pretrained(str(tokenizer_dir))), device)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from filters.aesthetics import AestheticsConfig, AestheticsUnavailable
 from filters.av_align import AVAlignConfig, select_version
 from filters.av_align import run_metadata as av_align_metadata
 from filters.clap import ClapConfig, ClapModelUnavailable, check_available, run_metadata
@@ -33,7 +34,7 @@ from core.fingerprint import SettingsRegistry, differences, fingerprint
 from core.lock import FolderLock, FolderLocked
 from core.models import ModelUnavailable
 from core.registry import require
-from pipeline.ledger import MANIFEST_REASONS, RETRYABLE, Ledger, done_keys, redone
+from pipeline.ledger import MANIFEST_REASONS, RETRYABLE, Ledger, current_rows, done_keys, redone
 from pipeline.report import write_report
 from pipeline.manifest import WindowConfig, audio_rows, load_excluded_ids, vggsound_rows, youtube_rows
 from pipeline.runners import FailureRateExceeded, RunnerOptions, get_runner
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p.add_argument_group("curation rules"), CurationFilters)
     add_config_args(p.add_argument_group("DeSync (Synchformer; --desync-max filters on it)"), DesyncConfig,
                     prefix="desync_")
+    add_config_args(p.add_argument_group("audio quality (audiobox-aesthetics)"), AestheticsConfig, prefix="aes_")
     p.add_argument("--gallery", type=int, default=0, metavar="N",
                    help="write OUT/gallery/index.html with N clips per bucket (default: 0, no gallery)")
     return p
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return clean(args)
-    except (UsageError, ClapModelUnavailable, ModelUnavailable, FlagError, FolderLocked, storage.StorageError) as e:
+    except (UsageError, ClapModelUnavailable, ModelUnavailable, AestheticsUnavailable, FlagError, FolderLocked,
+            storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except storage.backend_errors() as e:  # the dataset root or CSV could not be read (endpoint, credentials)
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 def scoring_settings(args: argparse.Namespace, stage_config: CleanStageConfig) -> dict:
     """Every setting that changes a stored score or decision of a row (thresholds excluded)."""
     clap, sm = stage_config.clap, stage_config.speech_music
-    return {
+    settings = {
         "signal": asdict(stage_config.signal),
         # the revision only picks which stored column is `av_align`: switching it re-filters, never rescores
         "av_align": {k: v for k, v in asdict(stage_config.av_align).items() if k != "version"},
@@ -180,9 +183,14 @@ def scoring_settings(args: argparse.Namespace, stage_config: CleanStageConfig) -
         "speech_music_prompts": None if sm is None else {
             k: getattr(sm, k) for k in ("speech_prompts", "music_prompts", "event_prompts")},
         "windows": asdict(from_args(WindowConfig, args)) if args.dataset in ("youtube", "audio") else None,
-        "curation": asdict(stage_config.curation) if stage_config.curation is not None else None,
+        "curation": stage_config.curation.fingerprint_fields() if stage_config.curation is not None else None,
         "desync": desync_settings(stage_config.desync),
     }
+    if stage_config.aesthetics is not None:  # only when on: runs without it keep their fingerprint
+        from filters.aesthetics import resolve
+
+        settings["aesthetics"] = {"model": str(resolve(stage_config.aesthetics.model).resolve())}
+    return settings
 
 
 def desync_settings(desync: tuple | None) -> dict | None:
@@ -206,7 +214,9 @@ def resolve_desync(filters: FilterConfig, cfg: DesyncConfig) -> tuple[DesyncConf
 def check_settings(scan: pd.DataFrame, settings: dict, registry: SettingsRegistry, out: Path, rescore: bool) -> int:
     """Refuse to resume over rows scored with other settings, unless ``--rescore``; count those rows."""
     fp = fingerprint(settings)
-    stale = scan[(scan["settings_fp"] != fp) & ~redone(scan, RETRYABLE + MANIFEST_REASONS)]
+    # a split part is judged with its window: rescoring the window replaces its parts
+    stale = scan[(scan["settings_fp"] != fp) & ~redone(scan, RETRYABLE + MANIFEST_REASONS)
+                 & (scan["parent_key"] == "")]
     if stale.empty or rescore:
         return len(stale)
     lines = []
@@ -228,9 +238,13 @@ def plan_resume(rows: list[Row], scan: pd.DataFrame, fp: str) -> tuple[list[Row]
 
     A row counts as done when journaled with these settings and not a retryable failure. Manifest
     decisions (missing file, bad line, ...) are re-made every run: a file may have appeared since.
+    A window split at its cuts is redone when one of its parts failed in a way worth retrying.
     """
     done = done_keys(scan, RETRYABLE + MANIFEST_REASONS, fp)
     mine = scan[scan["settings_fp"] == fp]
+    # split parts are never manifest rows; a part that failed retryably sends its window back
+    done -= set(scan.loc[scan["parent_key"] != "", "key"])
+    done -= set(mine.loc[redone(mine, RETRYABLE + MANIFEST_REASONS), "parent_key"])
     journaled = dict(zip(mine["key"], zip(mine["status"], mine["reason"])))
     decided = [r for r in rows if not is_pending(r) and journaled.get(r["key"]) != (r["status"], r["reason"])]
     pending = [r for r in rows if is_pending(r) and r["key"] not in done]
@@ -247,11 +261,17 @@ def clean(args: argparse.Namespace) -> int:
     wants_desync = filters.desync_max is not None or from_args(DesyncConfig, args, prefix="desync_").score
     if args.dataset == "audio" and wants_desync:
         raise UsageError("DeSync measures audio-video sync: an audio-only corpus (--dataset audio) has no video")
+    aes = from_args(AestheticsConfig, args, prefix="aes_")
+    if aes.enabled:  # a wrong checkpoint stops the run here, before anything is decoded
+        from filters.aesthetics import AestheticsScorer
+
+        AestheticsScorer(aes).load()
     stage_config = CleanStageConfig(signal=signal, limits=from_args(DecodeLimits, args),
                                     av_align=from_args(AVAlignConfig, args, prefix="av_align_"),
                                     clap=clap if clap.enabled else None,
                                     speech_music=speech_music if clap.enabled else None,
                                     curation=from_args(CurationConfig, args), batch_size=run_cfg.batch_size,
+                                    aesthetics=aes if aes.enabled else None,
                                     desync=resolve_desync(filters, from_args(DesyncConfig, args, prefix="desync_")))
     curation = from_args(CurationFilters, args)
     root, out = resolve_paths(args)
@@ -299,10 +319,10 @@ def _clean_locked(args, root: Path, out: Path, run_cfg: RunConfig, stage_config:
     seconds = time.perf_counter() - t0
 
     keys = {r["key"] for r in rows}
-    journal = ledger.compact()
-    journal = journal[journal["key"].isin(keys)]
+    journal = current_rows(ledger.compact(), keys, fp)
     # hours from the journal, not from on_batch: remote Beam workers journal batches the driver never sees
-    ran = journal[journal["key"].isin({r["key"] for r in pending}) & (journal["status"] == OK)]
+    ran_keys = {r["key"] for r in pending}
+    ran = journal[(journal["key"].isin(ran_keys) | journal["parent_key"].isin(ran_keys)) & (journal["status"] == OK)]
     video_s = float(ran["duration_s"].fillna(0.0).sum())
     # both revisions are stored: the selected one becomes av_align, so switching re-filters without rescoring
     journal = select_version(journal, stage_config.av_align.version)
@@ -322,7 +342,8 @@ def _clean_locked(args, root: Path, out: Path, run_cfg: RunConfig, stage_config:
         "desync": None if stage_config.desync is None else {**asdict(stage_config.desync[0]),
                                                             "weights_path": stage_config.desync[1]},
         "curation_rules": {**asdict(curation), "enabled": {name: curation.enabled(name, args.dataset)
-                                                           for name in ("speech", "silent", "static")}},
+                                                           for name in ("speech", "silent", "static", "quality")}},
+        "aesthetics": asdict(stage_config.aesthetics) if stage_config.aesthetics is not None else None,
         "settings_fp": fp, "code_version": code_version(),
         "counts": {k: summary[k] for k in ("total", "ok", "filtered", "failed")},
         "reasons": summary["reasons"],

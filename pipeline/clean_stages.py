@@ -13,16 +13,22 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from filters.av_align import LEDGER_FIELDS, AVAlignConfig, decode_request_for, score_decoded, warm_up
+from filters.aesthetics import AES_COLUMNS, AES_SAMPLE_RATE
 from filters.curation import SCORE_COLUMNS as CURATION_COLUMNS
-from filters.curation import (VAD_SAMPLE_RATE, CurationConfig, SpeechDetector, motion_scores, scene_cut_times,
-                              silence_scores)
+from filters.curation import (SPLIT_REASON, VAD_SAMPLE_RATE, CurationConfig, SpeechDetector, motion_scores,
+                              scene_cut_times, silence_scores, split_parts)
 from core.config import DecodeLimits, SignalConfig
-from core.decode import DecodeError, DecodeRequest, decode, probe
+from core.decode import DecodeError, DecodeRequest, DecodedClip, decode, probe, sub_clip
 from core.device import wants_gpu
-from core.stage import OK, Resources, Row, Stage, is_pending, mark_failed
+from core.keys import make_key
+from core.resample import resample
+from core.stage import FILTERED, OK, Resources, Row, Stage, is_pending, mark_failed
 
-AUDIO_FOR_CLAP = "audio_clap"  # float32 [n] at SignalConfig.clap_sr, for ClapStage only
 AUDIO_SOURCE = "audio"  # rows of an audio-only corpus (pipeline.manifest.audio_rows)
+AUDIO_FOR_CLAP = "audio_clap"  # float32 [n] at SignalConfig.clap_sr, for ClapStage only
+AUDIO_FOR_AES = "audio_aes"  # float32 [n] at 16 kHz (torchaudio's kernel, as the package), for AestheticsStage only
+# what a split part copies from its window's row (the manifest's description of the video)
+MANIFEST_FIELDS = ("source", "youtube_id", "video_path", "label", "caption", "split", "line")
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class CleanStageConfig:
     clap: object | None = None  # filters.clap.ClapConfig, or None when CLAP is skipped
     speech_music: object | None = None  # filters.speech_music.SpeechMusicConfig when enabled
     curation: CurationConfig = field(default_factory=CurationConfig)
+    aesthetics: object | None = None  # filters.aesthetics.AestheticsConfig, or None when not scored
     batch_size: int = 8
     # (metrics.desync_stage.DesyncConfig, resolved weights path), or None when DeSync is not scored
     desync: tuple | None = None
@@ -55,12 +62,19 @@ def resolve_window(row: Row, signal: SignalConfig, limits: DecodeLimits) -> tupl
 
 
 class DecodeScoreStage(Stage):
-    """One decode pass per clip; AV-Align from the decoded frames and audio."""
+    """One decode pass per clip; AV-Align and the curation scores from the decoded frames and audio.
+
+    With ``--split-at-cuts`` a window with hard cuts is replaced by its long-enough parts between
+    the cuts: the window's row is kept (its scores recorded) as ``filtered`` / ``split_at_cuts``,
+    and each part follows it as a row of its own (key derived from the window's, ``parent_key``
+    set), scored from the arrays already decoded (``core.decode.sub_clip``), never a second decode.
+    """
 
     name = "decode_av_align"
-    reads = ("video_path", "source", "start_s", "duration_s")
-    writes = ("start_s", "duration_s", "video_fps", *LEDGER_FIELDS, *CURATION_COLUMNS, AUDIO_FOR_CLAP)
-    transient = (AUDIO_FOR_CLAP,)
+    reads = ("key", "video_path", "source", "start_s", "duration_s")
+    writes = ("start_s", "duration_s", "video_fps", "parent_key", *LEDGER_FIELDS, *CURATION_COLUMNS, AUDIO_FOR_CLAP,
+              AUDIO_FOR_AES)
+    transient = (AUDIO_FOR_CLAP, AUDIO_FOR_AES)
 
     def __init__(self, config: CleanStageConfig):
         self.config = config
@@ -82,7 +96,8 @@ class DecodeScoreStage(Stage):
         """An audio-only corpus window: decode the sound only; AV-Align, motion and cuts stay missing."""
         rates = (VAD_SAMPLE_RATE,) + ((self.config.signal.clap_sr,) if self.config.clap is not None else ())
         req = DecodeRequest(start_s=float(row.get("start_s") or 0.0), duration_s=row.get("duration_s"),
-                            audio_rates=tuple(sorted(set(rates))), need_video=False)
+                            audio_rates=tuple(sorted(set(rates))), need_video=False,
+                            audio_native=self.config.aesthetics is not None)
         try:
             clip = decode(row["video_path"], req, self.config.limits)
         except DecodeError as e:
@@ -93,17 +108,27 @@ class DecodeScoreStage(Stage):
                    **silence_scores(audio, VAD_SAMPLE_RATE, self.config.curation.silent_frame_db))
         if self.config.clap is not None:
             row[AUDIO_FOR_CLAP] = clip.audio[self.config.signal.clap_sr]
+        self._aesthetics_audio(row, clip)
         return audio
 
-    def _score(self, row: Row) -> np.ndarray | None:
-        """Decode and score one row in place; returns its 16 kHz audio for the VAD (None: failed)."""
+    def _aesthetics_audio(self, row: Row, clip: DecodedClip) -> None:
+        if self.config.aesthetics is not None and clip.audio_native is not None:
+            # the package resamples each channel with torchaudio, then averages: the same, in the other order
+            row[AUDIO_FOR_AES] = resample(clip.audio_native.mean(axis=0), clip.native_sr, AES_SAMPLE_RATE, "torchaudio")
+
+    def _decode(self, row: Row) -> DecodedClip | None:
         if not is_pending(row):
             return None
-        if row.get("source") == AUDIO_SOURCE:
-            return self._score_audio(row)
         try:
             start, duration = resolve_window(row, self.config.signal, self.config.limits)
-            clip = decode(row["video_path"], self._request(start, duration), self.config.limits)
+            return decode(row["video_path"], self._request(start, duration), self.config.limits)
+        except DecodeError as e:
+            mark_failed(row, e.ledger_reason)
+            return None
+
+    def _record(self, row: Row, clip: DecodedClip) -> np.ndarray | None:
+        """Score one decoded window into its row; returns its 16 kHz audio for the VAD (None: failed)."""
+        try:
             result = score_decoded(clip, self.config.av_align)
         except DecodeError as e:
             mark_failed(row, e.ledger_reason)
@@ -116,15 +141,48 @@ class DecodeScoreStage(Stage):
                    **motion_scores(result.motion))
         if self.config.clap is not None:
             row[AUDIO_FOR_CLAP] = clip.audio[self.config.signal.clap_sr]
+        self._aesthetics_audio(row, clip)
         return audio
 
+    def _split(self, row: Row, clip: DecodedClip) -> list[tuple[Row, np.ndarray | None]]:
+        """The parts of a scored window between its cuts, each scored; the window row is marked."""
+        cfg = self.config.curation
+        min_s = max(cfg.split_min_s, self.config.limits.min_duration_s)
+        parts = split_parts(row["scene_cuts"], clip.duration_s, min_s)
+        row.pop(AUDIO_FOR_CLAP, None)  # the window itself is replaced: only its parts go on to the models
+        row.pop(AUDIO_FOR_AES, None)
+        row.update(status=FILTERED, reason=f"{SPLIT_REASON}: {len(parts)} part(s) >= {min_s:g}s"
+                   if parts else f"scene_cut: no part between the cuts is >= {min_s:g}s")
+        out = []
+        for t0, t1 in parts:
+            child = {**{k: v for k, v in row.items() if k in MANIFEST_FIELDS}, "status": "", "reason": "",
+                     "key": make_key(row["key"], f"at{int(round(t0 * 1000)):06d}ms"), "parent_key": row["key"]}
+            out.append((child, self._record(child, sub_clip(clip, t0, t1))))
+        return out
+
     def process_batch(self, rows: list[Row]) -> list[Row]:
-        """Decode and score each row, then run the VAD on the batch's audio (Silero's sequence
-        model: one ONNX call per 16 s of audio, docs/benchmarks.md#clean)."""
-        voiced = [(row, audio) for row in rows if (audio := self._score(row)) is not None]
+        """Decode and score each row (and the parts of a split window), then run the VAD on the
+        batch's audio (Silero's sequence model: one ONNX call per 16 s of audio,
+        docs/benchmarks.md#clean)."""
+        out: list[Row] = []
+        voiced: list[tuple[Row, np.ndarray]] = []
+        for row in rows:
+            out.append(row)
+            if row.get("source") == AUDIO_SOURCE:  # no picture: sound-only scores, never split at cuts
+                audio = self._score_audio(row) if is_pending(row) else None
+                voiced += [(row, audio)] if audio is not None else []
+                continue
+            clip = self._decode(row)
+            if clip is None:
+                continue
+            scored = [(row, self._record(row, clip))]
+            if self.config.curation.split_at_cuts and row.get("status") == OK and row["scene_cuts"]:
+                scored += self._split(row, clip)
+                out += [child for child, _ in scored[1:]]
+            voiced += [(r, audio) for r, audio in scored if audio is not None]
         for (row, _), scores in zip(voiced, self.speech.scores_batch([a for _, a in voiced])):
             row.update(scores)
-        return rows
+        return out
 
     def process_row(self, row: Row) -> Row:
         return self.process_batch([row])[0]
@@ -190,11 +248,40 @@ class ClapStage(Stage):
         return rows
 
 
+class AestheticsStage(Stage):
+    """The audiobox-aesthetics axes (PQ, PC, CE, CU) of rows decoded upstream (``filters.aesthetics``)."""
+
+    name = "aesthetics"
+    uses_model = True
+    reads = (AUDIO_FOR_AES,)
+    writes = AES_COLUMNS
+
+    def __init__(self, config: CleanStageConfig):
+        from filters.aesthetics import AestheticsScorer
+
+        self.config = config
+        self.scorer = AestheticsScorer(config.aesthetics)
+        self.resources = Resources(cpus=1.0, gpus=1.0 if wants_gpu(config.aesthetics.device) else 0.0,
+                                   batch_size=config.batch_size)
+
+    def setup(self) -> None:
+        self.scorer.load()
+
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        todo = [(row, audio) for row in rows if (audio := row.pop(AUDIO_FOR_AES, None)) is not None]
+        if todo:
+            for (row, _), scores in zip(todo, self.scorer.scores_batch([a for _, a in todo])):
+                row.update(scores)
+        return rows
+
+
 def build_clean_stages(config: CleanStageConfig) -> list[Stage]:
     """The stage chain every runner drives, in order."""
     stages: list[Stage] = [DecodeScoreStage(config)]
     if config.clap is not None:
         stages.append(ClapStage(config))
+    if config.aesthetics is not None:
+        stages.append(AestheticsStage(config))
     if config.desync is not None:
         from metrics.desync_stage import DesyncStage
 

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("shards", shards), ("dataset card", shards / "card.json"), ("training run", run_dir),
                        ("soundtrack", wav), ("video with sound", muxed), ("evaluation", wav.parent / "eval")]:
         print(f"   {name:17s} {path}")
-    _loud("EVALUATE: PANNs / VGGish / PaSST / Synchformer / CAVP weights are used when MODELS_DIR has them (python -m core.registry check); "
+    _loud("EVALUATE: PANNs / VGGish / PaSST / Synchformer / CAVP / MS-CLAP weights are used when MODELS_DIR has them (python -m core.registry check); "
           "otherwise RANDOM weights (--allow-random-weights), flagged in the table and summary.json.")
     _run([py, "-m", "train.evaluate", "--generated", str(wav.parent), "--clap-model", clap_model,
           "--cavp", "--allow-random-weights", "--is-splits", "1"])  # the demo ends with the evaluation table

@@ -249,8 +249,9 @@ def encode(args: argparse.Namespace) -> int:
     summarise(run, counts, todo, seconds)
     if remote and counts.samples:
         sent = publish(run.out, remote, shards)
+        kept = f" ({sent.kept} already there from an interrupted upload)" if sent.kept else ""
         print(f"   published to {remote}: " + ("already there, unchanged" if sent.unchanged else
-                                               f"{sent.uploaded} shard(s), then card.json and index.json"))
+                                               f"{sent.uploaded} shard(s){kept}, then card.json and index.json"))
     if counts.samples == 0:
         print(f"error: nothing could be encoded ({counts.failed} failed, see {run.out / 'failed.json'})",
               file=sys.stderr)

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from core.atomic import atomic_write_table, atomic_write_text
 from core.stage import FAILED, Row
+from filters.curation import SPLIT_REASON
 
 LEDGER_FORMAT = "v2a-ledger/1"
 COMPACT_EVERY = 512  # parts a driver appends between two compactions
@@ -61,6 +62,11 @@ SCHEMA = pa.schema([
     ("scene_cuts", pa.list_(pa.float64())),
     ("motion_max", pa.float64()),
     ("motion_mean", pa.float64()),
+    # audiobox-aesthetics axes (1-10; missing unless --aes-model is given)
+    ("aes_ce", pa.float64()),
+    ("aes_cu", pa.float64()),
+    ("aes_pc", pa.float64()),
+    ("aes_pq", pa.float64()),
     # AV-Align of each published revision (av_align / video_peaks above are the selected one's)
     ("av_align_2025", pa.float64()),
     ("av_align_2023", pa.float64()),
@@ -72,6 +78,8 @@ SCHEMA = pa.schema([
     ("desync_last_s", pa.float64()),
     ("line", pa.int64()),
     ("settings_fp", pa.string()),
+    # a part of a window split at its scene cuts (--split-at-cuts): the window's key, else ""
+    ("parent_key", pa.string()),
 ])
 COLUMNS = SCHEMA.names
 # failures worth retrying on resume: a hung decode or an unexpected error may not repeat
@@ -81,7 +89,7 @@ MANIFEST_REASONS = ("missing_file", "bad_csv_row", "bad_manifest_row", "duplicat
 # what every ledger since the first version holds; readers needing more pass ``required``
 CORE_COLUMNS = ("key", "source", "video_path", "label", "caption", "split", "start_s", "duration_s", "status",
                 "reason")
-SCAN_COLUMNS = ["key", "status", "reason", "settings_fp"]
+SCAN_COLUMNS = ["key", "status", "reason", "settings_fp", "parent_key"]
 _PART = re.compile(r"^part-(\d{6})-(\d{9})-([A-Za-z0-9]+)\.parquet$")
 _STRING_COLUMNS = {f.name for f in SCHEMA if pa.types.is_string(f.type)}
 
@@ -238,6 +246,17 @@ class Ledger:
         atomic_write_table(table, self.path)
         atomic_write_text(self.out_dir / "run.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return self.path
+
+
+def current_rows(journal: pd.DataFrame, keys: set[str], settings_fp: str) -> pd.DataFrame:
+    """The journal rows of the manifest's ``keys``, plus the parts of each window whose latest
+    record is a split made with these settings. Parts of an earlier split (a window rescored since,
+    or scored with other settings) are left out: they are not this run's result."""
+    top = journal[journal["key"].isin(keys)]
+    split = top["reason"].str.startswith(SPLIT_REASON) & (top["settings_fp"] == settings_fp)
+    parts = journal[journal["parent_key"].isin(set(top.loc[split, "key"]))
+                    & (journal["settings_fp"] == settings_fp) & ~journal["key"].isin(keys)]
+    return pd.concat([top, parts]) if len(parts) else top
 
 
 class LedgerError(ValueError):

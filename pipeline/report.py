@@ -211,6 +211,12 @@ def _curation_scores(df: pd.DataFrame, meta: dict) -> list[str]:
                                                                          "silent_share_max")))
     if cuts is not None:
         out.append(_histogram(cuts, "scene cuts per window (PySceneDetect)", None, None))
+    if "aes_pq" in df and df["aes_pq"].notna().any():
+        out.append(_histogram(df["aes_pq"], "audio quality PQ (audiobox-aesthetics, 1-10)", threshold(meta, "quality_pq_min"),
+                              None))
+        for column, name in (("aes_pc", "PC production complexity"), ("aes_ce", "CE content enjoyment"),
+                             ("aes_cu", "CU content usefulness")):
+            out.append(_histogram(df[column], f"audio {name} (audiobox-aesthetics)", None, None))
     return out + ["</div>"]
 
 

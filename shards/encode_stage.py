@@ -39,9 +39,9 @@ FRAMES = "clip_pixels"  # uint8 [T, S, S, 3], resized + cropped for CLIP
 WAVE = "mel_wave"  # float32 [num_samples]: AudioLDM-prepared waveform for the mel
 AUDIO_SAMPLES = "audio_samples"  # samples of real (unpadded) audio in the window
 TRANSIENT = (FRAMES, WAVE, AUDIO_SAMPLES)  # SignalStage -> FeatureStage only, never in a shard
-RECIPE_FIELDS = ("segments", "rate", "cut_s", "crossfade_s", "stretch_method", "target_s")  # plan rows'
+RECIPE_FIELDS = ("segments", "rate", "cut_s", "crossfade_s", "stretch_method", "target_s", "real_cuts_s")  # plan rows'
 SAMPLE_FIELDS = ("key", "kind", "caption", "label", "source", "split", "youtube_id", "video_path", "start_s",
-                 "duration_s", "video_fps", "original_key")  # what sample_json describes
+                 "duration_s", "video_fps", "original_key", "scene_cuts")  # what sample_json describes
 SCORE_COLUMNS = ("clap_score", "av_align", "audio_peaks", "video_peaks", "speech_score", "music_score",
                  "event_score", "av_align_2025", "av_align_2023", "video_peaks_2025", "video_peaks_2023")
 KIND_CLIP = "clip"  # a ledger clip; plan rows carry their recipe kind (concat, stretch)
@@ -98,6 +98,10 @@ def feature_members(enc: EncoderConfig) -> tuple[str, ...]:
     return (*(vision_member(e) for e in enc.encoders), *(flow_member(e) for e in enc.encoders if enc.with_flow))
 
 
+def _real_cuts(value: Any) -> list[float] | None:
+    return None if value is None or isinstance(value, float) else [float(c) for c in value]
+
+
 def sample_json(row: Row, clip_frames: int, audio_samples: int, sample_rate: int,
                 tokens: dict[str, int] | None = None) -> bytes:
     """The ``json`` member: what the sample is, where it came from, its scores and recipe."""
@@ -111,6 +115,9 @@ def sample_json(row: Row, clip_frames: int, audio_samples: int, sample_rate: int
         **({"tokens": dict(tokens)} if tokens else {}),
         "scores": {c: row.get(c) for c in SCORE_COLUMNS if c in row},
         "augmentation": None,
+        # real scene cuts in sample seconds (a clip's ledger scene_cuts; the cuts of its sources a
+        # recipe plays); a concat's synthetic cut is augmentation.cut_s. None: not known
+        "real_cuts_s": _real_cuts(row.get("scene_cuts") if kind == KIND_CLIP else row.get("real_cuts_s")),
     }
     if row.get("original_key"):
         meta["original_key"] = row["original_key"]  # the ledger's key before it was made WebDataset-safe

@@ -4,8 +4,10 @@ Shards are assembled in a local staging folder (atomic renames, resumable cache)
 when the run is complete: every shard, then ``failed.json`` and ``card.json``, and ``index.json``
 last, so a reader that finds the index always finds every shard it lists. An object upload is
 all or nothing, so a killed upload leaves whole shards and no index; rerunning the command
-uploads again. A destination whose ``index.json`` lists a different shard set is refused rather
-than mixed with this one.
+sends only the shards the store does not already hold with the same size and content hash
+(the sha256 of ``index.json``, recorded with each object at upload: ``core.storage.put_file``).
+A destination whose ``index.json`` lists a different shard set is refused rather than mixed
+with this one.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from core import storage
+from core.models import file_sha256
 from shards.shard_writer import ShardError, ShardInfo
 
 INDEX = "index.json"
@@ -25,7 +28,8 @@ SIDECARS = ("failed.json", "card.json")
 class Published:
     url: str
     uploaded: int  # shards sent by this call
-    unchanged: bool  # the destination already held exactly this shard set
+    kept: int  # shards the destination already held with the same size and sha256 (a resumed upload)
+    unchanged: bool  # the destination already held exactly this shard set, index included
 
 
 def check_destination(url: str) -> None:
@@ -37,10 +41,10 @@ def check_destination(url: str) -> None:
 
 
 def publish(local_dir: str | Path, url: str, shards: list[ShardInfo]) -> Published:
-    """Upload the shards listed in ``local_dir/index.json``, its sidecars, then the index."""
+    """Upload the shards listed in ``local_dir/index.json`` that ``url`` lacks, its sidecars, then the index."""
     local_dir = Path(local_dir)
     ours = (local_dir / INDEX).read_bytes()
-    done = 0
+    sent = kept = 0
     try:
         theirs = storage.read_bytes(storage.join(url, INDEX))
         if theirs is not None and theirs != ours:
@@ -49,20 +53,33 @@ def publish(local_dir: str | Path, url: str, shards: list[ShardInfo]) -> Publish
         unchanged = theirs is not None
         if not unchanged:
             for shard in tqdm(shards, desc="upload", unit="shard", dynamic_ncols=True):
-                _upload(local_dir / shard.name, storage.join(url, shard.name), shard.bytes)
-                done += 1
+                target = storage.join(url, shard.name)
+                if storage.stored_object(target) == (shard.bytes, shard.sha256):
+                    kept += 1  # sent whole by an earlier, interrupted publish
+                    continue
+                _upload_shard(local_dir / shard.name, target, shard)
+                sent += 1
         for name in SIDECARS:
             if (local_dir / name).is_file():
                 _upload(local_dir / name, storage.join(url, name), (local_dir / name).stat().st_size)
         _upload(local_dir / INDEX, storage.join(url, INDEX), len(ours))
     except storage.backend_errors() as e:
-        raise storage.StorageError(f"publishing to {url} failed after {done} of {len(shards)} shard(s): {e}; "
-                                   f"rerun the command to upload again") from e
-    return Published(url, done, unchanged)
+        raise storage.StorageError(f"publishing to {url} failed after {sent + kept} of {len(shards)} shard(s): "
+                                   f"{e}; rerun the command to send the rest") from e
+    return Published(url, sent, kept, unchanged)
 
 
-def _upload(local: Path, url: str, expected: int) -> None:
-    storage.put_file(local, url)
+def _upload_shard(local: Path, url: str, shard: ShardInfo) -> None:
+    """Send a shard labelled with its sha256, after checking the staged file still has it."""
+    digest = file_sha256(local)
+    if digest != shard.sha256:
+        raise ShardError(f"{local} changed since it was written (sha256 {digest}, {INDEX} says "
+                         f"{shard.sha256}); delete it and rerun the command to encode it again")
+    _upload(local, url, shard.bytes, digest)
+
+
+def _upload(local: Path, url: str, expected: int, sha256: str | None = None) -> None:
+    storage.put_file(local, url, sha256)
     got = storage.size(url)
     if got != expected:
         raise ShardError(f"{url} holds {got} bytes after upload, expected {expected}")

@@ -474,13 +474,15 @@ class ShardAssembler:
         return [self.cache.failure(k, fp) for k, fp in sorted(self.fps.items()) if self.cache.status(k, fp) == "failed"]
 
     def index(self) -> list[ShardInfo]:
-        """Every finished shard, split by split, in order."""
+        """Every finished shard of the current layout, split by split, in order: a shard left by an
+        earlier run over more keys (past this split's last key) is not listed, so it is never published."""
         out = []
         for split in sorted(self.keys):
-            index = 0
-            while (rec := self._finished(shard_name(split, index))) is not None:
+            index, pos = 0, 0
+            while ((rec := self._finished(shard_name(split, index))) is not None
+                   and self._verdict(rec, split, pos) == "valid"):
                 out.append(ShardInfo(rec["name"], rec["split"], rec["count"], rec["bytes"], rec["sha256"]))
-                index += 1
+                index, pos = index + 1, rec["end"]
         return out
 
     def stale_shards(self) -> list[Path]:

@@ -20,6 +20,15 @@ from typing import Iterator
 from pipeline.runners.local import environ  # noqa: F401  (tests set S3 variables with it)
 
 LOOPBACK = "127.0.0.1"
+# manifest items of the generated sample the cluster runs clean: its first broken rows (a missing
+# file, a bad start time, an empty file) and five clips; enough for a node to be lost mid-run
+SAMPLE_LIMIT = 8
+
+
+def sample_clean_args(root: Path, out: Path, *extra: str) -> list[str]:
+    """``pipeline.clean`` on the sample's first items, batch 1, CLAP off: every runner, the same rows."""
+    return ["--dataset", "vggsound", "--root", str(root), "--out", str(out), "--clap-model", "none",
+            "--batch-size", "1", "--limit", str(SAMPLE_LIMIT), *extra]
 
 
 def free_port() -> int:
@@ -99,18 +108,32 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+class S3Server:
+    """moto's S3 server on loopback: ``env`` holds the standard AWS variables that point every client at
+    it; its request log (one line per request, written by the server) counts what clients sent."""
+
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.log = tmp / "moto.log"
+        self.proc = start([sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(self.port)], self.log)
+        self.env = {"AWS_ENDPOINT_URL": f"http://{LOOPBACK}:{self.port}", "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def puts(self, url: str) -> int:
+        """PUT requests the server has answered for objects below ``s3://bucket/prefix`` so far."""
+        path = "/" + url.removeprefix("s3://")
+        return sum(f'"PUT {path}' in line for line in self.log.read_text(errors="replace").splitlines())
+
+
 @contextlib.contextmanager
-def s3_server(tmp: Path) -> Iterator[dict]:
-    """moto's S3 server on loopback; yields the standard AWS variables that point every client at it."""
-    port = free_port()
-    log = tmp / "moto.log"
-    proc = start([sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)], log)
+def s3_server(tmp: Path) -> Iterator[S3Server]:
+    """A running S3 server, stopped (its process group) when the block ends."""
+    server = S3Server(tmp)
     try:
-        wait_for_port(port, 60, proc, log)
-        yield {"AWS_ENDPOINT_URL": f"http://{LOOPBACK}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        wait_for_port(server.port, 60, server.proc, server.log)
+        yield server
     finally:
-        stop(proc)
+        stop(server.proc)
 
 
 RAY_LOOPBACK = Path(__file__).with_name("ray_loopback.py")
@@ -156,42 +179,58 @@ class RayCluster:
                                     "--include-dashboard", "false", "--ray-client-server-port", str(free_port())])
         wait_for_port(self.port, timeout, proc, self.tmp / "head.log")
 
-    def add_worker(self, name: str, cpus: int = 1, tries: int = 2) -> None:
-        """Start a worker node and wait until its CPUs count in the cluster (one node at a time:
-        ``ray start`` gives a raylet 30 s to register, which a loaded machine can miss)."""
-        expected = self.cpus + cpus
+    def add_workers(self, names: list[str], cpus: int = 1, tries: int = 2) -> None:
+        """Start worker nodes together and wait until their CPUs count in the cluster. ``ray start``
+        gives a raylet 30 s to register, which a loaded machine can miss: a node that gives up is
+        started again (``tries`` times)."""
+        expected = self.cpus + cpus * len(names)
+        procs = {name: self._start(name, ["--address", self.address, "--num-cpus", str(cpus)]) for name in names}
         for attempt in range(tries):
-            proc = self._start(name, ["--address", self.address, "--num-cpus", str(cpus)])
-            try:
-                self.wait_for_cpus(expected, proc=proc)
+            exited = self.wait_for_cpus(expected, procs=procs)
+            if not exited:
                 self.cpus = expected
                 return
-            except RuntimeError:  # the node gave up registering: start it again
+            for name in exited:  # the node gave up registering: start it again
                 self.stop_node(name)
-                if attempt == tries - 1:
-                    raise
+                if attempt < tries - 1:
+                    procs[name] = self._start(name, ["--address", self.address, "--num-cpus", str(cpus)])
+        raise RuntimeError(f"worker nodes {exited} exited before they registered: {_tail(self.tmp / f'{exited[0]}.log')}")
 
-    def wait_for_cpus(self, cpus: int, timeout: float = 180, proc: subprocess.Popen | None = None) -> None:
-        """Until the cluster reports ``cpus`` CPUs; RuntimeError when ``proc`` (a node) exits first."""
-        deadline = time.monotonic() + timeout
-        probe = ("import ray; ray.init(address=%r, log_to_driver=False); "
-                 "print(int(ray.cluster_resources().get('CPU', 0)))" % self.address)
-        last = ""
-        while time.monotonic() < deadline:
-            done = subprocess.run([sys.executable, str(RAY_LOOPBACK), "-c", probe], env=self.env, cwd=self.tmp,
-                                  capture_output=True, text=True, timeout=120)
-            last = done.stdout.strip().splitlines()[-1:] or [done.stderr[-500:]]
-            if done.returncode == 0 and last == [str(cpus)]:
-                return
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"node exited with {proc.returncode} before it registered")
-            time.sleep(2)
-        raise TimeoutError(f"cluster never reached {cpus} CPUs (last: {last})")
+    def wait_for_cpus(self, cpus: int, timeout: float = 180, procs: dict[str, subprocess.Popen] | None = None
+                      ) -> list[str]:
+        """Until the cluster reports ``cpus`` CPUs; returns the names of ``procs`` (nodes) that exited first.
 
-    def stop_node(self, name: str) -> None:
-        stop(self.nodes.pop(name))
+        One probe driver joins the cluster and polls its resources (a new driver per poll would pay
+        Ray's start-up each time)."""
+        procs = procs or {}
+        probe = ("import sys, time, ray\n"
+                 "ray.init(address=%r, log_to_driver=False)\n"
+                 "deadline = time.monotonic() + %r\n"
+                 "while int(ray.cluster_resources().get('CPU', 0)) != %d:\n"
+                 "    if time.monotonic() > deadline:\n"
+                 "        sys.exit('CPUs: %%s' %% ray.cluster_resources().get('CPU', 0))\n"
+                 "    time.sleep(0.2)\n") % (self.address, timeout, cpus)
+        log = self.tmp / "probe.log"
+        driver = start([sys.executable, str(RAY_LOOPBACK), "-c", probe], log, env=self.env, cwd=self.tmp)
+        deadline = time.monotonic() + timeout + 60
+        try:
+            while driver.poll() is None:
+                exited = [name for name, proc in procs.items() if proc.poll() is not None]
+                if exited:
+                    return exited
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cluster never reached {cpus} CPUs: {_tail(log)}")
+                time.sleep(0.2)
+        finally:
+            stop(driver)
+        if driver.returncode != 0:
+            raise TimeoutError(f"cluster never reached {cpus} CPUs: {_tail(log)}")
+        return []
+
+    def stop_node(self, name: str, grace: float = 10.0) -> None:
+        stop(self.nodes.pop(name), grace)
 
     def close(self) -> None:
-        for name in reversed(list(self.nodes)):  # workers first, the head last
-            self.stop_node(name)
+        for name in reversed(list(self.nodes)):  # workers first, the head last; nothing left to save
+            self.stop_node(name, grace=2.0)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

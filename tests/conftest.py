@@ -36,3 +36,30 @@ def tiny_clap_dir(tmp_path_factory) -> Path:
     from clap_fixture import build_tiny_clap
 
     return build_tiny_clap(tmp_path_factory.mktemp("clap"))
+
+
+@pytest.fixture(scope="session")
+def s3_service(tmp_path_factory):
+    """One S3 server (moto's server mode) on loopback for every module that uses object storage;
+    each module works in a bucket of its own."""
+    from cluster_fixtures import s3_server
+
+    with s3_server(tmp_path_factory.mktemp("s3-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sample_clean_local(sample_root, tmp_path_factory):
+    """The local runner's ledger of the sample's first items (``sample_clean_args``): the reference
+    the Ray-cluster and Beam portable-runner runs must reproduce, made once."""
+    import contextlib
+    import io
+
+    from cluster_fixtures import sample_clean_args
+    from pipeline.clean import main
+    from pipeline.ledger import read_ledger
+
+    out = tmp_path_factory.mktemp("clean-local")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(sample_clean_args(sample_root, out, "--workers", "1")) == 0
+    return read_ledger(out / "ledger.parquet")[0]

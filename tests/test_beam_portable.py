@@ -8,8 +8,6 @@ journal the rows; the ledger must equal the local runner's.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import subprocess
 import sys
@@ -19,14 +17,13 @@ import pytest
 from pandas.testing import assert_frame_equal
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cluster_fixtures import free_port, start, stop, wait_for_port  # noqa: E402
+from cluster_fixtures import free_port, sample_clean_args, start, stop, wait_for_port  # noqa: E402
 
 from pipeline.ledger import read_ledger  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
-LIMIT = "10"  # manifest rows: clips and broken rows of the sample
 
 
 @pytest.fixture(scope="module")
@@ -50,26 +47,16 @@ def beam_services(tmp_path_factory):
         stop(pool)
 
 
-def _args(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["--dataset", "vggsound", "--root", str(root), "--out", str(out), "--clap-model", "none",
-            "--batch-size", "2", "--limit", LIMIT, *extra]
-
-
-def test_portable_runner_with_external_workers_gives_the_local_ledger(beam_services, sample_root, tmp_path):
-    from pipeline.clean import main
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(_args(sample_root, tmp_path / "local", "--workers", "1")) == 0
-    reference, _ = read_ledger(tmp_path / "local" / "ledger.parquet")
-
+def test_portable_runner_with_external_workers_gives_the_local_ledger(beam_services, sample_root,
+                                                                     sample_clean_local, tmp_path):
     temp_location = tmp_path / "beam-temp"
     temp_location.mkdir()
     options = ",".join([f"job_endpoint={beam_services['job']}", "environment_type=EXTERNAL",
                         f"environment_config={beam_services['pool']}", f"temp_location={temp_location}",
                         "sdk_worker_parallelism=1"])
     done = subprocess.run([sys.executable, "-m", "pipeline.clean",
-                           *_args(sample_root, tmp_path / "beam", "--runner", "beam",
-                                  "--beam-runner", "PortableRunner", "--beam-option", options)],
+                           *sample_clean_args(sample_root, tmp_path / "beam", "--runner", "beam",
+                                              "--beam-runner", "PortableRunner", "--beam-option", options)],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -77,6 +64,6 @@ def test_portable_runner_with_external_workers_gives_the_local_ledger(beam_servi
     assert not list(temp_location.glob("v2a-input-*.jsonl"))  # the staged manifest is removed afterwards
     ledger, meta = read_ledger(tmp_path / "beam" / "ledger.parquet")
     assert meta["runner"] == "beam"
-    assert_frame_equal(ledger, reference)
+    assert_frame_equal(ledger, sample_clean_local)
     pool_log = (beam_services["tmp"] / "pool.log").read_text(errors="replace")
     assert "Starting worker with command" in pool_log, pool_log[-2000:]  # SDK workers were the pool's processes

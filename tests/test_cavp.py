@@ -156,7 +156,7 @@ def test_evaluate_reports_cavp_per_clip_and_set(tiny, tmp_path, capsys):
         sf.write(gen / f"{name}.wav", (0.1 * rng.standard_normal(int(22050 * seconds))).astype(np.float32), 22050)
         (gen / f"{name}.json").write_text(json.dumps({"video": str(video), "start_s": start, "caption": "x"}))
     rc = main(["--generated", str(gen), "--out", str(tmp_path / "eval"), "--cavp", "--cavp-weights", str(weights),
-               "--no-panns", "--no-vggish", "--no-passt", "--no-desync", "--no-av-align", "--clap-model", "none"])
+               "--no-panns", "--no-vggish", "--no-passt", "--no-desync", "--no-pam", "--no-av-align", "--clap-model", "none"])
     assert rc == 0
     rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "eval" / "eval.csv"))}
     scorer = CavpScorer.load(weights)  # the release's 224 px

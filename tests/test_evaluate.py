@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -10,11 +11,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_panns import _random_release  # noqa: E402
 from test_passt import _tiny_release as _tiny_passt  # noqa: E402
 from test_vggish import TINY as TINY_VGGISH  # noqa: E402
+from test_msclap import KEYS as MSCLAP_KEYS, TINY as TINY_MSCLAP, _tokenizer_dir  # noqa: E402
 
 from core.models import file_sha256  # noqa: E402
 from metrics.divergence import kl_sigmoid, kl_softmax  # noqa: E402
@@ -23,6 +26,8 @@ from metrics.panns import PannsScorer  # noqa: E402
 from metrics.vggish import Vggish, VggishScorer  # noqa: E402
 from metrics.desync import DesyncScorer, sync_request  # noqa: E402
 from metrics.passt import PasstScorer  # noqa: E402
+from metrics.msclap import MsClap, release_to_project, size_of  # noqa: E402
+from metrics.pam import PamScorer, prompt_tokens  # noqa: E402
 from metrics.synchformer import Synchformer, SynchformerSize  # noqa: E402
 from core.decode import decode  # noqa: E402
 from train.evaluate import main, metric_audio, read_audio  # noqa: E402
@@ -63,7 +68,7 @@ def _run(setup, tmp_path, *extra):
     return main(["--generated", str(gen), "--reference", str(ref), "--out", str(tmp_path / "eval"),
                  "--panns-weights", str(weights), "--vggish-weights", str(weights.with_name("vggish-tiny.pth")),
                  "--passt-weights", str(weights.with_name("passt-tiny.pt")),
-                 "--no-av-align", "--no-desync", "--clap-model", "none", "--is-splits", "2", *extra])
+                 "--no-av-align", "--no-desync", "--no-pam", "--clap-model", "none", "--is-splits", "2", *extra])
 
 
 def test_set_and_clip_metrics_reproduce_their_definitions(setup, tmp_path, capsys):
@@ -117,13 +122,16 @@ def test_set_and_clip_metrics_reproduce_their_definitions(setup, tmp_path, capsy
 def test_missing_models_stop_before_any_work_and_are_all_named(setup, tmp_path, capsys):
     gen, ref, _ = setup
     rc = main(["--generated", str(gen), "--reference", str(ref), "--out", str(tmp_path / "eval"),
-               "--models-dir", str(tmp_path / "no-models"), "--clap-model", str(tmp_path / "no-clap")])
+               "--models-dir", str(tmp_path / "no-models"), "--clap-model", str(tmp_path / "no-clap"),
+               "--msclap-text", str(tmp_path / "no-gpt2")])
     assert rc == 2
     err = capsys.readouterr().err
     assert "panns_cnn14_16k" in err and "zenodo.org/record/3987831" in err
     assert "vggish" in err and "torchvggish/releases" in err and "passt" in err and "kkoutini/PaSST" in err
     assert "clap" in err and str(tmp_path / "no-clap") in err and "core.registry check" in err
     assert "synchformer" in err and "synchformer_state_dict.pth" in err
+    assert "msclap:" in err and "CLAP_weights_2023.pth" in err and "--msclap-weights" in err
+    assert "msclap_text" in err and str(tmp_path / "no-gpt2") in err
     assert not (tmp_path / "eval").exists()  # nothing was scored or written
 
 
@@ -137,7 +145,8 @@ def test_too_few_clips_leave_is_empty_with_the_reason(setup, tmp_path):
 def test_random_weights_are_flagged(setup, tmp_path, capsys):
     gen, _, _ = setup
     rc = main(["--generated", str(gen), "--out", str(tmp_path / "eval"), "--models-dir", str(tmp_path / "none"),
-               "--allow-random-weights", "--no-av-align", "--clap-model", "none", "--is-splits", "2"])
+               "--allow-random-weights", "--no-av-align", "--clap-model", "none", "--is-splits", "2",
+               "--msclap-text", str(tmp_path / "no-gpt2")])
     assert rc == 0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["random_weights"] == ["PANNs", "PaSST", "Synchformer", "VGGish"]
@@ -145,6 +154,8 @@ def test_random_weights_are_flagged(setup, tmp_path, capsys):
     assert "RANDOM WEIGHTS" in summary["metrics"]["fad_vggish"]["model"]
     assert "RANDOM WEIGHTS" in summary["metrics"]["is_panns"]["model"]
     assert summary["metrics"]["fd_panns"]["value"] is None  # no --reference
+    pam = summary["metrics"]["pam"]  # no offline stand-in for GPT-2's tokenizer: skipped, saying why
+    assert pam["value"] is None and "no GPT-2 tokenizer" in pam["reason"] and str(tmp_path / "no-gpt2") in pam["reason"]
     captured = capsys.readouterr()
     assert "RANDOM WEIGHTS" in captured.out and "RANDOM WEIGHTS" in captured.err
 
@@ -165,7 +176,7 @@ def test_desync_per_clip_and_set_as_av_benchmark(tmp_path, capsys):
     torch.save({k: 0.05 * torch.randn(v.shape, generator=g) for k, v in Synchformer(size).state_dict().items()},
                weights)
     rc = main(["--generated", str(gen), "--out", str(tmp_path / "eval"), "--desync-weights", str(weights),
-               "--no-panns", "--no-vggish", "--no-passt", "--no-av-align", "--clap-model", "none"])
+               "--no-panns", "--no-vggish", "--no-passt", "--no-pam", "--no-av-align", "--clap-model", "none"])
     assert rc == 0
     rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "eval" / "eval.csv"))}
     scorer = DesyncScorer.load(weights)
@@ -182,3 +193,73 @@ def test_desync_per_clip_and_set_as_av_benchmark(tmp_path, capsys):
     assert m["n"] == 2 and m["value"] == pytest.approx((float(rows["a"]["desync"]) + float(rows["b"]["desync"])) / 2)
     assert m["weights_sha256"] == file_sha256(weights) and m["settings"]["fps"] == 25.0
     assert "desync" in capsys.readouterr().out
+
+
+_HTSAT = "audio_encoder.base.htsat."
+_TO_RELEASE = ((r"^batch_norm\.", "bn0."), (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
+               (r"\.attention\.self\.relative_position_", ".attn.relative_position_"),
+               (r"\.attention\.output\.dense\.", ".attn.proj."), (r"\.intermediate\.dense\.", ".mlp.fc1."),
+               (r"\.output\.dense\.", ".mlp.fc2."))
+
+
+def _release_layout(model: MsClap) -> dict[str, torch.Tensor]:
+    """A model's state dict under CLAP_weights_2023.pth's names: HTSAT's Swin names, query/key/value as one qkv."""
+    out, qkv = {}, {}
+    for key, value in model.state_dict().items():
+        if not key.startswith(_HTSAT + "encoder."):
+            out[key] = value
+            continue
+        name = key[len(_HTSAT + "encoder."):]
+        m = re.match(r"(.*)\.attention\.self\.(query|key|value)\.(weight|bias)$", name)
+        if m:
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+            continue
+        for pattern, repl in _TO_RELEASE:
+            name = re.sub(pattern, repl, name)
+        out[_HTSAT + name] = value
+    for (block, kind), parts in qkv.items():
+        out[f"{_HTSAT}{block}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    out[_HTSAT + "head.weight"] = torch.zeros(527, 527)  # the AudioSet head the loader drops
+    return out
+
+
+def test_pam_per_clip_and_set_from_a_release_layout_checkpoint(tmp_path, capsys):
+    """A tiny random MS-CLAP saved under the release's key names (its size read back from the shapes) and a
+    GPT-2-style tokenizer folder: each clip's PAM is metrics.pam's scorer on the same 44.1 kHz audio
+    (two short outputs, one stereo at 22.05 kHz, one mono at 16 kHz: each one tiled 7 s window)."""
+    gen = tmp_path / "generated"
+    gen.mkdir()
+    rng = np.random.default_rng(5)
+    sf.write(gen / "s.wav", (0.1 * rng.standard_normal((22050 * 2, 2))).astype(np.float32), 22050)
+    sf.write(gen / "m.wav", np.sin(np.arange(16000 * 1.5) * 0.05).astype(np.float32) * 0.3, 16000)
+    for name in ("s", "m"):
+        (gen / f"{name}.json").write_text(json.dumps({"video": str(VIDEOS[0]), "caption": "x"}))
+    torch.manual_seed(11)
+    model = MsClap(TINY_MSCLAP).eval()
+    state = _release_layout(model)
+    assert size_of(state) == TINY_MSCLAP
+    assert set(release_to_project(state)) == set(model.state_dict())
+    general = {re.sub(r"\.\d+\.", ".N.", k) for k in json.loads(MSCLAP_KEYS.read_text())}
+    assert {re.sub(r"\.\d+\.", ".N.", k) for k in state} <= general  # only names the release has
+    weights = tmp_path / "CLAP_weights_2023.pth"
+    torch.save({"model": state}, weights)
+    (tmp_path / "gpt2").mkdir()
+    tok = _tokenizer_dir(tmp_path / "gpt2")
+    rc = main(["--generated", str(gen), "--out", str(tmp_path / "eval"), "--msclap-weights", str(weights),
+               "--msclap-text", str(tok), "--no-panns", "--no-vggish", "--no-passt", "--no-desync", "--no-av-align",
+               "--clap-model", "none"])
+    assert rc == 0
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "eval" / "eval.csv"))}
+    scorer = PamScorer(model, *prompt_tokens(AutoTokenizer.from_pretrained(str(tok))))  # the model as saved
+    for name, row in rows.items():
+        expected = scorer.score(read_audio(gen / f"{name}.wav", 44100, resampler="torchaudio")).score
+        assert float(row["pam"]) == pytest.approx(expected, rel=1e-6) and 0 < expected < 1
+    m = json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"]["pam"]
+    assert set(rows) == {"s", "m"} and m["n"] == 2
+    assert m["value"] == pytest.approx(np.mean([float(r["pam"]) for r in rows.values()]))
+    assert m["weights_sha256"] == file_sha256(weights) and "MS-CLAP 2023" in m["model"]
+    assert "RANDOM" not in m["model"]
+    assert m["settings"]["sample_rate"] == 44100 and m["settings"]["window_s"] == 7
+    assert m["settings"]["prompts"][0] == "the sound is clear and clean."
+    assert m["settings"]["scale"] == pytest.approx(1 / 0.07)
+    assert "pam" in capsys.readouterr().out

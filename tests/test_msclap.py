@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from metrics.msclap import MsClap, MsClapSize, release_to_project
+from metrics.msclap import MsClap, MsClapSize, release_to_project, size_of
 from metrics.pam import SAMPLE_RATE, TEXT_LEN, WINDOW, PamScorer, pam_probabilities, prompt_tokens
 
 KEYS = Path(__file__).parent / "data" / "msclap_2023_keys.json"
@@ -27,6 +27,7 @@ def test_the_release_layout_maps_onto_the_full_size_model_exactly():
         model = MsClap()
     mapped = release_to_project(release)
     assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert size_of(release) == MsClapSize()  # the release's size read back from its shapes
 
 
 def test_qkv_is_split_into_query_key_value_in_order():

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cluster_fixtures import LOOPBACK, environ, free_port, kill_tree, s3_server  # noqa: E402
+from cluster_fixtures import LOOPBACK, environ, free_port, kill_tree  # noqa: E402
 from shards_fixture import write_shards  # noqa: E402
 
 from core import storage  # noqa: E402
@@ -27,16 +27,16 @@ from train.config import TINY_UNET_CONFIG  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 8
+STEPS = 6
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 BUCKET = "s3://v2a-train"
 
 
-def _train_args(shards: str, out: Path, max_steps: int) -> list[str]:
+def _train_args(shards: str, out: Path, max_steps: int, workers: int = 1) -> list[str]:
     return ["-m", "train", "--shards", shards, "--out", str(out), "--unet-config", TINY_UNET_CONFIG,
             "--batch-size", "4", "--max-steps", str(max_steps), "--ckpt-every", "2", "--log-every", "1",
-            "--lr", "1e-3", "--warmup-steps", "3", "--val-every", "4", "--val-samples", "8",
-            "--workers", "1", "--mix-shards", "2", "--condition", "video+text", "--seed", "5"]
+            "--lr", "1e-3", "--warmup-steps", "3", "--val-every", "3", "--val-samples", "8",
+            "--workers", str(workers), "--mix-shards", "2", "--condition", "video+text", "--seed", "5"]
 
 
 def _env() -> dict:
@@ -53,11 +53,11 @@ def _rows(run: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def s3_shards(tmp_path_factory):
+def s3_shards(s3_service, tmp_path_factory):
     """Four uneven train shards and a test shard, on disk and uploaded to the S3 server (index last)."""
     tmp = tmp_path_factory.mktemp("mn")
     local = write_shards(tmp / "data", {"train": [1, 2, 3, 6], "test": [3]})
-    with s3_server(tmp) as env, environ(env):
+    with environ(s3_service.env):
         fs, _ = storage.filesystem(BUCKET)
         fs.mkdir(BUCKET.removeprefix("s3://"))
         names = sorted(p.name for p in local.iterdir() if p.name != "index.json") + ["index.json"]
@@ -103,10 +103,11 @@ def _kill(procs: list[subprocess.Popen]) -> None:
 
 @pytest.fixture(scope="module")
 def reference(s3_shards) -> Path:
-    """Two ranks on one node, shards from local disk."""
+    """Two ranks on one node, shards from local disk, read in the ranks themselves (no loader worker:
+    the same single stream per rank as one worker process reads, so the same batches)."""
     run = s3_shards["tmp"] / "reference"
     done = subprocess.run(TORCHRUN + ["--standalone", "--nproc_per_node", "2",
-                                      *_train_args(str(s3_shards["local"]), run, STEPS)],
+                                      *_train_args(str(s3_shards["local"]), run, STEPS, workers=0)],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return run

@@ -253,6 +253,20 @@ def test_a_changed_key_set_is_reassembled_without_reencoding(tmp_path):
     assert _shards(out) == _fresh(tmp_path, "fresh", keys[:-1] + ["k015"], fps, 2)
 
 
+def test_fewer_keys_leave_no_shard_of_the_longer_run_in_the_index(tmp_path):
+    keys = [f"k{i:02d}" for i in range(4)]
+    fps = _fps(keys)
+    out = tmp_path / "out"
+    asm = ShardAssembler(out, {"train": keys}, 2, fps)
+    _settle(asm.cache, keys, fps)
+    asm.advance(final=True)
+    first = sorted(keys, key=shard_order)[:2]  # the keys of train-000000.tar
+    fewer = ShardAssembler(out, {"train": first}, 2, fps)
+    assert fewer.advance(final=True) == [] and fewer.skipped == ["train-000000.tar"]
+    assert [s.name for s in fewer.index()] == ["train-000000.tar"]  # not train-000001.tar with other keys
+    assert _shards(out) == _fresh(tmp_path, "fresh", first, fps, 2)
+
+
 def test_cache_entries_of_other_fingerprints_are_not_taken(tmp_path):
     cache = SampleCache(tmp_path)
     a, b = fingerprint({"v": "a"}), fingerprint({"v": "b"})

@@ -72,7 +72,7 @@ def _run_checked(stages: list[Stage], rows: list[dict]) -> list[dict]:
 def test_clean_stages_touch_only_declared_fields(sample_root, tiny_clap_dir):
     from filters.clap import ClapConfig
     from filters.speech_music import SpeechMusicConfig
-    from pipeline.clean_stages import AUDIO_FOR_CLAP, CleanStageConfig, build_clean_stages
+    from pipeline.clean_stages import AUDIO_FOR_AES, AUDIO_FOR_CLAP, CleanStageConfig, build_clean_stages
     from pipeline.manifest import vggsound_rows
 
     rows = vggsound_rows(sample_root / "vggsound.csv", sample_root / "video")
@@ -80,7 +80,7 @@ def test_clean_stages_touch_only_declared_fields(sample_root, tiny_clap_dir):
     config = CleanStageConfig(clap=ClapConfig(model=str(tiny_clap_dir), device="cpu"),
                               speech_music=SpeechMusicConfig(), batch_size=4)
     stages = build_clean_stages(config)
-    assert transient_fields(stages) == (AUDIO_FOR_CLAP,)
+    assert transient_fields(stages) == (AUDIO_FOR_AES, AUDIO_FOR_CLAP)
     out = _run_checked(stages, clips)
     assert [r["status"] for r in out[:3]] == ["ok"] * 3 and all(r["clap_score"] is not None for r in out[:3])
 

@@ -468,7 +468,7 @@ def test_evaluate_scores_av_align_both_modes_and_clap(generated, tiny_clap_dir, 
     (generated / "nocap.json").write_text(json.dumps(dict(side, caption=None, mux=None)))
     try:
         assert main(["--generated", str(generated), "--out", str(tmp_path / "eval"), "--clap-model", str(clap),
-                     "--no-panns", "--no-vggish", "--no-passt", "--no-desync"]) == 0
+                     "--no-panns", "--no-vggish", "--no-passt", "--no-desync", "--no-pam"]) == 0
     finally:
         (generated / "nocap.wav").unlink()
         (generated / "nocap.json").unlink()

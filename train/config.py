@@ -234,6 +234,12 @@ class EvalConfig:
         "help": "CAVP score: cosine of Diff-Foley's CAVP video and audio embeddings per 0.25 s (opt-in)"})
     cavp_weights: str = field(default="", metadata={
         "help": "Diff-Foley cavp_epoch66.ckpt (default: MODELS_DIR/cavp/)"})
+    pam: bool = field(default=True, metadata={
+        "help": "PAM: MS-CLAP 2023's audio embedding against the paper's clean / noisy prompt pair (per clip, mean)"})
+    msclap_weights: str = field(default="", metadata={
+        "help": "CLAP_weights_2023.pth (default: MODELS_DIR/msclap/)"})
+    msclap_text: str = field(default="", metadata={
+        "help": "GPT-2 tokenizer folder (vocab.json, merges.txt) or hub id (default: the registry's msclap_text)"})
     audio_length_s: float = field(default=10.0, metadata={
         "help": "seconds of each clip the PANNs/VGGish/PaSST metrics hear (av-benchmark's --audio_length; "
                 "0: the whole file)"})
@@ -242,8 +248,9 @@ class EvalConfig:
     is_splits: int = field(default=10, metadata={"help": "Inception Score splits (AudioLDM's evaluation: 10)"})
     device: str = field(default="cpu", metadata={"help": "device of the metric models (cpu, cuda, cuda:N)"})
     allow_random_weights: bool = field(default=False, metadata={
-        "help": "demo only: a missing PANNs, VGGish, PaSST or Synchformer checkpoint is replaced by RANDOM weights "
-                "(flagged; Synchformer by a small random instance)"})
+        "help": "demo only: a missing PANNs, VGGish, PaSST, Synchformer or MS-CLAP checkpoint is replaced by RANDOM "
+                "weights (flagged; Synchformer and MS-CLAP by small random instances); PAM is skipped, with the "
+                "reason, when the GPT-2 tokenizer is missing too"})
 
     def __post_init__(self) -> None:
         if self.is_splits < 1:

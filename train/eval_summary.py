@@ -9,6 +9,7 @@ from filters.av_align import AVAlignConfig
 from filters.clap import ClapConfig
 from metrics import cavp as c
 from metrics import desync as d
+from metrics import pam as p
 from metrics.divergence import EPS, inception_score
 from metrics.frechet import frechet_distance_of
 from metrics.panns import SAMPLE_RATE as PANNS_SR
@@ -122,6 +123,19 @@ def cavp_metrics(rows, models: Models) -> dict:
                 "pairing": "one video frame per 16 spectrogram frames, cut to the shorter", "unit": "cosine"}
     return {"cavp": _metric(value, n, model, models.sha256.get("cavp"), settings,
                             "no clip could be scored (needs >= 1 s of video and sound)")}
+MSCLAP_MODEL = "MS-CLAP 2023 (CLAP_weights_2023.pth) + GPT-2 tokenizer"
+
+
+def pam_metrics(rows, models: Models) -> dict:
+    """PAM: the mean over clips of each clip's mean positive-prompt probability over its 7 s windows."""
+    value, n = _mean_of(rows, "pam")
+    model = MSCLAP_MODEL + (" RANDOM WEIGHTS" if "MS-CLAP" in models.random else "")
+    settings = {"sample_rate": p.SAMPLE_RATE, "mono": "channel mean", "resampler": "torchaudio kernel",
+                "window_s": p.WINDOW_S, "windows": "whole 7 s windows + the last 7 s; shorter clips tiled",
+                "prompts": list(p.PROMPTS), "text_len": p.TEXT_LEN, "pad": "'!' (id 0)",
+                "scale": models.pam.scale if models.pam else None, "unit": "probability of the clean prompt"}
+    return {"pam": _metric(value, n, model, models.sha256.get("pam"), settings,
+                           models.pam_reason or "no clip could be scored")}
 
 
 def _stack(parts: list[np.ndarray]) -> np.ndarray:

@@ -9,8 +9,9 @@ For every sampler output in DIR (``NAME.wav`` + its ``NAME.json`` sidecar) it co
   and PaSST classifiers between the clip and the reference clip of the same file name;
 - per set (``summary.json``, and a table on stdout): the means of those, FD of PANNs CNN14 (16 kHz)
   and PaSST-S (32 kHz) embeddings and FAD of VGGish embeddings between all generated and all
-  reference clips, the Inception Score of the generated clips' PANNs and PaSST logits, and the mean DeSync;
-  with ``--cavp``, the CAVP score (Diff-Foley's encoders) per clip and its mean. Each metric records its value, model, weights sha256 and settings.
+  reference clips, the Inception Score of the generated clips' PANNs and PaSST logits, the mean DeSync and
+  the mean PAM (MS-CLAP 2023, per clip in ``eval.csv``); with ``--cavp``, the CAVP score (Diff-Foley's
+  encoders) per clip and its mean. Each metric records its value, model, weights sha256 and settings.
 
 Every model is resolved (``core.registry``) before any clip is read: a missing one stops the run
 with one message naming all of them. A score that cannot be computed (no caption, undecodable
@@ -43,13 +44,14 @@ from metrics.cavp import cavp_request
 from metrics.desync import MIN_SECONDS as DESYNC_MIN_S
 from metrics.desync import SAMPLE_RATE as DESYNC_SR
 from metrics.desync import sync_request
+from metrics.pam import SAMPLE_RATE as PAM_SR
 from metrics.panns import SAMPLE_RATE as PANNS_SR
 from metrics.passt import SAMPLE_RATE as PASST_SR
 from metrics.vggish import SAMPLE_RATE as VGGISH_SR
 from train.config import EvalConfig
 from train.eval_models import Models, load_models
 from train.eval_summary import (CLASSIFIERS, MODES, cavp_metrics, classifier_metrics, clip_metrics, desync_metrics,
-                                table, vggish_metrics)
+                                pam_metrics, table, vggish_metrics)
 from train.soundtrack import mux, write_record
 
 log = logging.getLogger("train.evaluate")
@@ -58,7 +60,7 @@ AUDIO_EXT = (".wav", ".flac", ".ogg", ".mp3")
 VIDEO_EXT = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 COLUMNS = ["name", "wav", "video", "reference", "caption", "av_align_reference", "av_align_fast", "audio_peaks",
            "video_peaks", "clap", "kl_softmax_panns", "kl_sigmoid_panns", "kl_softmax_passt", "kl_sigmoid_passt",
-           "desync", "desync_first_s", "desync_last_s", "cavp", "status", "reason", "random_weights"]
+           "desync", "desync_first_s", "desync_last_s", "cavp", "pam", "status", "reason", "random_weights"]
 RATES = {"panns": PANNS_SR, "vggish": VGGISH_SR, "passt": PASST_SR}
 
 
@@ -167,6 +169,16 @@ def _cavp(row: dict, wav: Path, meta: dict, models: Models, reasons: list[str]) 
         reasons.append(f"cavp: {_short(e)}")
 
 
+def _pam(row: dict, wav: Path, models: Models, reasons: list[str]) -> None:
+    """PAM of the generated sound: 44.1 kHz mono (torchaudio's resampling kernel, as soham97/PAM loads it)."""
+    if models.pam is None:
+        return
+    try:
+        row["pam"] = models.pam.score(read_audio(wav, PAM_SR, resampler="torchaudio")).score
+    except (DecodeError, ValueError, OSError) as e:
+        reasons.append(f"pam: {_short(e)}")
+
+
 def metric_audio(path: Path, rate: int, length_s: float) -> np.ndarray:
     """What the PANNs/VGGish/PaSST metrics hear, as av-benchmark's AudioDataset (from audioldm_eval)
     prepares it: mono, mean removed, at ``rate``, the first ``length_s`` seconds (0: all)."""
@@ -223,6 +235,7 @@ def score_outputs(cfg: EvalConfig, models: Models, outputs, references: dict[str
         _clap(row, wav, models, reasons)
         _desync(row, wav, meta, models, reasons)
         _cavp(row, wav, meta, models, reasons)
+        _pam(row, wav, models, reasons)
         gen_feats[wav.stem] = feats = _features(wav, models, cfg, reasons, "generated")
         _kl_columns(row, feats, ref_feats.get(wav.stem), references, reasons)
         row["reason"] = "; ".join(r for r in reasons if r)
@@ -263,6 +276,8 @@ def evaluate(cfg: EvalConfig, clap_cfg: ClapConfig) -> dict:
         metrics.update(desync_metrics(rows, models))
     if models.cavp is not None:
         metrics.update(cavp_metrics(rows, models))
+    if cfg.pam:
+        metrics.update(pam_metrics(rows, models))
     random_sources = sorted({s for r in rows for s in r["random_weights"].split(",") if s})
     summary = {"count": len(rows), "failed": sum(r["status"] == "failed" for r in rows),
                "references": len(references), "metrics": metrics, "random_weights": random_sources,
