@@ -331,13 +331,36 @@ def _clean_locked(args, root: Path, out: Path, run_cfg: RunConfig, stage_config:
     if missing:  # every input item must be accounted for; a gap means a runner lost rows
         raise RuntimeError(f"{len(missing)} items have no ledger row (e.g. {sorted(missing)[:3]}); rerun to resume")
     summary = summarize(final, len(pending), seconds, video_s)
-    meta = {
+    meta = _run_record(args, root, options, stage_config, (filters, curation), (clap, clap_meta),
+                       (speech_music, rule is not None), fp, summary)
+    ledger.write_final(final, meta)
+    report = write_report(final, meta, out / "report.html")
+    if args.gallery:
+        print(f"   gallery: {_gallery(final, meta, out, args.gallery, stage_config, filters, curation)}")
+    print_summary(summary, out, clap_skipped=not clap.enabled)
+    if meta["not_applicable"]:
+        print(f"   not applicable to an audio-only corpus (left empty): {', '.join(meta['not_applicable'])}")
+    if not clap.enabled and args.dataset == "youtube":
+        print("   speech/music filter did NOT run: it needs CLAP embeddings")
+    print(f"   report: {report}")
+    return 0
+
+
+def _run_record(args, root: Path, options: RunnerOptions, stage_config: CleanStageConfig,
+             rules: tuple[FilterConfig, CurationFilters], clap_and_meta: tuple[ClapConfig, dict | None],
+             speech_music_rule: tuple[SpeechMusicConfig, bool], fp: str, summary: dict) -> dict:
+    """run.json: every setting that made the ledger, the counts and what does not apply."""
+    filters, curation = rules
+    clap, clap_meta = clap_and_meta
+    speech_music, rule_enabled = speech_music_rule
+    signal = stage_config.signal
+    return {
         "dataset": args.dataset, "root": str(root), "runner": options.runner,
         "filters": asdict(filters), "av_align": asdict(stage_config.av_align),
         "av_align_version": stage_config.av_align.version,
         "av_align_revisions": av_align_metadata(stage_config.av_align)["revisions"],
         "signal": asdict(signal), "clap": {**run_metadata(clap), **(clap_meta or {})}, "clap_skipped": not clap.enabled,
-        "speech_music": {**asdict(speech_music), "enabled": rule is not None},
+        "speech_music": {**asdict(speech_music), "enabled": rule_enabled},
         "curation": asdict(stage_config.curation),
         "desync": None if stage_config.desync is None else {**asdict(stage_config.desync[0]),
                                                             "weights_path": stage_config.desync[1]},
@@ -349,24 +372,17 @@ def _clean_locked(args, root: Path, out: Path, run_cfg: RunConfig, stage_config:
         "reasons": summary["reasons"],
         "not_applicable": list(VIDEO_ONLY_SCORES) if args.dataset == "audio" else [],
     }
-    ledger.write_final(final, meta)
-    report = write_report(final, meta, out / "report.html")
-    if args.gallery:
-        from pipeline.gallery import write_gallery
 
-        thresholds = {"av_align": filters.av_align_min, "clap_score": filters.clap_min,
-                      "speech_share": curation.speech_share_max, "silent_share": curation.silent_share_max,
-                      "motion_max": curation.static_motion_max}
-        page = write_gallery(final, meta, out / "gallery", args.gallery, stage_config.av_align, thresholds,
-                             stage_config.limits)
-        print(f"   gallery: {page}")
-    print_summary(summary, out, clap_skipped=not clap.enabled)
-    if meta["not_applicable"]:
-        print(f"   not applicable to an audio-only corpus (left empty): {', '.join(meta['not_applicable'])}")
-    if not clap.enabled and args.dataset == "youtube":
-        print("   speech/music filter did NOT run: it needs CLAP embeddings")
-    print(f"   report: {report}")
-    return 0
+
+def _gallery(final: pd.DataFrame, meta: dict, out: Path, per_bucket: int, stage_config: CleanStageConfig,
+             filters: FilterConfig, curation: CurationFilters) -> Path:
+    from pipeline.gallery import write_gallery
+
+    thresholds = {"av_align": filters.av_align_min, "clap_score": filters.clap_min,
+                  "speech_share": curation.speech_share_max, "silent_share": curation.silent_share_max,
+                  "motion_max": curation.static_motion_max}
+    return write_gallery(final, meta, out / "gallery", per_bucket, stage_config.av_align, thresholds,
+                         stage_config.limits)
 
 
 if __name__ == "__main__":
