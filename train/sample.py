@@ -145,6 +145,24 @@ def check_inputs(cfg: SamplerConfig, condition: str) -> None:
         raise SamplerError(f"this model was trained without video (--condition {condition}): drop --video")
 
 
+def _waveform(latents: torch.Tensor, run_config: dict, card: dict, vae_res, vocoder_res,
+              device: torch.device) -> tuple[np.ndarray, int, Path]:
+    """Latents to the clip's samples: VAE decode with the training scale, vocoder, cut or pad to length."""
+    scale = float(run_config["data"]["vae_scaling_factor"])
+    vae = AudioVAE.load(str(vae_res.path), device)
+    if abs(vae.scaling_factor - scale) > 1e-6:
+        log.warning("VAE config scaling_factor %.6g differs from the one the latents were trained with (%.6g); "
+                    "using the training value", vae.scaling_factor, scale)
+    log_mel = vae.decode(latents.float() / scale)
+    vocoder, vocoder_dir = load_vocoder(str(vocoder_res.path), device)
+    sr = int(card.get("sample_rate", 16000))
+    if int(vocoder.config.sampling_rate) != sr:
+        raise SamplerError(f"vocoder makes {vocoder.config.sampling_rate} Hz audio, the run was trained on {sr} Hz")
+    n = int(round(sr * float(card.get("audio_seconds", 10.24))))
+    wave = fit_length(vocode(vocoder, log_mel)[0].numpy(), n)
+    return wave, sr, vocoder_dir
+
+
 def generate(cfg: SamplerConfig) -> dict:
     """Write the wav (and the mp4 with ``cfg.mux``) and its JSON sidecar; return the sidecar."""
     if not cfg.ckpt:
@@ -185,18 +203,7 @@ def generate(cfg: SamplerConfig) -> dict:
         text = torch.from_numpy(ClipTextEncoder.load(str(clip_res.path), device, torch.float32).encode([cfg.caption])[0])
     latents = denoise(model, tokens, text, run_config, cfg.steps, cfg.guidance, cfg.scheduler, cfg.seed, flow)
 
-    scale = float(run_config["data"]["vae_scaling_factor"])
-    vae = AudioVAE.load(str(vae_res.path), device)
-    if abs(vae.scaling_factor - scale) > 1e-6:
-        log.warning("VAE config scaling_factor %.6g differs from the one the latents were trained with (%.6g); "
-                    "using the training value", vae.scaling_factor, scale)
-    log_mel = vae.decode(latents.float() / scale)
-    vocoder, vocoder_dir = load_vocoder(str(vocoder_res.path), device)
-    sr = int(card.get("sample_rate", 16000))
-    if int(vocoder.config.sampling_rate) != sr:
-        raise SamplerError(f"vocoder makes {vocoder.config.sampling_rate} Hz audio, the run was trained on {sr} Hz")
-    n = int(round(sr * float(card.get("audio_seconds", 10.24))))
-    wave = fit_length(vocode(vocoder, log_mel)[0].numpy(), n)
+    wave, sr, vocoder_dir = _waveform(latents, run_config, card, vae_res, vocoder_res, device)
 
     out = Path(cfg.out)
     write_wav(out, wave, sr)
