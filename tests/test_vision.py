@@ -287,6 +287,18 @@ def test_training_takes_width_and_token_count_from_the_card(study_shards, vision
                           condition="video+flow")
 
 
+@pytest.mark.slow
+def test_vjepa2_trains_and_samples_from_the_same_shard_set(study_shards, vision_dirs, tiny_vae_dir, tmp_path):
+    card = json.loads((study_shards / "card.json").read_text())
+    summary = _train_in_process(study_shards, tmp_path / "vjepa2", vision_encoder="vjepa2", condition="video")
+    assert summary["steps"] == 2
+    config = json.loads((tmp_path / "vjepa2" / "run_config.json").read_text())["model"]
+    assert config["clip_dim"] == card["vision_encoders"]["vjepa2"]["dim"]
+    sidecar = _sample(tmp_path / "vjepa2", {**vision_dirs, "vae": tiny_vae_dir}, tmp_path / "vjepa2.wav")
+    assert sidecar["vision_encoder"] == "vjepa2" and sidecar["flow_tokens"] == 0
+    assert sidecar["clip_frames"] == card["vision_encoders"]["vjepa2"]["tokens"]
+
+
 def _sample(run: Path, dirs: dict, out: Path, *extra: str) -> dict:
     """One soundtrack of the real test clip from ``run``, its encoders given as the folders that made the shards."""
     import soundfile as sf
