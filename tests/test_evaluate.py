@@ -263,3 +263,25 @@ def test_pam_per_clip_and_set_from_a_release_layout_checkpoint(tmp_path, capsys)
     assert m["settings"]["prompts"][0] == "the sound is clear and clean."
     assert m["settings"]["scale"] == pytest.approx(1 / 0.07)
     assert "pam" in capsys.readouterr().out
+
+
+def test_text_to_audio_outputs_get_the_audio_metrics_only(setup, tmp_path):
+    """train.sample --caption writes "video": null: the video metrics are skipped, not crashed on."""
+    import shutil
+
+    gen, ref, weights = setup
+    tta = tmp_path / "tta"
+    tta.mkdir()
+    for i in (0, 1):
+        shutil.copy(gen / f"clip{i}.wav", tta / f"clip{i}.wav")
+    (tta / "clip0.json").write_text(json.dumps({"video": None, "caption": "a dog barking", "random_weights": []}))
+    (tta / "clip1.json").write_text(json.dumps({"video": str(VIDEOS[0]), "caption": "x", "random_weights": []}))
+    rc = main(["--generated", str(tta), "--reference", str(ref), "--out", str(tmp_path / "eval"),
+               "--panns-weights", str(weights), "--vggish-weights", str(weights.with_name("vggish-tiny.pth")),
+               "--passt-weights", str(weights.with_name("passt-tiny.pt")),
+               "--no-desync", "--no-pam", "--clap-model", "none", "--is-splits", "1"])
+    assert rc == 0
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "eval" / "eval.csv"))}
+    assert rows["clip0"]["av_align_fast"] == "" and "text-to-audio: no video" in rows["clip0"]["reason"]
+    assert rows["clip0"]["kl_softmax_panns"] != ""  # the audio metrics still ran
+    assert rows["clip1"]["av_align_fast"] != ""

@@ -184,8 +184,9 @@ def test_sampler_refuses_what_the_model_cannot_do():
     check_inputs(tta, "video+text+pe")
     with pytest.raises(SamplerError, match="trained with --condition video .*text-to-audio|text-to-audio needs"):
         check_inputs(tta, "video")
-    with pytest.raises(SamplerError, match="text-to-audio needs"):
+    with pytest.raises(SamplerError, match="unconditional model"):
         check_inputs(tta, "none")
+    check_inputs(SamplerConfig(ckpt="run", out="a.wav"), "none")  # unconditional: a sample of the prior
     with pytest.raises(SamplerError, match="without video"):
         check_inputs(SamplerConfig(ckpt="run", out="a.wav", video="v.mp4", caption="x"), "text")
     with pytest.raises(SamplerError, match="--mux needs --video"):

@@ -230,11 +230,14 @@ def score_outputs(cfg: EvalConfig, models: Models, outputs, references: dict[str
                "reference": str(references.get(wav.stem, "")), "status": "ok", "reason": "",
                "random_weights": ",".join((meta.get("random_weights") or []) + models.random)}
         reasons: list[str] = []
-        if cfg.av_align:
-            _av_align(row, wav, meta, out, reasons)
+        if meta.get("video"):  # text-to-audio outputs (video null) get the audio-only metrics
+            if cfg.av_align:
+                _av_align(row, wav, meta, out, reasons)
+            _desync(row, wav, meta, models, reasons)
+            _cavp(row, wav, meta, models, reasons)
+        else:
+            reasons.append("text-to-audio: no video, so no AV-Align, DeSync or CAVP")
         _clap(row, wav, models, reasons)
-        _desync(row, wav, meta, models, reasons)
-        _cavp(row, wav, meta, models, reasons)
         _pam(row, wav, models, reasons)
         gen_feats[wav.stem] = feats = _features(wav, models, cfg, reasons, "generated")
         _kl_columns(row, feats, ref_feats.get(wav.stem), references, reasons)

@@ -133,6 +133,11 @@ def _resolve(cfg: SamplerConfig, spec, subfolder: str | None, random_folder: Pat
 
 def check_inputs(cfg: SamplerConfig, condition: str) -> None:
     """Video-to-audio needs a video model; text-to-audio (no ``--video``) a model trained with text."""
+    if condition == "none":  # unconditional (audio pre-training): nothing to condition on
+        if not (cfg.ckpt and cfg.out) or cfg.video or cfg.caption or cfg.mux:
+            raise SamplerError("an unconditional model (--condition none) takes --ckpt and --out only: "
+                               "no --video, --caption or --mux")
+        return
     if not (cfg.ckpt and cfg.out) or not (cfg.video or cfg.caption):
         raise SamplerError("--ckpt and --out are required, and --video (video-to-audio) or --caption (text-to-audio)")
     if not cfg.video:
@@ -216,7 +221,7 @@ def generate(cfg: SamplerConfig) -> dict:
     if card.get("random_weights"):
         random_sources.append("the training shards' encoders")
     sidecar = {"wav": str(out), "mux": cfg.mux or None, "video": str(cfg.video) if cfg.video else None,
-               "mode": "video-to-audio" if cfg.video else "text-to-audio", "start_s": cfg.start_s,
+               "mode": "video-to-audio" if cfg.video else "text-to-audio" if model.cfg.use_text else "unconditional", "start_s": cfg.start_s,
                "caption": cfg.caption or None, "sample_rate": sr, "samples": int(len(wave)),
                "clip_frames": int(tokens.shape[0]) if tokens is not None else 0, "checkpoint": str(ckpt_dir),
                "trained_steps": int(state["step"]), "condition": model.cfg.condition, "random_weights": random_sources,

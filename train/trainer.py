@@ -369,6 +369,12 @@ class Trainer:
         window.reset()
         return row
 
+    def _unused_projection(self) -> bool:
+        """DDP must be told when a projection gets no gradient: ``none`` uses none, and a text-only run
+        with its own text projection leaves the video projection idle."""
+        m = self.mcfg
+        return m.condition == "none" or (not m.use_video and not m.shared_text_projection)
+
     def run(self) -> dict:
         tcfg, d = self.tcfg, self.d
         t_start = time.perf_counter()
@@ -377,7 +383,7 @@ class Trainer:
             (self.run_dir / ckpt.RUN_CONFIG).write_text(json.dumps(self.run_config, indent=1, sort_keys=True))
         ddp = torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-            find_unused_parameters=self.mcfg.condition == "none") if d.initialised else self.model  # none: no projection
+            find_unused_parameters=self._unused_projection()) if d.initialised else self.model
         rcfg = ReaderConfig(workers=tcfg.workers, mix_shards=tcfg.mix_shards, shuffle_buffer=tcfg.shuffle_buffer,
                             seed=tcfg.seed)
         loader = TrainLoader(self.data.train, tcfg.batch_size, d.rank, d.world_size, rcfg,
