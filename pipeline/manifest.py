@@ -297,23 +297,36 @@ class AudioItem:
 
 
 def _index_audio(root: str) -> tuple[dict[str, str], set[str]]:
-    """Stem -> path of every audio file below ``root`` (first in sorted order wins), and all paths."""
+    """Stem -> path of every audio file below ``root`` ("" for a stem several files share), and all paths."""
     files = sorted(p for p in storage.list_files(root, recursive=True)
                    if os.path.splitext(p)[1].lower() in AUDIO_EXTENSIONS)
     index: dict[str, str] = {}
     for path in files:
-        index.setdefault(os.path.splitext(storage.basename(path))[0], path)
+        stem = os.path.splitext(storage.basename(path))[0]
+        index[stem] = "" if stem in index else path  # never guess which of two files a caption meant
     return index, set(files)
 
 
+def _by_stem(stems: dict[str, str], names: list[str]) -> tuple[str, int, str]:
+    """``(path, which name matched, problem)`` for the first of ``names`` that names a file below the root."""
+    for i, name in enumerate(names):
+        if name in stems:
+            if not stems[name]:
+                return "", i, f"bad_manifest_row: several audio files below the root are named {name!r}"
+            return stems[name], i, ""
+    return "", -1, ""
+
+
 def _resolve_audio(root: str, name: str, files: set[str]) -> str:
-    """A manifest's file reference: absolute, or relative to the root; "" when no such file is listed."""
+    """A manifest's file reference, absolute or relative to the root; "" unless it is an audio file below
+    the root (a path that leaves the root, such as ``../x.wav``, is never opened)."""
     if not name:
         return ""
     candidates = [name] if os.path.isabs(name) or storage.is_url(name) else []
     candidates.append(storage.join(root, name.lstrip("/")))
     for c in candidates:
-        if c in files or (not storage.is_url(c) and os.path.isfile(c)):
+        c = c if storage.is_url(c) else os.path.normpath(c)
+        if c in files:
             return str(c)
     return ""
 
@@ -350,10 +363,12 @@ def wavcaps_items(path: str, root: str, stems: dict[str, str], files: set[str]) 
             items.append(_bad(where, i, ident, problem))
             continue
         ref = str(entry.get("audio") or entry.get("wav_path") or "")
-        found = _resolve_audio(root, ref, files) or stems.get(os.path.splitext(storage.basename(ref))[0] or ident) \
-            or stems.get(ident, "")
+        found, problem = _resolve_audio(root, ref, files), ""
+        if not found:
+            found, _, problem = _by_stem(stems, [os.path.splitext(storage.basename(ref))[0] or ident, ident])
         items.append(AudioItem(ident=ident, path=found, caption=entry["caption"].strip(), line=i, where=where,
-                               problem="" if found else f"missing_file: {storage.join(root, ref) if ref else ident}"))
+                               problem="" if found else problem or
+                               f"missing_file: {storage.join(root, ref) if ref else ident}"))
     return items
 
 
@@ -401,12 +416,12 @@ def audiocaps_items(path: str, split: str, stems: dict[str, str]) -> list[AudioI
             items.append(_bad(where, line, rec["audiocap_id"], problem))
             continue
         yid = rec["youtube_id"]
-        trimmed = stems.get(rec["audiocap_id"]) or stems.get(f"{yid}_{start}") or stems.get(f"{yid}_{start:06d}")
-        untrimmed = stems.get(f"Y{yid}") or stems.get(yid)
-        found = trimmed or untrimmed or ""
+        found, which, problem = _by_stem(stems, [rec["audiocap_id"], f"{yid}_{start}", f"{yid}_{start:06d}",
+                                                 f"Y{yid}", yid])
+        trimmed = 0 <= which < 3  # the first three names are trimmed clips, used whole
         items.append(AudioItem(ident=rec["audiocap_id"], path=found, caption=rec["caption"], split=split,
                                youtube_id=sanitize(yid), start_s=None if trimmed else float(start), line=line,
-                               where=where, problem="" if found else
+                               where=where, problem="" if found else problem or
                                f"missing_file: no audio named {rec['audiocap_id']}, {yid}_{start} or {yid}"))
     return items
 

@@ -114,3 +114,24 @@ def test_clean_refuses_desync_for_an_audio_corpus(corpus, tmp_path, capsys):
     assert main(["--dataset", "audio", "--root", str(corpus), "--out", str(tmp_path / "out"), "--clap-model", "none",
                  "--desync-max", "0.5"]) == 2
     assert "no video" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_ambiguous_names_and_paths_outside_the_root_are_refused_not_guessed(tmp_path):
+    from pipeline.manifest import audio_rows
+
+    root = tmp_path / "corpus"
+    write_audio_file(root / "a" / "91139.flac", duration_s=2.0, seed=1)
+    write_audio_file(root / "b" / "91139.wav", duration_s=2.0, seed=2)
+    write_audio_file(tmp_path / "outside.wav", duration_s=2.0, seed=3)
+    write_audio_file(root / "ok.wav", duration_s=2.0, seed=4)
+    _write_csv(root / "captions.csv", [["file", "caption"], ["../outside.wav", "leaves the root"],
+                                       ["./ok.wav", "a clap"]])
+    (root / "wavcaps.json").write_text(json.dumps({"data": [
+        {"id": "91139", "caption": "which one?", "wav_path": "/mnt/original/91139.flac"},
+        {"id": "b", "caption": "by its own path", "audio": "b/91139.wav"}]}))
+    rows = {r["key"]: r for r in audio_rows(root)}
+    assert rows["audio-91139"]["reason"].startswith("bad_manifest_row: several audio files below the root")
+    assert rows["audio-b-000000"]["video_path"].endswith("b/91139.wav")  # an exact path is never ambiguous
+    assert rows["audio-___outside"]["reason"].startswith("missing_file")  # never opened outside the root
+    ok = rows["audio-__ok-000000"]  # "./ok.wav" is below the root
+    assert ok["status"] != "failed" and ok["video_path"].endswith("ok.wav")
