@@ -17,6 +17,7 @@ folder (``--models-dir`` or ``V2A_MODELS``) and checked against the registry's s
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -62,6 +63,14 @@ class ResolvedModel:
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, read once per process while its size and mtime stay the same (the card, the
+    settings and each encoder's record all ask for the same multi-GB weights)."""
+    st = os.stat(path)
+    return _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, size: int, mtime_ns: int, chunk: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
