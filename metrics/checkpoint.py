@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,3 +33,15 @@ def load_state(path: str | Path, key: str | None = "model") -> dict[str, torch.T
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
     return ckpt
+
+
+def load_strict(path: str | Path, what: str, build: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor],
+                convert: Callable[[dict], dict] = dict) -> torch.nn.Module:
+    """``build()`` with ``convert(state)`` loaded strictly: a checkpoint of another architecture or size is
+    one ValueError naming the file and what it should have been, not a page of missing keys."""
+    try:
+        model = build()
+        model.load_state_dict(convert(state), strict=True)
+    except (KeyError, IndexError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: not {what} ({' '.join(str(e).split())[:300]})") from e
+    return model

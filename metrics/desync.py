@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from core.decode import DecodeRequest
-from metrics.checkpoint import load_state
+from metrics.checkpoint import load_state, load_strict
 from metrics.synchformer import FRAMES_PER_SEGMENT, MEL_BINS, MEL_FRAMES, OFFSETS, SEGMENTS, Synchformer, size_of
 
 SAMPLE_RATE = 16000
@@ -140,11 +140,7 @@ class DesyncScorer:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "DesyncScorer":
         state = load_state(path, key="model")
-        try:
-            model = Synchformer(size_of(state))
-            model.load_state_dict(state, strict=True)
-        except (KeyError, IndexError, RuntimeError, ValueError) as e:
-            raise ValueError(f"{path}: not a Synchformer state dict ({' '.join(str(e).split())[:300]})") from e
+        model = load_strict(path, "a Synchformer state dict", lambda: Synchformer(size_of(state)), state)
         return cls(model.to(device).eval(), device)
 
     def _video(self, frames: np.ndarray) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import ClapAudioConfig, GPT2Config, GPT2Model
 from transformers.models.clap.modeling_clap import ClapAudioEncoder
 
-from metrics.checkpoint import load_state
+from metrics.checkpoint import load_state, load_strict
 
 # HTSAT's own config module (msclap/models/config.py) builds the front end; config_2023.yml's rates do not reach it
 N_FFT, HOP, MEL_BINS, MEL_RATE, FMIN, FMAX, AMIN = 1024, 320, 64, 32000, 50.0, 14000.0, 1e-10
@@ -142,12 +142,8 @@ class MsClap(nn.Module):
     def load(cls, path: str | Path, size: MsClapSize | None = None) -> "MsClap":
         """The model of a release-layout state dict, at the size it was made for unless ``size`` is given."""
         state = load_state(path, key="model")
-        try:
-            model = cls(size or size_of(state))
-            model.load_state_dict(release_to_project(state), strict=True)
-        except (KeyError, IndexError, RuntimeError, ValueError) as e:
-            raise ValueError(f"{path}: not an MS-CLAP 2023 state dict ({' '.join(str(e).split())[:300]})") from e
-        return model.eval()
+        return load_strict(path, "an MS-CLAP 2023 state dict", lambda: cls(size or size_of(state)), state,
+                           convert=release_to_project).eval()
 
 
 _HTSAT = "audio_encoder.base.htsat."

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metrics.checkpoint import load_state
+from metrics.checkpoint import load_state, load_strict
 
 SAMPLE_RATE = 16000
 N_FFT, HOP, N_MELS, FMIN, FMAX = 512, 160, 64, 50.0, 8000.0
@@ -133,12 +133,7 @@ class PannsScorer:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "PannsScorer":
         state = load_state(path)
-        try:
-            widths, classes = widths_of(state)
-            model = Cnn14(widths, classes)
-            model.load_state_dict(state, strict=True)
-        except (KeyError, IndexError, RuntimeError, ValueError) as e:
-            raise ValueError(f"{path}: not a PANNs CNN14 16 kHz checkpoint ({' '.join(str(e).split())[:300]})") from e
+        model = load_strict(path, "a PANNs CNN14 16 kHz checkpoint", lambda: Cnn14(*widths_of(state)), state)
         return cls(model.to(device).eval(), device)
 
     @torch.inference_mode()

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metrics.checkpoint import load_state
+from metrics.checkpoint import load_state, load_strict
 
 SAMPLE_RATE = 32000
 CLIP_SAMPLES = 320000
@@ -160,14 +160,14 @@ class PasstScorer:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "PasstScorer":
         state = load_state(path, key=None)
-        try:
+
+        def build() -> Passt:
             dim, depth = int(state["cls_token"].shape[-1]), 1 + max(int(k.split(".")[1]) for k in state
                                                                       if k.startswith("blocks."))
             heads = 12 if dim == 768 else max(1, dim // 64)
-            model = Passt(dim, depth, heads, int(state["head.1.weight"].shape[0]))
-            model.load_state_dict(state, strict=True)
-        except (KeyError, IndexError, RuntimeError, ValueError) as e:
-            raise ValueError(f"{path}: not a PaSST-S checkpoint ({' '.join(str(e).split())[:300]})") from e
+            return Passt(dim, depth, heads, int(state["head.1.weight"].shape[0]))
+
+        model = load_strict(path, "a PaSST-S checkpoint", build, state)
         return cls(model.to(device).eval(), device)
 
     @torch.inference_mode()

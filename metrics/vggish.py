@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from metrics.checkpoint import load_state
+from metrics.checkpoint import load_state, load_strict
 
 SAMPLE_RATE = 16000
 WINDOW, HOP, N_FFT = 400, 160, 512
@@ -118,11 +118,7 @@ class VggishScorer:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "VggishScorer":
         state = load_state(path, key=None)
-        try:
-            model = Vggish(**_architecture_of(state))
-            model.load_state_dict(state, strict=True)
-        except (KeyError, IndexError, RuntimeError, ValueError) as e:
-            raise ValueError(f"{path}: not a torchvggish VGGish checkpoint ({' '.join(str(e).split())[:300]})") from e
+        model = load_strict(path, "a torchvggish VGGish checkpoint", lambda: Vggish(**_architecture_of(state)), state)
         return cls(model.to(device).eval(), device)
 
     @torch.inference_mode()
